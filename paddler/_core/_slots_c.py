@@ -1,0 +1,1 @@
+_slots_py.py

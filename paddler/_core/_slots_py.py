@@ -1,0 +1,302 @@
+"""Slot bookkeeping of the broker: agent registry, choice of agent, FIFO buffer, in-flight table.
+
+This pure-Python module is the specification. The same file is compiled by
+Cython as ``paddler._core._slots_c`` (a symlink to this file); both must agree
+on every test. Keep it free of I/O and clocks: times come in as arguments.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+
+try:  # pragma: no cover - tells whether this copy of the module is compiled
+    import cython
+
+    COMPILED: bool = bool(cython.compiled)
+except ImportError:  # pragma: no cover
+    COMPILED = False
+
+
+class SlotError(Exception):
+    """A slot operation that would break the bookkeeping (oversubscribe, release twice)."""
+
+
+class _Agent:
+    __slots__ = ("in_flight", "ready", "slots_total", "stamp")
+
+    def __init__(self, slots_total: int, ready: bool, stamp: int) -> None:
+        self.slots_total = slots_total
+        self.ready = ready
+        self.in_flight = 0
+        self.stamp = stamp
+
+
+class Registry:
+    """Agents and their slots. The broker's count of requests in flight is the truth.
+
+    ``choose`` picks, among ready agents with a free slot, the one with the fewest
+    requests in flight; ties go to the agent idle longest (the oldest stamp, where
+    a stamp is taken at registration, at each acquire and at each release).
+    """
+
+    def __init__(self) -> None:
+        self._agents: dict[bytes, _Agent] = {}
+        self._clock = 0
+
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def add(self, agent_id: bytes, slots_total: int, ready: bool) -> None:
+        """Register an agent, or update it if known (its in-flight count is kept)."""
+        if slots_total < 0:
+            raise SlotError(f"slots_total must be >= 0, got {slots_total}")
+        agent = self._agents.get(agent_id)
+        if agent is None:
+            self._agents[agent_id] = _Agent(slots_total, ready, self._tick())
+        else:
+            agent.slots_total = slots_total
+            agent.ready = ready
+
+    def update(self, agent_id: bytes, slots_total: int, ready: bool) -> None:
+        if agent_id not in self._agents:
+            raise KeyError(agent_id)
+        self.add(agent_id, slots_total, ready)
+
+    def remove(self, agent_id: bytes) -> bool:
+        return self._agents.pop(agent_id, None) is not None
+
+    def __contains__(self, agent_id: object) -> bool:
+        return agent_id in self._agents
+
+    def __len__(self) -> int:
+        return len(self._agents)
+
+    def agent_ids(self) -> list[bytes]:
+        return list(self._agents)
+
+    def in_flight(self, agent_id: bytes) -> int:
+        return self._agents[agent_id].in_flight
+
+    def slots_total(self, agent_id: bytes) -> int:
+        return self._agents[agent_id].slots_total
+
+    def is_ready(self, agent_id: bytes) -> bool:
+        return self._agents[agent_id].ready
+
+    def free_slots(self) -> int:
+        """Free slots summed over ready agents."""
+        total = 0
+        for agent in self._agents.values():
+            if agent.ready and agent.in_flight < agent.slots_total:
+                total += agent.slots_total - agent.in_flight
+        return total
+
+    def choose(self) -> bytes | None:
+        """The agent the next request should go to, or ``None`` if no slot is free."""
+        best_id: bytes | None = None
+        best_in_flight = 0
+        best_stamp = 0
+        for agent_id, agent in self._agents.items():
+            if not agent.ready or agent.in_flight >= agent.slots_total:
+                continue
+            if (
+                best_id is None
+                or agent.in_flight < best_in_flight
+                or (agent.in_flight == best_in_flight and agent.stamp < best_stamp)
+            ):
+                best_id = agent_id
+                best_in_flight = agent.in_flight
+                best_stamp = agent.stamp
+        return best_id
+
+    def acquire(self, agent_id: bytes) -> None:
+        agent = self._agents[agent_id]
+        if not agent.ready or agent.in_flight >= agent.slots_total:
+            raise SlotError(f"agent {agent_id!r} has no free slot")
+        agent.in_flight += 1
+        agent.stamp = self._tick()
+
+    def release(self, agent_id: bytes) -> bool:
+        """Free one slot; ``False`` if the agent is gone (its slots left with it)."""
+        agent = self._agents.get(agent_id)
+        if agent is None:
+            return False
+        if agent.in_flight <= 0:
+            raise SlotError(f"agent {agent_id!r} has no slot in use")
+        agent.in_flight -= 1
+        agent.stamp = self._tick()
+        return True
+
+    def choose_and_acquire(self) -> bytes | None:
+        agent_id = self.choose()
+        if agent_id is not None:
+            self.acquire(agent_id)
+        return agent_id
+
+    def __repr__(self) -> str:
+        busy = sum(a.in_flight for a in self._agents.values())
+        total = sum(a.slots_total for a in self._agents.values())
+        return f"<Registry agents={len(self._agents)} slots={busy}/{total}>"
+
+
+class RequestBuffer:
+    """A bounded FIFO of request ids, each with a deadline, removable by id.
+
+    Removal is lazy (stale entries are skipped when popped) and the queue is
+    compacted when stale entries outnumber live ones, so every operation is
+    amortized O(1) except deadline expiry, which is O(log n) per expired entry.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError("capacity must be >= 0")
+        self.capacity = capacity
+        self._order: deque[tuple[int, int]] = deque()
+        self._live: dict[int, tuple[float, int]] = {}
+        self._heap: list[tuple[float, int, int]] = []
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._live
+
+    def _insert(self, request_id: int, deadline: float, front: bool) -> None:
+        if request_id in self._live:
+            raise ValueError(f"request {request_id} is already buffered")
+        self._seq += 1
+        seq = self._seq
+        self._live[request_id] = (deadline, seq)
+        if front:
+            self._order.appendleft((request_id, seq))
+        else:
+            self._order.append((request_id, seq))
+        heapq.heappush(self._heap, (deadline, seq, request_id))
+
+    def push(self, request_id: int, deadline: float) -> bool:
+        """Append at the back; ``False`` (and nothing stored) when the buffer is full."""
+        if len(self._live) >= self.capacity:
+            return False
+        self._insert(request_id, deadline, False)
+        return True
+
+    def push_front(self, request_id: int, deadline: float) -> None:
+        """Put a request back at the head (a re-dispatch); it may exceed the capacity."""
+        self._insert(request_id, deadline, True)
+
+    def pop(self) -> int | None:
+        """The oldest live request id, removed; ``None`` when empty."""
+        order = self._order
+        live = self._live
+        while order:
+            request_id, seq = order.popleft()
+            entry = live.get(request_id)
+            if entry is not None and entry[1] == seq:
+                del live[request_id]
+                return request_id
+        return None
+
+    def peek(self) -> int | None:
+        order = self._order
+        live = self._live
+        while order:
+            request_id, seq = order[0]
+            entry = live.get(request_id)
+            if entry is not None and entry[1] == seq:
+                return request_id
+            order.popleft()
+        return None
+
+    def remove(self, request_id: int) -> bool:
+        if self._live.pop(request_id, None) is None:
+            return False
+        if len(self._order) > 2 * len(self._live) + 64:
+            self._compact()
+        return True
+
+    def _compact(self) -> None:
+        live = self._live
+        self._order = deque(e for e in self._order if live.get(e[0], (0.0, -1))[1] == e[1])
+        self._heap = [e for e in self._heap if live.get(e[2], (0.0, -1))[1] == e[1]]
+        heapq.heapify(self._heap)
+
+    def next_deadline(self) -> float | None:
+        heap = self._heap
+        live = self._live
+        while heap:
+            deadline, seq, request_id = heap[0]
+            entry = live.get(request_id)
+            if entry is not None and entry[1] == seq:
+                return deadline
+            heapq.heappop(heap)
+        return None
+
+    def pop_expired(self, now: float) -> list[int]:
+        """Remove and return, oldest deadline first, the requests whose deadline is <= now."""
+        expired: list[int] = []
+        heap = self._heap
+        live = self._live
+        while heap and heap[0][0] <= now:
+            deadline, seq, request_id = heapq.heappop(heap)
+            entry = live.get(request_id)
+            if entry is not None and entry[1] == seq:
+                del live[request_id]
+                expired.append(request_id)
+        if expired and len(self._order) > 2 * len(live) + 64:
+            self._compact()
+        return expired
+
+    def ids(self) -> list[int]:
+        """Live request ids in FIFO order."""
+        live = self._live
+        return [rid for rid, seq in self._order if live.get(rid, (0.0, -1))[1] == seq]
+
+    def __repr__(self) -> str:
+        return f"<RequestBuffer {len(self._live)}/{self.capacity}>"
+
+
+class InFlight:
+    """Requests being served: request id -> agent id, and each agent's requests."""
+
+    def __init__(self) -> None:
+        self._agent_of: dict[int, bytes] = {}
+        self._by_agent: dict[bytes, set[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._agent_of)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._agent_of
+
+    def add(self, request_id: int, agent_id: bytes) -> None:
+        if request_id in self._agent_of:
+            raise ValueError(f"request {request_id} is already in flight")
+        self._agent_of[request_id] = agent_id
+        requests = self._by_agent.get(agent_id)
+        if requests is None:
+            requests = self._by_agent[agent_id] = set()
+        requests.add(request_id)
+
+    def agent_of(self, request_id: int) -> bytes | None:
+        return self._agent_of.get(request_id)
+
+    def remove(self, request_id: int) -> bytes | None:
+        agent_id = self._agent_of.pop(request_id, None)
+        if agent_id is not None:
+            requests = self._by_agent[agent_id]
+            requests.discard(request_id)
+            if not requests:
+                del self._by_agent[agent_id]
+        return agent_id
+
+    def of_agent(self, agent_id: bytes) -> list[int]:
+        return sorted(self._by_agent.get(agent_id, ()))
+
+    def count_of(self, agent_id: bytes) -> int:
+        return len(self._by_agent.get(agent_id, ()))
+
+    def __repr__(self) -> str:
+        return f"<InFlight requests={len(self._agent_of)} agents={len(self._by_agent)}>"

@@ -1,0 +1,77 @@
+"""Pure encoding and decoding of frames: no sockets here.
+
+A message on the wire is two frames after any ZeroMQ identity: a 9-byte header
+``(kind: u8, request_id: u64 big-endian)`` and a msgpack body. The header stays
+separate so the broker can forward token frames without unpacking their bodies;
+it rewrites only the request id.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+
+from paddler.errors import ProtocolError
+from paddler.protocol.kinds import KNOWN_KINDS, Kind
+
+HEADER = struct.Struct(">BQ")
+HEADER_SIZE = HEADER.size
+MAX_BODY_BYTES = 8 * 1024 * 1024
+"""Largest body accepted; sockets also set ``MAXMSGSIZE`` a little above it."""
+MAX_REQUEST_ID = 2**64 - 1
+
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+
+def make_header(kind: int, request_id: int = 0) -> bytes:
+    return HEADER.pack(kind, request_id)
+
+
+def parse_header(frame: bytes) -> tuple[int, int]:
+    """Return ``(kind, request_id)``; raise ``ProtocolError`` on a bad header."""
+    if len(frame) != HEADER_SIZE:
+        raise ProtocolError(f"header frame must be {HEADER_SIZE} bytes, got {len(frame)}")
+    kind, request_id = HEADER.unpack(frame)
+    if kind not in KNOWN_KINDS:
+        raise ProtocolError(f"unknown message kind {kind}")
+    return kind, request_id
+
+
+def pack_body(value: Any) -> bytes:
+    return _pack(value)  # type: ignore[no-any-return]
+
+
+def unpack_body(frame: bytes) -> Any:
+    if len(frame) > MAX_BODY_BYTES:
+        raise ProtocolError(f"body of {len(frame)} bytes exceeds the limit of {MAX_BODY_BYTES}")
+    try:
+        return msgpack.unpackb(
+            frame, raw=False, strict_map_key=True, use_list=True, max_buffer_size=MAX_BODY_BYTES
+        )
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"malformed msgpack body: {exc.__class__.__name__}: {exc}") from exc
+
+
+def encode(kind: Kind, request_id: int, body: Any) -> list[bytes]:
+    """Frames for one message: ``[header, body]``."""
+    return [HEADER.pack(kind, request_id), _pack(body)]
+
+
+def split_frames(frames: Sequence[bytes]) -> tuple[int, int, bytes]:
+    """Check the frame layout of one message (identity already removed).
+
+    Returns ``(kind, request_id, body_frame)`` without unpacking the body.
+    """
+    if len(frames) != 2:
+        raise ProtocolError(f"a message has 2 frames (header, body), got {len(frames)}")
+    kind, request_id = parse_header(frames[0])
+    return kind, request_id, frames[1]
+
+
+def decode(frames: Sequence[bytes]) -> tuple[int, int, Any]:
+    """``(kind, request_id, body)`` of one message; ``ProtocolError`` if malformed."""
+    kind, request_id, body = split_frames(frames)
+    return kind, request_id, unpack_body(body)

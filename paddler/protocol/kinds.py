@@ -1,0 +1,44 @@
+"""Message kinds and the protocol version."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+PROTOCOL_VERSION = 1
+
+
+class Kind(IntEnum):
+    """The first byte of every header frame."""
+
+    # agent -> broker
+    REGISTER = 1
+    AGENT_STATUS = 2
+    HEARTBEAT = 3  # both ways, agents and broker
+    DEREGISTER = 4
+    # agent -> broker -> client (forwarded with only the header rewritten)
+    TOKENS = 10
+    DONE = 11
+    ERROR = 12  # also broker -> client and broker -> agent
+    # broker -> agent
+    REGISTERED = 20
+    DISPATCH = 22
+    CANCEL = 23  # also client -> broker
+    DESIRED_STATE = 24
+    REREGISTER = 25
+    # client -> broker
+    SUBMIT = 30
+    PING = 31
+    GET_AGENTS = 32
+    GET_BUFFERED = 33
+    GET_DESIRED_STATE = 34
+    PUT_DESIRED_STATE = 35
+    GET_APPLICABLE_STATE = 36
+    # broker -> client
+    PONG = 40
+    AGENTS = 41
+    BUFFERED = 42
+    STATE = 43
+    ACK = 44
+
+
+KNOWN_KINDS = frozenset(int(k) for k in Kind)
