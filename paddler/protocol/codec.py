@@ -48,9 +48,7 @@ def unpack_body(frame: bytes) -> Any:
     if len(frame) > MAX_BODY_BYTES:
         raise ProtocolError(f"body of {len(frame)} bytes exceeds the limit of {MAX_BODY_BYTES}")
     try:
-        return msgpack.unpackb(
-            frame, raw=False, strict_map_key=True, use_list=True, max_buffer_size=MAX_BODY_BYTES
-        )
+        return msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(f"malformed msgpack body: {exc.__class__.__name__}: {exc}") from exc
 

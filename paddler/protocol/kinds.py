@@ -39,6 +39,7 @@ class Kind(IntEnum):
     BUFFERED = 42
     STATE = 43
     ACK = 44
+    DISPATCHED = 45  # the request left the buffer for an agent
 
 
 KNOWN_KINDS = frozenset(int(k) for k in Kind)

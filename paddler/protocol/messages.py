@@ -58,7 +58,7 @@ class Record:
     OPTIONAL: ClassVar[frozenset[str]] = frozenset()
 
 
-@dataclass(slots=True)
+@dataclass
 class AgentStatus(Record):
     """What an agent reports about itself; the broker shows it in snapshots."""
 
@@ -96,7 +96,7 @@ class AgentStatus(Record):
         return status
 
 
-@dataclass(slots=True)
+@dataclass
 class Register(Record):
     version: int
     name: str | None
@@ -109,7 +109,7 @@ class Register(Record):
     }
 
 
-@dataclass(slots=True)
+@dataclass
 class Registered(Record):
     agent_id: str
     heartbeat_interval_ms: int
@@ -120,7 +120,7 @@ class Registered(Record):
     }
 
 
-@dataclass(slots=True)
+@dataclass
 class ErrorBody(Record):
     """A terminal error of a request, or the answer to a query that failed.
 
@@ -151,7 +151,7 @@ USAGE_FIELDS = (
 )
 
 
-@dataclass(slots=True)
+@dataclass
 class Usage(Record):
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0

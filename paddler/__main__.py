@@ -1,0 +1,3 @@
+from paddler.cli import main
+
+main()

@@ -1,0 +1,69 @@
+"""Settings of the broker, declared once with help text (the CLI is built from them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from paddler.settings import option
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    agents_addr: str = field(
+        default="tcp://127.0.0.1:8070",
+        metadata=option("ZeroMQ address the broker binds for agents (ROUTER)."),
+    )
+    clients_addr: str = field(
+        default="tcp://127.0.0.1:8071",
+        metadata=option(
+            "ZeroMQ address the broker binds for clients (ROUTER): HTTP workers, paddler.client."
+        ),
+    )
+    max_buffered_requests: int = field(
+        default=30,
+        metadata=option(
+            "How many requests may wait for a free slot; beyond it requests fail at once "
+            "with 503 'Buffered requests overflow'.",
+            minimum=0,
+        ),
+    )
+    buffered_request_timeout: int = field(
+        default=10_000,
+        metadata=option(
+            "Milliseconds a request may wait in the buffer for a free slot before it fails "
+            "with 504.",
+            minimum=1,
+        ),
+    )
+    inference_item_timeout: int = field(
+        default=30_000,
+        metadata=option(
+            "Milliseconds an agent may go without sending a token for a request before "
+            "the request fails with 504.",
+            minimum=1,
+        ),
+    )
+    state_database: str = field(
+        default="memory://",
+        metadata=option(
+            "Where the desired state is kept: memory:// or the path of an SQLite database file."
+        ),
+    )
+    heartbeat_interval: int = field(
+        default=1000,
+        metadata=option(
+            "Milliseconds between heartbeats; a peer silent for 3 intervals is dead.",
+            minimum=50,
+        ),
+    )
+    @property
+    def buffered_request_timeout_s(self) -> float:
+        return self.buffered_request_timeout / 1000.0
+
+    @property
+    def inference_item_timeout_s(self) -> float:
+        return self.inference_item_timeout / 1000.0
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        return self.heartbeat_interval / 1000.0

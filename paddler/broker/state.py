@@ -1,0 +1,530 @@
+"""The broker as a state machine you can drive without sockets.
+
+``Broker`` is fed decoded-enough messages (an identity and the frames after it)
+and the current monotonic time; it appends what must be sent to ``outbox`` as
+``(Target, identity, frames)``. The socket loop in ``server.py`` only moves
+frames between ZeroMQ and this object, and reports send failures back.
+
+Token frames are forwarded without unpacking their bodies: only the 9-byte
+header is rewritten with the client's own request id.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+from paddler._core import InFlight, Registry, RequestBuffer
+from paddler.broker.desired_state import validate_desired_state
+from paddler.broker.settings import BrokerSettings
+from paddler.broker.store import StateStore
+from paddler.errors import ConfigurationError, InvalidRequest, ProtocolError
+from paddler.protocol.codec import HEADER, encode, make_header, pack_body, unpack_body
+from paddler.protocol.kinds import KNOWN_KINDS, PROTOCOL_VERSION, Kind
+from paddler.protocol.messages import AgentStatus, ErrorBody, Register, body_value
+from paddler.protocol.requests import validate_request
+
+log = logging.getLogger("paddler.broker")
+
+LIVENESS_INTERVALS = 3
+"""A peer silent for this many heartbeat intervals is dead."""
+
+_TOKENS = int(Kind.TOKENS)
+_DONE = int(Kind.DONE)
+_ERROR = int(Kind.ERROR)
+_TERMINAL = (_DONE, _ERROR)
+
+
+class Target(IntEnum):
+    AGENTS = 0
+    CLIENTS = 1
+
+
+Outgoing = tuple[Target, bytes, list[bytes]]
+
+
+def error_frames(request_id: int, code: int, kind: str, description: str) -> list[bytes]:
+    return encode(Kind.ERROR, request_id, ErrorBody(code, kind, description).to_body())
+
+
+@dataclass(slots=True)
+class AgentInfo:
+    identity: bytes
+    agent_id: str
+    name: str | None
+    status: AgentStatus
+    last_heard: float
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    request_id: int
+    client: bytes
+    client_request_id: int
+    body: bytes
+    """The normalized request, packed once; sent again on re-dispatch."""
+    agent: bytes | None = None
+    started: bool = False
+    """At least one token frame reached the client: the request cannot be re-dispatched."""
+    cancelled: bool = False
+    """The client is gone or was answered; waiting for the agent to confirm the end."""
+    last_activity: float = 0.0
+    buffered_at: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Broker:
+    """Cluster state: registry, buffer, in-flight table, desired state."""
+
+    def __init__(self, settings: BrokerSettings, store: StateStore | None = None) -> None:
+        self.settings = settings
+        self.store = store if store is not None else StateStore(settings.state_database)
+        self.registry = Registry()
+        self.buffer = RequestBuffer(settings.max_buffered_requests)
+        self.in_flight = InFlight()
+        self.agents: dict[bytes, AgentInfo] = {}
+        self.requests: dict[int, RequestRecord] = {}
+        self.by_client: dict[tuple[bytes, int], int] = {}
+        self.outbox: list[Outgoing] = []
+        self.desired_state: dict[str, Any] | None = self.store.load()
+        self._next_request_id = 1
+        self._last_heartbeat_sent = 0.0
+        self.liveness_s = settings.heartbeat_interval_s * LIVENESS_INTERVALS
+        self.counters = {"requests": 0, "tokens_frames": 0, "dropped_frames": 0}
+
+    # ------------------------------------------------------------------ helpers
+
+    def _send_agent(self, identity: bytes, frames: list[bytes]) -> None:
+        self.outbox.append((Target.AGENTS, identity, frames))
+
+    def _send_client(self, identity: bytes, frames: list[bytes]) -> None:
+        self.outbox.append((Target.CLIENTS, identity, frames))
+
+    def _fail(self, record: RequestRecord, code: int, kind: str, description: str) -> None:
+        """Answer the client with a terminal error (once)."""
+        if not record.cancelled:
+            self._send_client(
+                record.client, error_frames(record.client_request_id, code, kind, description)
+            )
+            record.cancelled = True
+
+    def _forget(self, record: RequestRecord) -> None:
+        self.requests.pop(record.request_id, None)
+        self.by_client.pop((record.client, record.client_request_id), None)
+
+    # ---------------------------------------------------------------- dispatch
+
+    def _dispatch(self, record: RequestRecord, agent: bytes, now: float) -> None:
+        record.agent = agent
+        record.last_activity = now
+        self.in_flight.add(record.request_id, agent)
+        self._send_agent(agent, [make_header(Kind.DISPATCH, record.request_id), record.body])
+        info = self.agents[agent]
+        self._send_client(
+            record.client,
+            encode(
+                Kind.DISPATCHED,
+                record.client_request_id,
+                {
+                    "agent_id": info.agent_id,
+                    "agent_name": info.name,
+                    "queued_ms": int((now - record.buffered_at) * 1000),
+                },
+            ),
+        )
+
+    def dispatch_buffered(self, now: float) -> None:
+        """Give free slots to the oldest waiters."""
+        buffer = self.buffer
+        registry = self.registry
+        while len(buffer):
+            agent = registry.choose_and_acquire()
+            if agent is None:
+                return
+            request_id = buffer.pop()
+            assert request_id is not None  # len(buffer) > 0
+            self._dispatch(self.requests[request_id], agent, now)
+
+    # ------------------------------------------------------------ from agents
+
+    def on_agent_message(self, identity: bytes, frames: list[bytes], now: float) -> None:
+        """One message from the agents socket (identity stripped). Never raises
+        for bad input: malformed frames are logged and dropped."""
+        if len(frames) != 2 or len(frames[0]) != 9:
+            self._drop("agent", identity, f"bad frame layout ({len(frames)} frames)")
+            return
+        kind, request_id = HEADER.unpack(frames[0])
+        info = self.agents.get(identity)
+        if info is not None:
+            info.last_heard = now
+        if kind == _TOKENS:  # the hot path: forward with a rewritten header
+            record = self.requests.get(request_id)
+            if record is None or record.agent != identity:
+                return
+            record.last_activity = now
+            if not record.cancelled:
+                record.started = True
+                self.counters["tokens_frames"] += 1
+                self._send_client(
+                    record.client, [HEADER.pack(_TOKENS, record.client_request_id), frames[1]]
+                )
+            return
+        try:
+            if kind in _TERMINAL:
+                self._on_terminal(identity, kind, request_id, frames[1], now)
+            elif kind == Kind.REGISTER:
+                self._on_register(identity, unpack_body(frames[1]), now)
+            elif info is None:
+                # a frame from an agent we do not know (we restarted, or declared it dead)
+                if kind in KNOWN_KINDS:
+                    self._send_agent(identity, encode(Kind.REREGISTER, 0, {}))
+            elif kind == Kind.HEARTBEAT:
+                pass
+            elif kind == Kind.AGENT_STATUS:
+                self._on_status(info, AgentStatus.from_body(unpack_body(frames[1])), now)
+            elif kind == Kind.DEREGISTER:
+                log.info("agent %s (%s) deregistered", info.agent_id, info.name)
+                self.remove_agent(identity, now, reason="deregistered")
+            else:
+                raise ProtocolError(f"kind {kind} is not valid from an agent")
+        except ProtocolError as exc:
+            self._drop("agent", identity, str(exc))
+
+    def _drop(self, side: str, identity: bytes, reason: str) -> None:
+        self.counters["dropped_frames"] += 1
+        log.warning("dropped a frame from %s %s: %s", side, identity.hex()[:16], reason)
+
+    def _on_register(self, identity: bytes, body: Any, now: float) -> None:
+        register = Register.from_body(body)
+        if register.version != PROTOCOL_VERSION:
+            log.warning(
+                "agent %s speaks protocol %s, this broker %s",
+                identity.hex()[:16],
+                register.version,
+                PROTOCOL_VERSION,
+            )
+            self._send_agent(
+                identity,
+                error_frames(
+                    0,
+                    400,
+                    "ProtocolVersionMismatch",
+                    f"agent speaks protocol version {register.version}, this balancer speaks "
+                    f"version {PROTOCOL_VERSION}; run the same paddler version on both",
+                ),
+            )
+            return
+        status = AgentStatus.from_body(register.status)
+        if identity in self.agents:
+            # The agent reconnected: what it had in flight is gone with its old session.
+            self.remove_agent(identity, now, reason="re-registered")
+        agent_id = identity.hex() if not identity.isascii() else identity.decode()
+        self.agents[identity] = AgentInfo(identity, agent_id, register.name, status, now)
+        self.registry.add(identity, status.slots_total, status.ready)
+        log.info(
+            "agent %s (%s) registered with %d slots", agent_id, register.name, status.slots_total
+        )
+        self._send_agent(
+            identity,
+            encode(
+                Kind.REGISTERED,
+                0,
+                {"agent_id": agent_id, "heartbeat_interval_ms": self.settings.heartbeat_interval},
+            ),
+        )
+        if self.desired_state is not None:
+            self._send_agent(identity, encode(Kind.DESIRED_STATE, 0, {"state": self.desired_state}))
+        self.dispatch_buffered(now)
+
+    def _on_status(self, info: AgentInfo, status: AgentStatus, now: float) -> None:
+        info.status = status
+        self.registry.update(info.identity, status.slots_total, status.ready)
+        self.dispatch_buffered(now)
+
+    def _on_terminal(
+        self, identity: bytes, kind: int, request_id: int, body: bytes, now: float
+    ) -> None:
+        record = self.requests.get(request_id)
+        if record is None or record.agent != identity:
+            return
+        if kind == _ERROR and not record.started and not record.cancelled:
+            error = ErrorBody.from_body(unpack_body(body))
+            if error.kind == "AgentUnavailable":
+                # the agent refused before starting (draining, reloading): try another one
+                self._release(record)
+                record.agent = None
+                record.buffered_at = now
+                self.buffer.push_front(request_id, now + self.settings.buffered_request_timeout_s)
+                self.dispatch_buffered(now)
+                return
+        if not record.cancelled:
+            self._send_client(record.client, [HEADER.pack(kind, record.client_request_id), body])
+        self._release(record)
+        self._forget(record)
+        self.dispatch_buffered(now)
+
+    def _release(self, record: RequestRecord) -> None:
+        agent = self.in_flight.remove(record.request_id)
+        if agent is not None:
+            self.registry.release(agent)
+
+    def remove_agent(self, identity: bytes, now: float, reason: str) -> None:
+        """An agent is gone: streamed requests fail with 502, unstarted ones go back
+        to the head of the buffer, its slots leave the registry."""
+        info = self.agents.pop(identity, None)
+        self.registry.remove(identity)
+        orphans = self.in_flight.of_agent(identity)
+        redispatch: list[RequestRecord] = []
+        for request_id in orphans:
+            self.in_flight.remove(request_id)
+            record = self.requests[request_id]
+            record.agent = None
+            if record.cancelled:
+                self._forget(record)
+            elif record.started:
+                self._fail(record, 502, "AgentLost", f"agent {reason} while generating")
+                self._forget(record)
+            else:
+                redispatch.append(record)
+        for record in reversed(redispatch):  # keep their order at the head of the buffer
+            record.buffered_at = now
+            self.buffer.push_front(record.request_id, now + self.settings.buffered_request_timeout_s)
+        if info is not None and (orphans or reason != "deregistered"):
+            log.warning(
+                "agent %s (%s) %s: %d requests failed, %d re-dispatched",
+                info.agent_id,
+                info.name,
+                reason,
+                len(orphans) - len(redispatch),
+                len(redispatch),
+            )
+        self.dispatch_buffered(now)
+
+    # ----------------------------------------------------------- from clients
+
+    def on_client_message(self, identity: bytes, frames: list[bytes], now: float) -> None:
+        if len(frames) != 2 or len(frames[0]) != 9:
+            self._drop("client", identity, f"bad frame layout ({len(frames)} frames)")
+            return
+        kind, request_id = HEADER.unpack(frames[0])
+        try:
+            if kind == Kind.SUBMIT:
+                self._on_submit(identity, request_id, frames[1], now)
+            elif kind == Kind.CANCEL:
+                self.cancel(identity, request_id, now)
+            elif kind == Kind.PING:
+                version = body_value(unpack_body(frames[1]), "version", (int,), "Ping")
+                if version != PROTOCOL_VERSION:
+                    self._send_client(
+                        identity,
+                        error_frames(
+                            request_id,
+                            400,
+                            "ProtocolVersionMismatch",
+                            f"client speaks protocol version {version}, this balancer "
+                            f"speaks version {PROTOCOL_VERSION}",
+                        ),
+                    )
+                else:
+                    self._send_client(
+                        identity, encode(Kind.PONG, request_id, {"version": PROTOCOL_VERSION})
+                    )
+            elif kind == Kind.GET_AGENTS:
+                self._send_client(
+                    identity, encode(Kind.AGENTS, request_id, {"agents": self.agent_snapshots()})
+                )
+            elif kind == Kind.GET_BUFFERED:
+                self._send_client(
+                    identity, encode(Kind.BUFFERED, request_id, {"count": len(self.buffer)})
+                )
+            elif kind == Kind.GET_DESIRED_STATE:
+                state = self.desired_state
+                if state is None:
+                    state = validate_desired_state({})
+                self._send_client(identity, encode(Kind.STATE, request_id, {"state": state}))
+            elif kind == Kind.GET_APPLICABLE_STATE:
+                self._send_client(
+                    identity, encode(Kind.STATE, request_id, {"state": self.desired_state})
+                )
+            elif kind == Kind.PUT_DESIRED_STATE:
+                raw = body_value(unpack_body(frames[1]), "state", (dict,), "PutDesiredState")
+                try:
+                    self.put_desired_state(raw)
+                except ConfigurationError as exc:
+                    self._send_client(
+                        identity, error_frames(request_id, 400, "InvalidDesiredState", str(exc))
+                    )
+                else:
+                    self._send_client(identity, encode(Kind.ACK, request_id, {}))
+            else:
+                raise ProtocolError(f"kind {kind} is not valid from a client")
+        except ProtocolError as exc:
+            self._drop("client", identity, str(exc))
+            if kind in KNOWN_KINDS and kind != Kind.CANCEL:
+                self._send_client(identity, error_frames(request_id, 400, "ProtocolError", str(exc)))
+
+    def _on_submit(self, client: bytes, client_request_id: int, body: bytes, now: float) -> None:
+        if (client, client_request_id) in self.by_client:
+            self._send_client(
+                client,
+                error_frames(
+                    client_request_id, 400, "DuplicateRequestId",
+                    f"request id {client_request_id} is already in use on this connection",
+                ),
+            )
+            return
+        try:
+            request = validate_request(unpack_body(body))
+        except InvalidRequest as exc:
+            self._send_client(
+                client, error_frames(client_request_id, 400, "InvalidRequest", str(exc))
+            )
+            return
+        request_id = self._next_request_id
+        self._next_request_id += 1
+        record = RequestRecord(
+            request_id, client, client_request_id, pack_body(request), buffered_at=now
+        )
+        self.counters["requests"] += 1
+        if not len(self.buffer):
+            agent = self.registry.choose_and_acquire()
+            if agent is not None:
+                self.requests[request_id] = record
+                self.by_client[(client, client_request_id)] = request_id
+                self._dispatch(record, agent, now)
+                return
+        if not self.buffer.push(request_id, now + self.settings.buffered_request_timeout_s):
+            self._send_client(
+                client,
+                error_frames(client_request_id, 503, "BufferOverflow", "Buffered requests overflow"),
+            )
+            return
+        self.requests[request_id] = record
+        self.by_client[(client, client_request_id)] = request_id
+
+    def cancel(self, client: bytes, client_request_id: int, now: float) -> None:
+        """The client no longer wants the request: drop it from the buffer, or tell
+        the agent (its slot frees when the agent confirms the end)."""
+        request_id = self.by_client.get((client, client_request_id))
+        if request_id is None:
+            return
+        record = self.requests[request_id]
+        record.cancelled = True
+        if self.buffer.remove(request_id):
+            self._forget(record)
+        elif record.agent is not None:
+            record.last_activity = now
+            self._send_agent(record.agent, [make_header(Kind.CANCEL, request_id), pack_body({})])
+
+    def client_lost(self, client: bytes, now: float) -> None:
+        """A send to this client failed: cancel everything it asked for."""
+        for (owner, client_request_id), _ in list(self.by_client.items()):
+            if owner == client:
+                self.cancel(client, client_request_id, now)
+
+    # ------------------------------------------------------------ desired state
+
+    def put_desired_state(self, raw: dict[str, Any]) -> None:
+        state = validate_desired_state(raw)
+        self.store.save(state)
+        self.desired_state = state
+        frames = encode(Kind.DESIRED_STATE, 0, {"state": state})
+        for identity in self.agents:
+            self._send_agent(identity, list(frames))
+
+    # ------------------------------------------------------------------ timers
+
+    def tick(self, now: float) -> None:
+        """Heartbeats, liveness, buffered deadlines and inter-token timeouts."""
+        if now - self._last_heartbeat_sent >= self.settings.heartbeat_interval_s:
+            self._last_heartbeat_sent = now
+            heartbeat = encode(Kind.HEARTBEAT, 0, {})
+            for identity in self.agents:
+                self._send_agent(identity, list(heartbeat))
+        for identity, info in list(self.agents.items()):
+            if now - info.last_heard > self.liveness_s:
+                self.remove_agent(identity, now, reason="stopped answering")
+        for request_id in self.buffer.pop_expired(now):
+            record = self.requests[request_id]
+            self._fail(
+                record,
+                504,
+                "BufferedRequestTimeout",
+                f"waited {self.settings.buffered_request_timeout} ms for a free slot",
+            )
+            self._forget(record)
+        item_timeout = self.settings.inference_item_timeout_s
+        for record in list(self.requests.values()):
+            if record.agent is None or now - record.last_activity <= item_timeout:
+                continue
+            if record.cancelled:
+                # the agent never confirmed the end: give its slot back
+                self._release(record)
+                self._forget(record)
+                self.dispatch_buffered(now)
+                continue
+            self._fail(
+                record,
+                504,
+                "InferenceItemTimeout",
+                f"no token within {self.settings.inference_item_timeout} ms",
+            )
+            record.last_activity = now
+            self._send_agent(
+                record.agent, [make_header(Kind.CANCEL, record.request_id), pack_body({})]
+            )
+
+    def next_timer_s(self, now: float) -> float:
+        """Seconds until ``tick`` has work, capped so liveness is checked often."""
+        wait = self._last_heartbeat_sent + self.settings.heartbeat_interval_s - now
+        deadline = self.buffer.next_deadline()
+        if deadline is not None:
+            wait = min(wait, deadline - now)
+        return max(0.0, min(wait, 0.1))
+
+    # --------------------------------------------------------------- snapshots
+
+    def agent_snapshots(self) -> list[dict[str, Any]]:
+        """Paddler's AgentSnapshot for every agent; ``slots_processing`` is the
+        broker's own count."""
+        snapshots = []
+        for identity, info in self.agents.items():
+            status = info.status
+            snapshots.append(
+                {
+                    "id": info.agent_id,
+                    "name": info.name,
+                    "slots_total": status.slots_total,
+                    "slots_processing": self.registry.in_flight(identity),
+                    "desired_slots_total": status.desired_slots_total or status.slots_total,
+                    "model_path": status.model_path,
+                    "issues": status.issues,
+                    "state_application_status": status.state_application_status,
+                    "uses_chat_template_override": status.uses_chat_template_override,
+                    "download_current": status.download_current,
+                    "download_total": status.download_total,
+                    "download_filename": status.download_filename,
+                    "download_indeterminate": status.download_total == 0,
+                    "ready": status.ready,
+                }
+            )
+        snapshots.sort(key=lambda s: (s["name"] or "", s["id"]))
+        return snapshots
+
+    def shutdown(self) -> None:
+        """Every open request ends with 503; agents are told to stop work."""
+        for record in list(self.requests.values()):
+            if record.agent is not None:
+                self._send_agent(
+                    record.agent, [make_header(Kind.CANCEL, record.request_id), pack_body({})]
+                )
+            self._fail(record, 503, "ShuttingDown", "balancer is shutting down")
+            self._forget(record)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Broker agents={len(self.agents)} buffered={len(self.buffer)} "
+            f"in_flight={len(self.in_flight)} {self.registry!r}>"
+        )

@@ -1,0 +1,146 @@
+"""The ``paddler`` command (typer): ``balancer`` and ``agent``.
+
+Every option comes from a settings dataclass field (``paddler.broker.settings``,
+``paddler.agent.settings``): ``--field-name`` with the environment variable
+``PADDLER_FIELD_NAME`` and the field's help text.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import MISSING, fields
+from typing import Any, TypeVar, get_type_hints
+
+import typer
+
+from paddler.agent.settings import AgentSettings
+from paddler.broker.settings import BrokerSettings
+from paddler.errors import ConfigurationError, PaddlerError
+from paddler.settings import check_settings, env_name, flag_name
+
+app = typer.Typer(
+    name="paddler",
+    help="paddler: an LLM serving platform and load balancer for llama.cpp agents.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+S = TypeVar("S")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def settings_command(
+    name: str, settings_type: type[S], help: str
+) -> Callable[[Callable[[S], int]], Callable[[S], int]]:
+    """Register ``run(settings)`` as a command whose options are the settings' fields."""
+
+    def register(run: Callable[[S], int]) -> Callable[[S], int]:
+        hints = get_type_hints(settings_type)
+        parameters = []
+        for f in fields(settings_type):  # type: ignore[arg-type]
+            default = f.default if f.default is not MISSING else ...
+            parameters.append(
+                inspect.Parameter(
+                    f.name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=typer.Option(
+                        default,
+                        f.metadata.get("flag") or flag_name(f.name),
+                        envvar=env_name(f.name),
+                        help=f.metadata["help"],
+                        show_envvar=True,
+                    ),
+                    annotation=hints[f.name],
+                )
+            )
+        parameters.append(
+            inspect.Parameter(
+                "log_level",
+                inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(
+                    "info", "--log-level", envvar="PADDLER_LOG_LEVEL",
+                    help="debug, info, warning or error.",
+                ),
+                annotation=str,
+            )
+        )
+
+        def command(**values: Any) -> None:
+            configure_logging(values.pop("log_level"))
+            try:
+                settings = settings_type(**values)
+                check_settings(settings)
+                code = run(settings)
+            except ConfigurationError as exc:
+                typer.echo(f"paddler {name}: {exc}", err=True)
+                raise typer.Exit(2) from exc
+            except PaddlerError as exc:
+                typer.echo(f"paddler {name}: {exc}", err=True)
+                raise typer.Exit(1) from exc
+            raise typer.Exit(code)
+
+        command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        command.__name__ = name
+        app.command(name, help=help)(command)
+        return run
+
+    return register
+
+
+@settings_command(
+    "balancer",
+    BrokerSettings,
+    "Run the balancer: the broker that owns cluster state and dispatches requests to agents.",
+)
+def run_balancer(settings: BrokerSettings) -> int:
+    import zmq
+
+    from paddler.broker.server import BrokerServer
+
+    try:
+        server = BrokerServer(settings)
+    except zmq.ZMQError as exc:
+        raise ConfigurationError(
+            "--agents-addr/--clients-addr", f"cannot bind: {exc}"
+        ) from exc
+    server.install_signal_handlers()
+    server.run()
+    return 0
+
+
+@settings_command(
+    "agent",
+    AgentSettings,
+    "Run an agent: serves the balancer's requests with a GGUF model through llama.cpp.",
+)
+def run_agent(settings: AgentSettings) -> int:
+    from paddler.agent.service import AgentService, agent_identity
+
+    try:
+        from paddler.agent.llama_engine import LlamaEngine
+    except ImportError as exc:
+        raise PaddlerError(f"the llama.cpp engine is not available: {exc}") from exc
+    engine = LlamaEngine(settings.slots)
+    service = AgentService(settings, engine, identity=agent_identity(settings.name))
+    service.install_signal_handlers()
+    return service.run()
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:  # pragma: no cover
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""Clients of the broker over ZeroMQ: ``Client`` (sync) and ``AsyncClient`` (asyncio)."""
+
+from paddler.client.aio import AsyncClient, AsyncStream
+from paddler.client.events import Dispatched, Done, Event, Failed, Tokens
+from paddler.client.sync import Client, Stream
+
+__all__ = [
+    "AsyncClient",
+    "AsyncStream",
+    "Client",
+    "Dispatched",
+    "Done",
+    "Event",
+    "Failed",
+    "Stream",
+    "Tokens",
+]

@@ -1,0 +1,70 @@
+"""What a request stream yields, decoded from the broker's frames."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from paddler.errors import ProtocolError, RequestFailed
+from paddler.protocol.codec import unpack_body
+from paddler.protocol.kinds import Kind
+from paddler.protocol.messages import ErrorBody, Usage, body_value, token_pieces
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatched:
+    """The request left the buffer for an agent."""
+
+    agent_id: str
+    agent_name: str | None
+    queued_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """Text pieces one agent step produced for this request."""
+
+    pieces: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    code: int
+    kind: str
+    description: str
+
+    def exception(self) -> RequestFailed:
+        return RequestFailed(self.code, self.kind, self.description)
+
+
+Event = Dispatched | Tokens | Done | Failed
+
+
+def decode_event(kind: int, body: bytes) -> Event:
+    """The event of one stream frame; a malformed one becomes ``Failed`` (502)."""
+    try:
+        if kind == Kind.TOKENS:
+            return Tokens(token_pieces(unpack_body(body)))
+        value: Any = unpack_body(body)
+        if kind == Kind.DONE:
+            return Done(Usage.from_body(body_value(value, "usage", (dict,), "Done")))
+        if kind == Kind.ERROR:
+            error = ErrorBody.from_body(value)
+            return Failed(error.code, error.kind, error.description)
+        if kind == Kind.DISPATCHED:
+            return Dispatched(
+                body_value(value, "agent_id", (str,), "Dispatched"),
+                body_value(value, "agent_name", (str, type(None)), "Dispatched"),
+                body_value(value, "queued_ms", (int,), "Dispatched"),
+            )
+    except ProtocolError as exc:
+        return Failed(502, "ProtocolError", f"malformed frame from the balancer: {exc}")
+    return Failed(502, "ProtocolError", f"unexpected message kind {kind} in a stream")
+
+
+TERMINAL = (Done, Failed)

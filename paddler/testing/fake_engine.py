@@ -1,0 +1,84 @@
+"""A deterministic engine with no model: each step sleeps ``step_ms`` (like a
+decode that releases the GIL) and gives every request ``tokens_per_step`` pieces.
+
+Piece ``i`` of a request is ``"t{i} "``; a request ends after ``max_tokens``
+pieces with usage counting the whitespace-separated words of its prompt.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from paddler.agent.engine import CANCELLED_CODE, Engine, EventSink
+from paddler.protocol.messages import AgentStatus
+
+PIECES = [f"t{i} " for i in range(4096)]
+
+
+@dataclass(slots=True)
+class _Request:
+    max_tokens: int
+    prompt_tokens: int
+    produced: int = 0
+    cancelled: bool = False
+
+
+class FakeEngine(Engine):
+    def __init__(self, slots_total: int, step_ms: float = 5.0, tokens_per_step: int = 1) -> None:
+        self.slots_total = slots_total
+        self.step_s = step_ms / 1000.0
+        self.tokens_per_step = tokens_per_step
+        self.requests: dict[int, _Request] = {}
+        self.state: dict[str, Any] | None = None
+
+    def apply_state(self, state: dict[str, Any] | None) -> None:
+        self.state = state
+
+    def status(self) -> AgentStatus:
+        model = (self.state or {}).get("model", "None")
+        path = model.get("LocalToAgent") if isinstance(model, dict) else None
+        return AgentStatus(
+            slots_total=self.slots_total,
+            ready=True,
+            desired_slots_total=self.slots_total,
+            model_path=path or "fake",
+            state_application_status="Applied",
+        )
+
+    def admit(self, request_id: int, request: dict[str, Any]) -> None:
+        prompt = request.get("raw_prompt")
+        if prompt is None:
+            prompt = " ".join(str(m.get("content", "")) for m in request["conversation_history"])
+        self.requests[request_id] = _Request(request["max_tokens"], len(prompt.split()))
+
+    def cancel(self, request_id: int) -> None:
+        request = self.requests.get(request_id)
+        if request is not None:
+            request.cancelled = True
+
+    def active_count(self) -> int:
+        return len(self.requests)
+
+    def step(self, sink: EventSink) -> None:
+        if self.step_s > 0:
+            time.sleep(self.step_s)
+        finished = []
+        for request_id, request in self.requests.items():
+            if request.cancelled:
+                sink.error(request_id, CANCELLED_CODE, "Cancelled", "cancelled by the client")
+                finished.append(request_id)
+                continue
+            start = request.produced
+            end = min(request.max_tokens, start + self.tokens_per_step)
+            sink.tokens(request_id, [PIECES[i % 4096] for i in range(start, end)])
+            request.produced = end
+            if end >= request.max_tokens:
+                sink.done(
+                    request_id,
+                    {"prompt_tokens": request.prompt_tokens, "content_tokens": request.produced},
+                )
+                finished.append(request_id)
+        for request_id in finished:
+            del self.requests[request_id]
