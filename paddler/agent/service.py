@@ -122,6 +122,9 @@ class AgentService:
             if kind == Kind.DISPATCH:
                 if self.draining or len(self.active) >= self.engine.slots_total:
                     reason = "shutting down" if self.draining else "has no free slot"
+                    if not self.draining:
+                        log.warning("refused a dispatch beyond the free slots (request %d)",
+                                    request_id)
                     self._send(
                         encode(
                             Kind.ERROR,

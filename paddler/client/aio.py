@@ -28,15 +28,22 @@ _Item = tuple[int, bytes] | BaseException
 
 
 class AsyncStream:
-    """The events of one request: ``async for event in stream``. Leaving the loop
-    early, ``cancel()`` or leaving ``async with`` cancels the request."""
+    """The events of one request: ``async for event in stream``.
+
+    The request is cancelled when the stream is left unfinished: ``cancel()``, the
+    end of an ``async with`` block, or the stream being dropped.
+    """
 
     def __init__(self, client: AsyncClient, request_id: int) -> None:
         self.client = client
         self.request_id = request_id
         self.finished = False
+        self._events = self._generate()
 
-    async def events(self) -> AsyncIterator[Event]:
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._events
+
+    async def _generate(self) -> AsyncIterator[Event]:
         try:
             while not self.finished:
                 kind, body = await self.client._wait(self.request_id)
@@ -47,9 +54,6 @@ class AsyncStream:
                 yield event
         finally:
             self.cancel()
-
-    def __aiter__(self) -> AsyncIterator[Event]:
-        return self.events()
 
     def cancel(self) -> None:
         if not self.finished:

@@ -46,14 +46,23 @@ def query_failure(kind: int, body: bytes, expected: Kind) -> PaddlerError:
 
 
 class Stream:
-    """The events of one request. Iterate it; leaving early cancels the request."""
+    """The events of one request.
+
+    Iterating it more than once continues where the last loop stopped. The request
+    is cancelled when the stream is left unfinished: ``cancel()``, the end of a
+    ``with`` block, or the stream (and its iterator) being dropped.
+    """
 
     def __init__(self, client: Client, request_id: int) -> None:
         self.client = client
         self.request_id = request_id
         self.finished = False
+        self._events = self._generate()
 
     def __iter__(self) -> Iterator[Event]:
+        return self._events
+
+    def _generate(self) -> Iterator[Event]:
         try:
             while not self.finished:
                 kind, body = self.client._wait(self.request_id)
@@ -108,7 +117,11 @@ class Client:
         self._last_heard = time.monotonic()
         self._ping_sent = 0.0
         self._closed = False
-        self.ping()
+        try:
+            self.ping()
+        except BaseException:
+            self.close()
+            raise
 
     # ---------------------------------------------------------------- plumbing
 

@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=None)
     parser.add_argument("--step-ms", type=float, default=5.0)
     parser.add_argument("--tokens-per-step", type=int, default=1)
+    parser.add_argument("--first-token-delay-ms", type=float, default=0.0)
     parser.add_argument("--shutdown-timeout", type=int, default=10_000)
     parser.add_argument("--identity", default=None)
     args = parser.parse_args(argv)
@@ -31,7 +32,12 @@ def main(argv: list[str] | None = None) -> int:
         name=args.name,
         shutdown_timeout=args.shutdown_timeout,
     )
-    engine = FakeEngine(args.slots, step_ms=args.step_ms, tokens_per_step=args.tokens_per_step)
+    engine = FakeEngine(
+        args.slots,
+        step_ms=args.step_ms,
+        tokens_per_step=args.tokens_per_step,
+        first_token_delay_ms=args.first_token_delay_ms,
+    )
     identity = args.identity.encode() if args.identity else agent_identity(args.name)
     service = AgentService(settings, engine, identity=identity)
     service.install_signal_handlers()

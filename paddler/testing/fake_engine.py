@@ -1,5 +1,6 @@
 """A deterministic engine with no model: each step sleeps ``step_ms`` (like a
-decode that releases the GIL) and gives every request ``tokens_per_step`` pieces.
+decode that releases the GIL) and gives every request ``tokens_per_step`` pieces,
+after an optional ``first_token_delay_ms`` per request (a slow prefill, or a stall).
 
 Piece ``i`` of a request is ``"t{i} "``; a request ends after ``max_tokens``
 pieces with usage counting the whitespace-separated words of its prompt.
@@ -21,13 +22,21 @@ PIECES = [f"t{i} " for i in range(4096)]
 class _Request:
     max_tokens: int
     prompt_tokens: int
+    ready_at: float = 0.0
     produced: int = 0
     cancelled: bool = False
 
 
 class FakeEngine(Engine):
-    def __init__(self, slots_total: int, step_ms: float = 5.0, tokens_per_step: int = 1) -> None:
+    def __init__(
+        self,
+        slots_total: int,
+        step_ms: float = 5.0,
+        tokens_per_step: int = 1,
+        first_token_delay_ms: float = 0.0,
+    ) -> None:
         self.slots_total = slots_total
+        self.first_token_delay_s = first_token_delay_ms / 1000.0
         self.step_s = step_ms / 1000.0
         self.tokens_per_step = tokens_per_step
         self.requests: dict[int, _Request] = {}
@@ -51,7 +60,11 @@ class FakeEngine(Engine):
         prompt = request.get("raw_prompt")
         if prompt is None:
             prompt = " ".join(str(m.get("content", "")) for m in request["conversation_history"])
-        self.requests[request_id] = _Request(request["max_tokens"], len(prompt.split()))
+        self.requests[request_id] = _Request(
+            request["max_tokens"],
+            len(prompt.split()),
+            ready_at=time.monotonic() + self.first_token_delay_s,
+        )
 
     def cancel(self, request_id: int) -> None:
         request = self.requests.get(request_id)
@@ -65,11 +78,14 @@ class FakeEngine(Engine):
         if self.step_s > 0:
             time.sleep(self.step_s)
         finished = []
+        now = time.monotonic()
         for request_id, request in self.requests.items():
             if request.cancelled:
                 sink.error(request_id, CANCELLED_CODE, "Cancelled", "cancelled by the client")
                 finished.append(request_id)
                 continue
+            if now < request.ready_at:
+                continue  # still "prefilling"
             start = request.produced
             end = min(request.max_tokens, start + self.tokens_per_step)
             sink.tokens(request_id, [PIECES[i % 4096] for i in range(start, end)])
