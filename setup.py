@@ -25,14 +25,18 @@ class OptionalBuildExt(build_ext):
     def run(self) -> None:
         try:
             super().run()
-        except Exception as exc:  # noqa: BLE001 - any build failure means "use the twin"
-            print(f"paddler: building extensions failed ({exc}); using pure Python", file=sys.stderr)
+        except Exception as exc:
+            print(
+                f"paddler: building extensions failed ({exc}); using pure Python", file=sys.stderr
+            )
 
     def build_extension(self, ext):  # type: ignore[no-untyped-def]
         try:
             super().build_extension(ext)
-        except Exception as exc:  # noqa: BLE001
-            print(f"paddler: building {ext.name} failed ({exc}); using pure Python", file=sys.stderr)
+        except Exception as exc:
+            print(
+                f"paddler: building {ext.name} failed ({exc}); using pure Python", file=sys.stderr
+            )
 
 
 def extensions() -> list:  # type: ignore[type-arg]

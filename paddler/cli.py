@@ -67,7 +67,9 @@ def settings_command(
                 "log_level",
                 inspect.Parameter.KEYWORD_ONLY,
                 default=typer.Option(
-                    "info", "--log-level", envvar="PADDLER_LOG_LEVEL",
+                    "info",
+                    "--log-level",
+                    envvar="PADDLER_LOG_LEVEL",
                     help="debug, info, warning or error.",
                 ),
                 annotation=str,
@@ -109,9 +111,7 @@ def run_balancer(settings: BrokerSettings) -> int:
     try:
         server = BrokerServer(settings)
     except zmq.ZMQError as exc:
-        raise ConfigurationError(
-            "--agents-addr/--clients-addr", f"cannot bind: {exc}"
-        ) from exc
+        raise ConfigurationError("--agents-addr/--clients-addr", f"cannot bind: {exc}") from exc
     server.install_signal_handlers()
     server.run()
     return 0

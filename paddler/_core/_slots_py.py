@@ -240,7 +240,7 @@ class RequestBuffer:
         heap = self._heap
         live = self._live
         while heap and heap[0][0] <= now:
-            deadline, seq, request_id = heapq.heappop(heap)
+            _, seq, request_id = heapq.heappop(heap)
             entry = live.get(request_id)
             if entry is not None and entry[1] == seq:
                 del live[request_id]

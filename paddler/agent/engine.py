@@ -60,5 +60,5 @@ class Engine(ABC):
         """``True`` once after the status changed outside ``apply_state`` (downloads)."""
         return False
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most engines hold nothing native
         """Free native resources; called once, from the engine thread."""

@@ -9,6 +9,7 @@ stops taking work, lets running requests finish (or cancels them after
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -105,8 +106,11 @@ class AgentService:
             encode(
                 Kind.REGISTER,
                 0,
-                {"version": PROTOCOL_VERSION, "name": self.settings.name,
-                 "status": self._status_body()},
+                {
+                    "version": PROTOCOL_VERSION,
+                    "name": self.settings.name,
+                    "status": self._status_body(),
+                },
             )
         )
 
@@ -123,8 +127,9 @@ class AgentService:
                 if self.draining or len(self.active) >= self.engine.slots_total:
                     reason = "shutting down" if self.draining else "has no free slot"
                     if not self.draining:
-                        log.warning("refused a dispatch beyond the free slots (request %d)",
-                                    request_id)
+                        log.warning(
+                            "refused a dispatch beyond the free slots (request %d)", request_id
+                        )
                     self._send(
                         encode(
                             Kind.ERROR,
@@ -180,8 +185,9 @@ class AgentService:
 
     def install_signal_handlers(self) -> None:
         def handler(signum: int, frame: FrameType | None) -> None:
-            log.info("received %s: finishing running requests, then leaving",
-                     signal.Signals(signum).name)
+            log.info(
+                "received %s: finishing running requests, then leaving", signal.Signals(signum).name
+            )
             self.stop()
 
         signal.signal(signal.SIGINT, handler)
@@ -253,10 +259,8 @@ class AgentService:
         return self.exit_code
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(zmq.ZMQError):
             self.pipe.send_multipart(encode(Kind.DEREGISTER, 0, {}), zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
         self.worker.join(timeout=10)
         if self.dealer is not None:
             self.dealer.close(linger=500)

@@ -15,8 +15,9 @@ class AgentSettings:
     )
     slots: int = field(
         default=4,
-        metadata=option("How many requests this agent serves at once (llama.cpp sequences).",
-                        minimum=1),
+        metadata=option(
+            "How many requests this agent serves at once (llama.cpp sequences).", minimum=1
+        ),
     )
     name: str | None = field(
         default=None,

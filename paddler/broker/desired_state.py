@@ -88,10 +88,10 @@ def _validate_source(value: Any, field: str) -> Any:
         return "None"
     if not isinstance(value, dict) or len(value) != 1:
         raise ConfigurationError(
-            field, "must be \"None\" or one of {\"LocalToAgent\": ...}, {\"Url\": ...}, "
-            "{\"HuggingFace\": ...}"
+            field,
+            'must be "None" or one of {"LocalToAgent": ...}, {"Url": ...}, {"HuggingFace": ...}',
         )
-    (variant, data), = value.items()
+    ((variant, data),) = value.items()
     if variant == "LocalToAgent":
         return {"LocalToAgent": _nonempty_str(data, f"{field}.LocalToAgent")}
     if variant == "Url":

@@ -111,7 +111,9 @@ class BrokerServer:
     def run(self) -> None:
         settings = self.settings
         log.info(
-            "broker listening: agents on %s, clients on %s", settings.agents_addr, settings.clients_addr
+            "broker listening: agents on %s, clients on %s",
+            settings.agents_addr,
+            settings.clients_addr,
         )
         poller = zmq.Poller()
         poller.register(self.agents, zmq.POLLIN)
@@ -122,7 +124,7 @@ class BrokerServer:
             while not self._stop.is_set():
                 now = time.monotonic()
                 timeout_ms = min(broker.next_timer_s(now), max(0.0, next_tick - now)) * 1000.0
-                events = dict(poller.poll(timeout_ms))
+                events = dict(poller.poll(int(timeout_ms)))
                 if self.agents in events:
                     self._drain(self.agents, True)
                 if self.clients in events:

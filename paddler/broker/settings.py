@@ -56,6 +56,7 @@ class BrokerSettings:
             minimum=50,
         ),
     )
+
     @property
     def buffered_request_timeout_s(self) -> float:
         return self.buffered_request_timeout / 1000.0

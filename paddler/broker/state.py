@@ -290,7 +290,9 @@ class Broker:
                 redispatch.append(record)
         for record in reversed(redispatch):  # keep their order at the head of the buffer
             record.buffered_at = now
-            self.buffer.push_front(record.request_id, now + self.settings.buffered_request_timeout_s)
+            self.buffer.push_front(
+                record.request_id, now + self.settings.buffered_request_timeout_s
+            )
         if info is not None and (orphans or reason != "deregistered"):
             log.warning(
                 "agent %s (%s) %s: %d requests failed, %d re-dispatched",
@@ -363,14 +365,18 @@ class Broker:
         except ProtocolError as exc:
             self._drop("client", identity, str(exc))
             if kind in KNOWN_KINDS and kind != Kind.CANCEL:
-                self._send_client(identity, error_frames(request_id, 400, "ProtocolError", str(exc)))
+                self._send_client(
+                    identity, error_frames(request_id, 400, "ProtocolError", str(exc))
+                )
 
     def _on_submit(self, client: bytes, client_request_id: int, body: bytes, now: float) -> None:
         if (client, client_request_id) in self.by_client:
             self._send_client(
                 client,
                 error_frames(
-                    client_request_id, 400, "DuplicateRequestId",
+                    client_request_id,
+                    400,
+                    "DuplicateRequestId",
                     f"request id {client_request_id} is already in use on this connection",
                 ),
             )
@@ -398,7 +404,9 @@ class Broker:
         if not self.buffer.push(request_id, now + self.settings.buffered_request_timeout_s):
             self._send_client(
                 client,
-                error_frames(client_request_id, 503, "BufferOverflow", "Buffered requests overflow"),
+                error_frames(
+                    client_request_id, 503, "BufferOverflow", "Buffered requests overflow"
+                ),
             )
             return
         self.requests[request_id] = record

@@ -8,6 +8,7 @@ thread. A broker that stops answering raises ``BrokerUnreachable`` after
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -140,7 +141,7 @@ class Client:
     def _receive(self, timeout_ms: float) -> None:
         """Route everything available (waiting up to ``timeout_ms`` for the first)."""
         socket = self.socket
-        if not socket.poll(timeout_ms):
+        if not socket.poll(int(timeout_ms)):
             return
         pending = self._pending
         while True:
@@ -179,10 +180,8 @@ class Client:
 
     def _cancel(self, request_id: int) -> None:
         if self._pending.pop(request_id, None) is not None and not self._closed:
-            try:
+            with contextlib.suppress(zmq.ZMQError):
                 self.socket.send_multipart(encode(Kind.CANCEL, request_id, {}), zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
 
     def _query(self, kind: Kind, body: dict[str, Any], expected: Kind) -> Any:
         request_id = self._new_id()

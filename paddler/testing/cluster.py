@@ -29,7 +29,7 @@ def free_port() -> int:
 
 
 def wait_until(
-    predicate: Callable[[], T], timeout_s: float = 10.0, interval_s: float = 0.02, what: str = ""
+    predicate: Callable[[], T | None], timeout_s: float = 10.0, interval_s: float = 0.02, what: str = ""
 ) -> T:
     """Poll ``predicate`` until it returns a truthy value; ``TimeoutError`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
@@ -37,7 +37,7 @@ def wait_until(
     while time.monotonic() < deadline:
         last = predicate()
         if last:
-            return last
+            return last  # type: ignore[no-any-return]
         time.sleep(interval_s)
     raise TimeoutError(f"not reached within {timeout_s} s: {what or predicate} (last: {last!r})")
 
@@ -99,9 +99,14 @@ class LocalCluster:
 
     def start_balancer(self, name: str = "balancer") -> Process:
         argv = [
-            sys.executable, "-m", "paddler", "balancer",
-            "--agents-addr", self.agents_addr,
-            "--clients-addr", self.clients_addr,
+            sys.executable,
+            "-m",
+            "paddler",
+            "balancer",
+            "--agents-addr",
+            self.agents_addr,
+            "--clients-addr",
+            self.clients_addr,
         ]
         for key, value in self.balancer_options.items():
             argv += ["--" + key.replace("_", "-"), str(value)]
@@ -118,12 +123,19 @@ class LocalCluster:
         **options: Any,
     ) -> Process:
         argv = [
-            sys.executable, "-m", "paddler.testing.fake_agent",
-            "--broker-addr", self.agents_addr,
-            "--slots", str(slots),
-            "--name", name,
-            "--step-ms", str(step_ms),
-            "--tokens-per-step", str(tokens_per_step),
+            sys.executable,
+            "-m",
+            "paddler.testing.fake_agent",
+            "--broker-addr",
+            self.agents_addr,
+            "--slots",
+            str(slots),
+            "--name",
+            name,
+            "--step-ms",
+            str(step_ms),
+            "--tokens-per-step",
+            str(tokens_per_step),
         ]
         if identity:
             argv += ["--identity", identity]

@@ -17,8 +17,10 @@ def test_desired_state_survives_a_restart_and_reaches_every_agent(make_cluster, 
         assert client.applicable_state() is None
         assert client.desired_state()["model"] == "None"
         client.put_desired_state(
-            {"model": {"LocalToAgent": "/models/x.gguf"},
-             "inference_parameters": {"temperature": 0.2}}
+            {
+                "model": {"LocalToAgent": "/models/x.gguf"},
+                "inference_parameters": {"temperature": 0.2},
+            }
         )
         wait_until(
             lambda: client.agents()[0]["model_path"] == "/models/x.gguf", what="state applied"

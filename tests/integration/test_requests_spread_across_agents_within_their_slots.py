@@ -7,7 +7,9 @@ from paddler.client import AsyncClient, Dispatched, Done
 from paddler.testing.cluster import LocalCluster
 
 
-async def _run(cluster: LocalCluster, count: int, slots: dict[str, int]) -> tuple[Counter[str], int]:
+async def _run(
+    cluster: LocalCluster, count: int, slots: dict[str, int]
+) -> tuple[Counter[str], int]:
     served: Counter[str] = Counter()
     peak_violations = 0
     async with await AsyncClient.connect(cluster.clients_addr, timeout_s=10) as client:

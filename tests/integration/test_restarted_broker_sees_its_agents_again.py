@@ -16,7 +16,8 @@ def test_a_restarted_broker_sees_its_agents_again_within_a_few_seconds(make_clus
     cluster.start_balancer("balancer-2")
     with Client(cluster.clients_addr, timeout_s=10) as client:
         agents = wait_until(
-            lambda: (a := client.agents()) and len(a) == 2 and a, timeout_s=6.0,
+            lambda: (a := client.agents()) and len(a) == 2 and a,
+            timeout_s=6.0,
             what="both agents registered again",
         )
         assert sorted(a["name"] for a in agents) == ["a1", "a2"]

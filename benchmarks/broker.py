@@ -1,0 +1,286 @@
+"""Broker benchmark: token forwarding throughput and added time to first token.
+
+Runs a real balancer process and fake-engine agent processes (no model), once
+with the compiled ``_core`` and once with the pure-Python twin, side by side:
+
+- throughput: tokens/s and frames/s the ZMQ client library receives through the
+  broker, at 1, 10 and 100 concurrent streams, for 1 and 16 tokens per step frame;
+- added latency: time to first token through the broker versus talking to an
+  agent directly (this process plays a minimal broker: ROUTER, register, dispatch),
+  same agent, same fake engine; the difference of the medians is what the broker adds;
+- dispatch decision time with 10, 100 and 1,000 agents and 10,000 buffered requests.
+
+Usage: ``python -m benchmarks.broker [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from benchmarks.common import machine, summary_ms, write_result
+from paddler.client import Client, Done, Failed, Tokens
+from paddler.protocol.codec import HEADER, encode, pack_body
+from paddler.protocol.kinds import Kind
+from paddler.testing.cluster import LocalCluster, free_port, wait_until
+
+TARGET_TOKENS_PER_S = 500_000
+TARGET_ADDED_TTFT_MS = 1.0
+
+
+def impl_env(impl: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PADDLER_NO_EXTENSIONS"] = "1" if impl == "py" else "0"
+    return env
+
+
+def throughput(cluster: LocalCluster, streams: int, tokens: int) -> dict[str, Any]:
+    with Client(cluster.clients_addr, timeout_s=30) as client:
+        started = time.perf_counter()
+        handles = [client.continue_from_raw_prompt("x", max_tokens=tokens) for _ in range(streams)]
+        frames = 0
+        count = 0
+        for stream in handles:
+            for event in stream:
+                if isinstance(event, Tokens):
+                    frames += 1
+                    count += len(event.pieces)
+                elif isinstance(event, Failed):
+                    raise RuntimeError(event)
+        elapsed = time.perf_counter() - started
+    return {
+        "streams": streams,
+        "tokens": count,
+        "frames": frames,
+        "seconds": round(elapsed, 4),
+        "tokens_per_s": round(count / elapsed),
+        "frames_per_s": round(frames / elapsed),
+    }
+
+
+def ttft_through_broker(cluster: LocalCluster, samples: int) -> list[float]:
+    times: list[float] = []
+    with Client(cluster.clients_addr, timeout_s=30) as client:
+        for _ in range(samples):
+            started = time.perf_counter()
+            for event in client.continue_from_raw_prompt("x", max_tokens=1):
+                if isinstance(event, Tokens):
+                    times.append(time.perf_counter() - started)
+                elif isinstance(event, Done | Failed):
+                    break
+    return times
+
+
+def ttft_direct(env: dict[str, str], samples: int, log_dir: Path) -> list[float]:
+    """This process binds a ROUTER, a fake agent connects to it; dispatch, first token."""
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    address = f"tcp://127.0.0.1:{free_port()}"
+    router.bind(address)
+    log = open(log_dir / "direct-agent.log", "ab")  # noqa: SIM115
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "paddler.testing.fake_agent",
+            "--broker-addr",
+            address,
+            "--slots",
+            "1",
+            "--step-ms",
+            "0",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    times: list[float] = []
+    try:
+        assert router.poll(10_000), "the agent did not connect"
+        identity, header, _ = router.recv_multipart()
+        assert HEADER.unpack(header)[0] == Kind.REGISTER
+        router.send_multipart(
+            [
+                identity,
+                *encode(
+                    Kind.REGISTERED,
+                    0,
+                    {"agent_id": identity.decode(), "heartbeat_interval_ms": 1000},
+                ),
+            ]
+        )
+        request = pack_body({"raw_prompt": "x", "max_tokens": 1})
+        for request_id in range(1, samples + 1):
+            started = time.perf_counter()
+            router.send_multipart([identity, HEADER.pack(Kind.DISPATCH, request_id), request])
+            while True:
+                assert router.poll(10_000)
+                _, header, _body = router.recv_multipart()
+                kind, rid = HEADER.unpack(header)
+                if kind == Kind.TOKENS and rid == request_id:
+                    times.append(time.perf_counter() - started)
+                elif kind in (Kind.DONE, Kind.ERROR) and rid == request_id:
+                    break
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(10)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait()
+        log.close()
+        router.close()
+        context.term()
+    return times
+
+
+def dispatch_decision(impl: str) -> list[dict[str, Any]]:
+    """Time of one choose-and-acquire plus release, in a subprocess for the implementation."""
+    code = r"""
+import json, sys, time
+from paddler import _core
+from paddler._core import Registry, RequestBuffer
+out = []
+for agents in (10, 100, 1000):
+    registry = Registry()
+    for i in range(agents):
+        registry.add(b"agent-%d" % i, 4, True)
+        for _ in range(i % 4):
+            registry.acquire(b"agent-%d" % i)
+    buffer = RequestBuffer(20000)
+    for rid in range(10000):
+        buffer.push(rid, 1e9 + rid)
+    rounds = 20000 if agents < 1000 else 4000
+    started = time.perf_counter()
+    for _ in range(rounds):
+        agent = registry.choose_and_acquire()
+        rid = buffer.pop()
+        buffer.push(rid, 1e9)
+        registry.release(agent)
+    elapsed = time.perf_counter() - started
+    us = round(elapsed / rounds * 1e6, 3)
+    out.append({"agents": agents, "buffered": len(buffer), "us_per_dispatch": us})
+print(json.dumps({"impl": _core.IMPLEMENTATION, "rows": out}))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=impl_env(impl),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    data = json.loads(result.stdout)
+    assert data["impl"] == impl, f"asked for {impl}, got {data['impl']}"
+    return data["rows"]  # type: ignore[no-any-return]
+
+
+def run_impl(impl: str, quick: bool, log_root: Path) -> dict[str, Any]:
+    env = impl_env(impl)
+    out: dict[str, Any] = {"impl": impl}
+    log_dir = log_root / impl
+    cluster = LocalCluster(log_dir, max_buffered_requests=1000)
+    cluster.env = env
+    cluster.start_balancer()
+    try:
+        rows = []
+        for tokens_per_step in (1, 16):
+            for name in list(cluster.agents):
+                cluster.agents.pop(name).stop()
+            with Client(cluster.clients_addr, timeout_s=30) as client:
+                wait_until(lambda c=client: c.agents() == [], what="agents gone")
+            for i in range(2):
+                cluster.start_agent(
+                    f"agent-{tokens_per_step}-{i}",
+                    slots=64,
+                    step_ms=0,
+                    tokens_per_step=tokens_per_step,
+                )
+            with Client(cluster.clients_addr, timeout_s=30) as client:
+                cluster.wait_for_agents(client, 2)
+            for streams in (1, 10, 100):
+                total = (20_000 if quick else 100_000) * tokens_per_step
+                per_stream = max(tokens_per_step, total // streams)
+                row = throughput(cluster, streams, per_stream)
+                row["tokens_per_frame"] = tokens_per_step
+                rows.append(row)
+        out["throughput"] = rows
+        samples = 200 if quick else 1000
+        through = ttft_through_broker(cluster, samples)
+    finally:
+        cluster.close()
+    direct = ttft_direct(env, samples, log_dir)
+    out["ttft_through_broker"] = summary_ms(through)
+    out["ttft_direct"] = summary_ms(direct)
+    out["added_ttft_p50_ms"] = round(
+        out["ttft_through_broker"]["p50_ms"] - out["ttft_direct"]["p50_ms"], 4
+    )
+    out["dispatch_decision"] = dispatch_decision(impl)
+    return out
+
+
+def report(result: dict[str, Any]) -> str:
+    lines = ["## Broker", ""]
+    lines.append("| impl | streams | tokens/frame | tokens/s | frames/s |")
+    lines.append("|---|---:|---:|---:|---:|")
+    for impl in result["impls"]:
+        for row in impl["throughput"]:
+            lines.append(
+                f"| {impl['impl']} | {row['streams']} | {row['tokens_per_frame']} | "
+                f"{row['tokens_per_s']:,} | {row['frames_per_s']:,} |"
+            )
+    lines += [
+        "",
+        "| impl | TTFT direct p50 | TTFT via broker p50 | p99 | added p50 | target |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for impl in result["impls"]:
+        added = impl["added_ttft_p50_ms"]
+        lines.append(
+            f"| {impl['impl']} | {impl['ttft_direct']['p50_ms']:.3f} ms | "
+            f"{impl['ttft_through_broker']['p50_ms']:.3f} ms | "
+            f"{impl['ttft_through_broker']['p99_ms']:.3f} ms | {added:.3f} ms | "
+            f"< {TARGET_ADDED_TTFT_MS} ms: {'met' if added < TARGET_ADDED_TTFT_MS else 'NOT met'} |"
+        )
+    best = max(r["tokens_per_s"] for i in result["impls"] for r in i["throughput"])
+    lines += [
+        "",
+        f"Best forwarding rate: {best:,} tokens/s (target >= {TARGET_TOKENS_PER_S:,}: "
+        f"{'met' if best >= TARGET_TOKENS_PER_S else 'NOT met'}).",
+        "",
+    ]
+    lines += ["| impl | agents | buffered | µs per dispatch decision |", "|---|---:|---:|---:|"]
+    for impl in result["impls"]:
+        for row in impl["dispatch_decision"]:
+            lines.append(
+                f"| {impl['impl']} | {row['agents']} | {row['buffered']} | "
+                f"{row['us_per_dispatch']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="paddler-bench-") as tmp:
+        impls = [run_impl(impl, args.quick, Path(tmp)) for impl in ("c", "py")]
+    result = {"benchmark": "broker", "quick": args.quick, "machine": machine(), "impls": impls}
+    result["summary_markdown"] = report(result)
+    path = write_result("broker", result)
+    print(result["summary_markdown"])
+    print(f"written {path}")
+
+
+if __name__ == "__main__":
+    main()
