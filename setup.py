@@ -16,7 +16,9 @@ NO_EXTENSIONS = os.environ.get("PADDLER_NO_EXTENSIONS", "") not in ("", "0")
 
 # Each compiled module is the pure-Python twin itself, compiled under the ``_c``
 # name next to an augmenting ``.pxd`` (the aiohttp way): the twin *is* the code.
-CORE_MODULES = ["slots"]
+CORE_MODULES = ["slots", "text"]
+# Hand-written Cython where the twin cannot be compiled as is (raw pointers).
+PYX_MODULES = ["batch"]
 
 
 class OptionalBuildExt(build_ext):
@@ -45,6 +47,7 @@ def extensions() -> list:  # type: ignore[type-arg]
     from Cython.Build import cythonize
 
     sources = [f"paddler/_core/_{name}_c.py" for name in CORE_MODULES]
+    sources += [f"paddler/_core/_{name}_c.pyx" for name in PYX_MODULES]
     return cythonize(
         sources,
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},

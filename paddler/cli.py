@@ -129,7 +129,7 @@ def run_agent(settings: AgentSettings) -> int:
         from paddler.agent.llama_engine import LlamaEngine
     except ImportError as exc:
         raise PaddlerError(f"the llama.cpp engine is not available: {exc}") from exc
-    engine = LlamaEngine(settings.slots)
+    engine = LlamaEngine(settings.slots, n_threads=settings.threads or None)
     service = AgentService(settings, engine, identity=agent_identity(settings.name))
     service.install_signal_handlers()
     return service.run()

@@ -9,6 +9,7 @@ request per step: that is the coalescing), its end with usage, or its error.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from paddler.protocol.messages import AgentStatus
@@ -30,6 +31,9 @@ class Engine(ABC):
     """What an agent needs from an inference engine."""
 
     slots_total: int
+    status_listener: Callable[[], None] | None = None
+    """Set by the worker: call it (from the engine thread) to report the status at
+    once, e.g. download progress while ``apply_state`` runs."""
 
     @abstractmethod
     def apply_state(self, state: dict[str, Any] | None) -> None:

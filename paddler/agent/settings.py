@@ -23,6 +23,10 @@ class AgentSettings:
         default=None,
         metadata=option("A name for this agent, shown in the agents list and in responses."),
     )
+    threads: int = field(
+        default=0,
+        metadata=option("CPU threads llama.cpp uses for decoding (0: one per core).", minimum=0),
+    )
     shutdown_timeout: int = field(
         default=10_000,
         metadata=option(

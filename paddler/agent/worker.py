@@ -85,6 +85,7 @@ class EngineWorker(threading.Thread):
         socket.connect(self.endpoint)
         sink = _SocketSink(socket)
         engine = self.engine
+        engine.status_listener = lambda: self._send_status(socket)
         self.ready.set()
         try:
             while True:

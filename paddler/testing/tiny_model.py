@@ -17,7 +17,7 @@ Public API:
 
 The default model (64-wide, 2 layers) is a few hundred KB and loads in milliseconds. The
 benchmark preset ``write_tiny_llama(path, n_embd=512, n_layer=6, n_head=8, n_head_kv=4,
-n_ff=1376)`` has about 19M parameters.
+n_ff=1376)`` has 18.4M parameters (37 MB).
 
 Vocabulary (``vocab="spm"``, the only one so far). The ``tokenizer.ggml.model`` is ``"llama"``
 (SentencePiece, as in Llama 1 and 2) and the ids are laid out as in Llama 2:
@@ -25,7 +25,7 @@ Vocabulary (``vocab="spm"``, the only one so far). The ``tokenizer.ggml.model`` 
 * ``0 <unk>`` (UNKNOWN), ``1 <s>`` (CONTROL, bos), ``2 </s>`` (CONTROL, eos);
 * ``3 .. 258``: the 256 byte-fallback tokens ``<0x00>`` .. ``<0xFF>`` (BYTE), so any UTF-8
   text round-trips through tokenize and detokenize;
-* a few hundred NORMAL pieces with decreasing scores: common English words with ``"▁"``
+* 714 NORMAL pieces (975 tokens in all) with decreasing scores: common English words with ``"▁"``
   (U+2581) for a leading space and all their prefixes (llama.cpp's SentencePiece tokenizer only
   reaches a piece through merges of pieces that are themselves in the vocabulary), common
   subword pieces, and the printable ASCII characters;
@@ -39,8 +39,8 @@ so llama.cpp counts both as end-of-generation tokens (``llama_vocab_is_eog``) an
 ends at ``<|im_end|>`` like a ChatML model's, while the plain-completion eos is unchanged.
 
 Weights: every 2-D matrix is F16 and every norm weight F32 (``general.file_type`` is
-``MOSTLY_F16``), which halves the file against F32 and is what llama.cpp's CPU matrix product
-prefers anyway. Matrices are drawn from N(0, 0.02²), each tensor from its own
+``MOSTLY_F16``), which halves the weights against F32 and loads and runs on llama.cpp's CPU
+backend like a converted F16 model. Matrices are drawn from N(0, 0.02²), each tensor from its own
 ``numpy.random.default_rng([seed, tensor_index])`` stream; norm weights are ones. Two
 deliberate departures from plain noise make the model behave like a serving target:
 
@@ -49,9 +49,10 @@ deliberate departures from plain noise make the model behave like a serving targ
   uniform one);
 * its rows for the special and byte-fallback tokens are zero, so those tokens get logit 0,
   the median of the others: greedy decoding always produces ordinary pieces (valid UTF-8) and
-  never stops before ``max_tokens``, and with ``top_k`` or ``min_p`` sampling they are
-  practically never drawn either. A test that needs an early stop can use ``logit_bias`` or
-  a stop string.
+  never stops before ``max_tokens``; with ``top_k`` or ``min_p`` sampling they are practically
+  never drawn either, and at temperature 1 without truncation they share about 0.6% of the
+  probability mass per step. A test that needs an early stop can use ``logit_bias`` or a
+  stop string.
 
 Determinism: the same arguments give the same bytes (for the same numpy version; numpy's
 ``Generator`` streams have been stable in practice but are not promised across versions).

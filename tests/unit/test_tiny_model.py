@@ -33,7 +33,11 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def llm(model_path: Path) -> Iterator[llama_cpp.Llama]:
-    model = llama_cpp.Llama(model_path=str(model_path), n_ctx=256, verbose=False)
+    # One thread: the model is too small to gain from more, and ggml's spinning worker threads
+    # can stall a prompt for a second when the machine's cores are busy with other tests.
+    model = llama_cpp.Llama(
+        model_path=str(model_path), n_ctx=256, n_threads=1, n_threads_batch=1, verbose=False
+    )
     yield model
     model.close()
 
@@ -80,9 +84,7 @@ def test_common_words_are_single_pieces(llm: llama_cpp.Llama) -> None:
     "text",
     ["hello world", "héllo wörld ✓ 日本", "Tabs\tand\nnew lines, <|im_start|> {braces}!"],
 )
-def test_text_round_trips_through_tokenize_and_detokenize(
-    llm: llama_cpp.Llama, text: str
-) -> None:
+def test_text_round_trips_through_tokenize_and_detokenize(llm: llama_cpp.Llama, text: str) -> None:
     tokens = llm.tokenize(text.encode("utf-8"))
     assert tokens[0] == llm.token_bos()
     assert llm.detokenize(tokens).decode("utf-8") == text
@@ -114,7 +116,8 @@ def test_chat_markers_are_control_tokens_and_im_end_ends_generation(
 
 
 def _greedy(llm: llama_cpp.Llama, prompt: str) -> tuple[str, int, str | None]:
-    llm.reset()  # evaluate the prompt again instead of reusing the cached prefix
+    # Evaluate the prompt again instead of reusing the cached prefix of the previous run.
+    llm.reset()  # type: ignore[no-untyped-call]
     completion = llm.create_completion(prompt, max_tokens=16, temperature=0)
     assert not isinstance(completion, Iterator)
     choice = completion["choices"][0]
@@ -137,7 +140,7 @@ def test_the_output_depends_on_the_prompt(llm: llama_cpp.Llama) -> None:
 
 
 def test_chat_completion_renders_the_template(llm: llama_cpp.Llama) -> None:
-    llm.reset()
+    llm.reset()  # type: ignore[no-untyped-call]
     completion = llm.create_chat_completion(
         messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
     )
@@ -185,9 +188,12 @@ def test_the_same_seed_writes_the_same_bytes(tmp_path: Path, model_path: Path) -
 def test_the_size_is_known_without_writing(tmp_path: Path, model_path: Path) -> None:
     assert model_path.stat().st_size == tiny_llama_file_size()
     assert 100_000 < tiny_llama_file_size() < 4_000_000
-    shape = {"n_embd": 32, "n_layer": 1, "n_head": 2, "n_head_kv": 1, "n_ff": 48}
-    small = write_tiny_llama(tmp_path / "small.gguf", seed=3, **shape)
-    assert small.stat().st_size == tiny_llama_file_size(seed=3, **shape)
+    small = write_tiny_llama(
+        tmp_path / "small.gguf", seed=3, n_embd=32, n_layer=1, n_head=2, n_head_kv=1, n_ff=48
+    )
+    assert small.stat().st_size == tiny_llama_file_size(
+        seed=3, n_embd=32, n_layer=1, n_head=2, n_head_kv=1, n_ff=48
+    )
 
 
 def test_default_model_path_writes_once_and_rewrites_a_wrong_file(

@@ -1,0 +1,1 @@
+_text_py.py
