@@ -145,6 +145,21 @@ class LocalCluster:
         self.agents[name] = process
         return process
 
+    def start_real_agent(self, name: str, slots: int = 2, threads: int = 1, **options: Any) -> Process:
+        """``paddler agent``: the real llama.cpp engine (the model comes with the desired state)."""
+        argv = [
+            sys.executable, "-m", "paddler", "agent",
+            "--broker-addr", self.agents_addr,
+            "--slots", str(slots),
+            "--name", name,
+            "--threads", str(threads),
+        ]
+        for key, value in options.items():
+            argv += ["--" + key.replace("_", "-"), str(value)]
+        process = Process(name, argv, self.log_dir, self.env)
+        self.agents[name] = process
+        return process
+
     def client(self, timeout_s: float = 10.0) -> Client:
         client = Client(self.clients_addr, timeout_s=timeout_s)
         self._clients.append(client)
