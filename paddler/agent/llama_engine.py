@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -39,6 +40,7 @@ from paddler.agent.engine import CANCELLED_CODE, Engine, EventSink
 from paddler.broker.desired_state import DEFAULT_INFERENCE_PARAMETERS
 from paddler.errors import EngineError
 from paddler.protocol.messages import AgentStatus
+from paddler.protocol.requests import is_embedding_request
 
 log = logging.getLogger("paddler.agent")
 native_log = logging.getLogger("paddler.agent.llama_cpp")
@@ -301,6 +303,67 @@ class _Slot:
         return self.request_id >= 0
 
 
+def normalize(vector: list[float], method: Any) -> list[float]:
+    """``None``, ``L2`` (unit length) or ``{"RmsNorm": {"epsilon": e}}`` (unit RMS)."""
+    if method == "L2":
+        norm = math.sqrt(sum(v * v for v in vector))
+        return [v / norm for v in vector] if norm > 0 else vector
+    if isinstance(method, dict) and "RmsNorm" in method:
+        epsilon = method["RmsNorm"]["epsilon"]
+        scale = 1.0 / math.sqrt(sum(v * v for v in vector) / max(len(vector), 1) + epsilon)
+        return [v * scale for v in vector]
+    return vector
+
+
+class _Embedder:
+    """A second context on the same model with pooled embeddings on: one document
+    per decode, the whole document in one micro-batch (pooling needs it)."""
+
+    def __init__(self, model: LlamaModel, parameters: dict[str, Any], n_threads: int) -> None:
+        self.model = model
+        self.pooling_name = parameters["pooling_type"]
+        size = max(parameters["embedding_batch_size"], 16)
+        params = lc.llama_context_default_params()
+        params.embeddings = True
+        params.pooling_type = POOLING_TYPES[self.pooling_name]
+        params.n_ctx = max(size, 256)
+        params.n_batch = params.n_ubatch = size
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = n_threads
+        params.no_perf = True
+        self.context = lc.llama_init_from_model(model.ptr, params)
+        if not self.context:
+            raise EngineError("llama.cpp could not create an embedding context")
+        self.size = int(lc.llama_n_ubatch(self.context))
+        self.batch = lc.llama_batch_init(self.size, 0, 1)
+        self.builder = BatchBuilder(self.batch, self.size)
+        self.memory = lc.llama_get_memory(self.context)
+        self.encoder = bool(lc.llama_model_has_encoder(model.ptr))
+
+    def embed(self, tokens: list[int]) -> list[float] | None:
+        lc.llama_memory_clear(self.memory, True)
+        self.builder.clear()
+        for position, token in enumerate(tokens):
+            self.builder.add(token, position, 0, True)
+        run = lc.llama_encode if self.encoder else lc.llama_decode
+        if run(self.context, self.batch) != 0:
+            return None
+        values = lc.llama_get_embeddings_seq(self.context, 0)
+        if not values:
+            values = lc.llama_get_embeddings_ith(self.context, len(tokens) - 1)
+        if not values:
+            return None
+        return [float(values[i]) for i in range(self.model.n_embd)]
+
+    def close(self) -> None:
+        if self.batch is not None:
+            lc.llama_batch_free(self.batch)
+            self.batch = None
+        if self.context:
+            lc.llama_free(self.context)
+            self.context = None
+
+
 @dataclass
 class _Loaded:
     model: LlamaModel
@@ -313,8 +376,12 @@ class _Loaded:
     template: ChatTemplate | None
     template_issue: dict[str, Any] | None
     memory: Any
+    embedder: _Embedder | None = None
 
     def close(self) -> None:
+        if self.embedder is not None:
+            self.embedder.close()
+            self.embedder = None
         if self.batch is not None:
             lc.llama_batch_free(self.batch)
             self.batch = None
@@ -561,6 +628,9 @@ class LlamaEngine(Engine):
                 self._cancelled_waiting.discard(request_id)
                 sink.error(request_id, CANCELLED_CODE, "Cancelled", "cancelled by the client")
                 continue
+            if is_embedding_request(request):
+                self._embed(sink, loaded, request_id, request)
+                continue
             try:
                 prompt = self._prompt_tokens(loaded, request)
             except ChatTemplateError as exc:
@@ -602,6 +672,44 @@ class LlamaEngine(Engine):
                 slot.schema = json.loads(grammar["schema"])
                 slot.output = []
             self._by_request[request_id] = slot
+
+    def _embed(
+        self, sink: EventSink, loaded: _Loaded, request_id: int, request: dict[str, Any]
+    ) -> None:
+        """Embed every document of a request; each document's result goes out at once."""
+        parameters = loaded.parameters
+        if not parameters["enable_embeddings"]:
+            sink.error(request_id, 400, "EmbeddingsDisabled",
+                       "embeddings are off; set inference_parameters.enable_embeddings")
+            return
+        if loaded.embedder is None:
+            try:
+                loaded.embedder = _Embedder(loaded.model, parameters, self.n_threads)
+            except EngineError as exc:
+                sink.error(request_id, 500, "EmbeddingsUnavailable", str(exc))
+                return
+        embedder = loaded.embedder
+        method = request["normalization_method"]
+        prompt_tokens = 0
+        for document in request["input_batch"]:
+            tokens = loaded.model.tokenize(document["content"], add_special=True)
+            if len(tokens) > embedder.size:
+                sink.embedding(request_id, {"DocumentExceedsBatchSize": {
+                    "document_tokens": len(tokens), "embedding_batch_size": embedder.size,
+                    "source_document_id": document["id"]}})
+                continue
+            vector = embedder.embed(tokens)
+            if vector is None:
+                sink.embedding(request_id, {"Error": f"document {document['id']!r} failed"})
+                continue
+            prompt_tokens += len(tokens)
+            sink.embedding(request_id, {"Embedding": {
+                "embedding": normalize(vector, method),
+                "normalization_method": method,
+                "pooling_type": embedder.pooling_name,
+                "source_document_id": document["id"],
+            }})
+        sink.done(request_id, {"prompt_tokens": prompt_tokens})
 
     def _finish(self, loaded: _Loaded, slot: _Slot) -> None:
         lc.llama_memory_seq_rm(loaded.memory, slot.seq_id, -1, -1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 import zmq
 
@@ -34,6 +35,9 @@ class _SocketSink:
 
     def tokens(self, request_id: int, pieces: list[str]) -> None:
         self.socket.send_multipart([HEADER.pack(_TOKENS_HEADER, request_id), pack_body(pieces)])
+
+    def embedding(self, request_id: int, result: dict[str, Any]) -> None:
+        self.socket.send_multipart(encode(Kind.EMBEDDING, request_id, result))
 
     def done(self, request_id: int, usage: dict[str, int]) -> None:
         self.socket.send_multipart(encode(Kind.DONE, request_id, {"usage": usage}))

@@ -32,6 +32,7 @@ LIVENESS_INTERVALS = 3
 """A peer silent for this many heartbeat intervals is dead."""
 
 _TOKENS = int(Kind.TOKENS)
+_EMBEDDING = int(Kind.EMBEDDING)
 _DONE = int(Kind.DONE)
 _ERROR = int(Kind.ERROR)
 _TERMINAL = (_DONE, _ERROR)
@@ -159,7 +160,7 @@ class Broker:
         info = self.agents.get(identity)
         if info is not None:
             info.last_heard = now
-        if kind == _TOKENS:  # the hot path: forward with a rewritten header
+        if kind == _TOKENS or kind == _EMBEDDING:  # the hot path: forward, rewrite the header
             record = self.requests.get(request_id)
             if record is None or record.agent != identity:
                 return
@@ -168,7 +169,7 @@ class Broker:
                 record.started = True
                 self.counters["tokens_frames"] += 1
                 self._send_client(
-                    record.client, [HEADER.pack(_TOKENS, record.client_request_id), frames[1]]
+                    record.client, [HEADER.pack(kind, record.client_request_id), frames[1]]
                 )
             return
         try:

@@ -1,7 +1,7 @@
 """Clients of the broker over ZeroMQ: ``Client`` (sync) and ``AsyncClient`` (asyncio)."""
 
 from paddler.client.aio import AsyncClient, AsyncStream
-from paddler.client.events import Dispatched, Done, Event, Failed, Tokens
+from paddler.client.events import Dispatched, Done, Embedding, Event, Failed, Tokens
 from paddler.client.sync import Client, Stream
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "Client",
     "Dispatched",
     "Done",
+    "Embedding",
     "Event",
     "Failed",
     "Stream",

@@ -18,7 +18,11 @@ import zmq
 import zmq.asyncio
 
 from paddler.client.events import TERMINAL, Event, Failed, Tokens, decode_event
-from paddler.client.requests import conversation_request, raw_prompt_request
+from paddler.client.requests import (
+    conversation_request,
+    embedding_request,
+    raw_prompt_request,
+)
 from paddler.client.sync import DEFAULT_TIMEOUT_S, PING_AFTER_S, configure_dealer, query_failure
 from paddler.errors import BrokerUnreachable
 from paddler.protocol.codec import HEADER, encode, pack_body, unpack_body
@@ -210,6 +214,12 @@ class AsyncClient:
         self, messages: list[dict[str, Any]], **options: Any
     ) -> AsyncStream:
         return await self.submit(conversation_request(messages, **options))
+
+    async def generate_embedding_batch(
+        self, documents: list[dict[str, str]], normalization_method: Any = "None"
+    ) -> AsyncStream:
+        """Embed ``[{"id": ..., "content": ...}, ...]``: one ``Embedding`` event per document."""
+        return await self.submit(embedding_request(documents, normalization_method))
 
     async def agents(self) -> list[dict[str, Any]]:
         return (await self._query(Kind.GET_AGENTS, {}, Kind.AGENTS))["agents"]  # type: ignore[no-any-return]

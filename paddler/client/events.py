@@ -28,6 +28,14 @@ class Tokens:
 
 
 @dataclass(frozen=True, slots=True)
+class Embedding:
+    """One document's result, externally tagged as in Paddler's API:
+    ``{"Embedding": {...}}`` or ``{"DocumentExceedsBatchSize": {...}}``."""
+
+    result: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Done:
     usage: Usage
 
@@ -42,7 +50,7 @@ class Failed:
         return RequestFailed(self.code, self.kind, self.description)
 
 
-Event = Dispatched | Tokens | Done | Failed
+Event = Dispatched | Tokens | Embedding | Done | Failed
 
 
 def decode_event(kind: int, body: bytes) -> Event:
@@ -56,6 +64,10 @@ def decode_event(kind: int, body: bytes) -> Event:
         if kind == Kind.ERROR:
             error = ErrorBody.from_body(value)
             return Failed(error.code, error.kind, error.description)
+        if kind == Kind.EMBEDDING:
+            if not isinstance(value, dict) or len(value) != 1:
+                raise ProtocolError("Embedding: body must be a map with one variant")
+            return Embedding(value)
         if kind == Kind.DISPATCHED:
             return Dispatched(
                 body_value(value, "agent_id", (str,), "Dispatched"),

@@ -17,7 +17,11 @@ from typing import Any
 import zmq
 
 from paddler.client.events import TERMINAL, Event, Failed, Tokens, decode_event
-from paddler.client.requests import conversation_request, raw_prompt_request
+from paddler.client.requests import (
+    conversation_request,
+    embedding_request,
+    raw_prompt_request,
+)
 from paddler.errors import BrokerUnreachable, ConfigurationError, PaddlerError, RequestFailed
 from paddler.protocol.codec import HEADER, MAX_BODY_BYTES, encode, pack_body, unpack_body
 from paddler.protocol.kinds import PROTOCOL_VERSION, Kind
@@ -214,6 +218,12 @@ class Client:
         self, messages: list[dict[str, Any]], **options: Any
     ) -> Stream:
         return self.submit(conversation_request(messages, **options))
+
+    def generate_embedding_batch(
+        self, documents: list[dict[str, str]], normalization_method: Any = "None"
+    ) -> Stream:
+        """Embed ``[{"id": ..., "content": ...}, ...]``: one ``Embedding`` event per document."""
+        return self.submit(embedding_request(documents, normalization_method))
 
     def agents(self) -> list[dict[str, Any]]:
         return self._query(Kind.GET_AGENTS, {}, Kind.AGENTS)["agents"]  # type: ignore[no-any-return]

@@ -19,6 +19,7 @@ class Kind(IntEnum):
     TOKENS = 10
     DONE = 11
     ERROR = 12  # also broker -> client and broker -> agent
+    EMBEDDING = 13  # one document's result of an embedding request
     # broker -> agent
     REGISTERED = 20
     DISPATCH = 22

@@ -81,10 +81,61 @@ def _check_grammar(grammar: Any) -> None:
         raise InvalidRequest("grammar.type", "must be 'gbnf' or 'json_schema'")
 
 
+MAX_DOCUMENTS = 4096
+EMBEDDING_FIELDS = frozenset({"input_batch", "normalization_method"})
+
+
+def _check_normalization(method: Any) -> Any:
+    if method in ("None", "L2"):
+        return method
+    if isinstance(method, dict) and set(method) == {"RmsNorm"}:
+        inner = method["RmsNorm"]
+        epsilon = inner.get("epsilon") if isinstance(inner, dict) else None
+        if _is_number(epsilon) and 0 < epsilon < 1:
+            return {"RmsNorm": {"epsilon": float(epsilon)}}
+        raise InvalidRequest(
+            "normalization_method.RmsNorm.epsilon", "must be a number between 0 and 1"
+        )
+    raise InvalidRequest(
+        "normalization_method", 'must be "None", "L2" or {"RmsNorm": {"epsilon": ...}}'
+    )
+
+
+def validate_embedding_request(request: dict[str, Any]) -> dict[str, Any]:
+    """A normalized embedding request: ``input_batch`` of ``{id, content}`` documents."""
+    for name in request:
+        if name not in EMBEDDING_FIELDS:
+            raise InvalidRequest(str(name), "unknown field")
+    documents = request["input_batch"]
+    if not isinstance(documents, list) or not documents:
+        raise InvalidRequest("input_batch", "must be a non-empty list of {id, content}")
+    if len(documents) > MAX_DOCUMENTS:
+        raise InvalidRequest("input_batch", f"has more than {MAX_DOCUMENTS} documents")
+    for index, document in enumerate(documents):
+        where = f"input_batch[{index}]"
+        if not isinstance(document, dict) or set(document) != {"id", "content"}:
+            raise InvalidRequest(where, "must be an object with exactly 'id' and 'content'")
+        if not isinstance(document["id"], str):
+            raise InvalidRequest(f"{where}.id", "must be a string")
+        if not isinstance(document["content"], str) or not document["content"]:
+            raise InvalidRequest(f"{where}.content", "must be a non-empty string")
+    return {
+        "input_batch": [dict(d) for d in documents],
+        "normalization_method": _check_normalization(request.get("normalization_method", "None")),
+    }
+
+
+def is_embedding_request(request: dict[str, Any]) -> bool:
+    return "input_batch" in request
+
+
 def validate_request(request: Any) -> dict[str, Any]:
-    """A normalized copy of ``request``; ``InvalidRequest`` naming the bad field."""
+    """A normalized copy of ``request`` (generation or embedding); ``InvalidRequest``
+    naming the bad field."""
     if not isinstance(request, dict):
         raise InvalidRequest("request", "must be an object")
+    if "input_batch" in request:
+        return validate_embedding_request(request)
     for name in request:
         if name not in KNOWN_FIELDS:
             raise InvalidRequest(str(name), "unknown field")

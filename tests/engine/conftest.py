@@ -32,6 +32,9 @@ class RecordingSink:
     def tokens(self, request_id: int, pieces: list[str]) -> None:
         self.events.append((self.engine.decode_steps, "tokens", request_id, pieces))
 
+    def embedding(self, request_id: int, result: dict[str, Any]) -> None:
+        self.events.append((self.engine.decode_steps, "embedding", request_id, result))
+
     def done(self, request_id: int, usage: dict[str, int]) -> None:
         self.events.append((self.engine.decode_steps, "done", request_id, usage))
 
@@ -46,7 +49,14 @@ class RecordingSink:
         return dict(out)
 
     def ends(self) -> dict[int, tuple[str, Any]]:
-        return {rid: (kind, value) for _, kind, rid, value in self.events if kind != "tokens"}
+        return {
+            rid: (kind, value)
+            for _, kind, rid, value in self.events
+            if kind not in ("tokens", "embedding")
+        }
+
+    def embeddings(self, request_id: int) -> list[dict[str, Any]]:
+        return [v for _, kind, rid, v in self.events if kind == "embedding" and rid == request_id]
 
 
 def local_resolver(source: Any, progress: Any) -> Path | None:
