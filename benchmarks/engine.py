@@ -114,29 +114,45 @@ def engine(path: Path, n: int, tokens: int) -> dict[str, Any]:
 
     llama = LlamaEngine(n, n_threads=threads(), resolver=lambda source, progress: path)
     try:
-        llama.apply_state({"model": {"LocalToAgent": str(path)}, "inference_parameters": {
-            "context_size": 512, "temperature": 0.0, "penalty_repeat": 1.0,
-            "penalty_presence": 0.0, "k_cache_dtype": "F16", "v_cache_dtype": "F16"}})
+        llama.apply_state(
+            {
+                "model": {"LocalToAgent": str(path)},
+                "inference_parameters": {
+                    "context_size": 512,
+                    "temperature": 0.0,
+                    "penalty_repeat": 1.0,
+                    "penalty_presence": 0.0,
+                    "k_cache_dtype": "F16",
+                    "v_cache_dtype": "F16",
+                },
+            }
+        )
         sink = Sink()
         started = time.perf_counter()
         for request_id in range(n):
-            llama.admit(request_id, validate_request(
-                {"raw_prompt": PROMPT, "max_tokens": tokens, "temperature": 0.0}))
+            llama.admit(
+                request_id,
+                validate_request({"raw_prompt": PROMPT, "max_tokens": tokens, "temperature": 0.0}),
+            )
         while llama.active_count():
             llama.step(sink)
         elapsed = time.perf_counter() - started
     finally:
         llama.close()
     ttfts = [t - started for t in sink.first.values()]
-    return {"tokens_per_s": round(sink.count / elapsed, 1),
-            "ttft_ms": summary_ms(ttfts)["p50_ms"]}
+    return {"tokens_per_s": round(sink.count / elapsed, 1), "ttft_ms": summary_ms(ttfts)["p50_ms"]}
 
 
 def serial(path: Path, n: int, tokens: int) -> dict[str, Any]:
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=threads(),
-                          n_threads_batch=threads(), verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=512,
+        n_threads=threads(),
+        n_threads_batch=threads(),
+        verbose=False,
+    )
     try:
         started = time.perf_counter()
         first: list[float] = []
@@ -144,8 +160,9 @@ def serial(path: Path, n: int, tokens: int) -> dict[str, Any]:
         for _ in range(n):
             llm.reset()
             t0 = time.perf_counter()
-            for i, chunk in enumerate(llm.create_completion(
-                    PROMPT, max_tokens=tokens, temperature=0.0, stream=True)):
+            for i, chunk in enumerate(
+                llm.create_completion(PROMPT, max_tokens=tokens, temperature=0.0, stream=True)
+            ):
                 if i == 0:
                     first.append(time.perf_counter() - started)
                 count += 1 if chunk["choices"][0]["text"] is not None else 0
@@ -153,8 +170,7 @@ def serial(path: Path, n: int, tokens: int) -> dict[str, Any]:
         elapsed = time.perf_counter() - started
     finally:
         llm.close()
-    return {"tokens_per_s": round(n * tokens / elapsed, 1),
-            "ttft_ms": summary_ms(first)["p50_ms"]}
+    return {"tokens_per_s": round(n * tokens / elapsed, 1), "ttft_ms": summary_ms(first)["p50_ms"]}
 
 
 def through_broker(path: Path, n: int, tokens: int, log_dir: Path) -> dict[str, Any]:
@@ -166,11 +182,22 @@ def through_broker(path: Path, n: int, tokens: int, log_dir: Path) -> dict[str, 
     cluster.start_real_agent("bench", slots=n, threads=threads())
     try:
         control = cluster.client(timeout_s=30)
-        control.put_desired_state({"model": {"LocalToAgent": str(path)}, "inference_parameters": {
-            "context_size": 512, "temperature": 0.0, "penalty_repeat": 1.0,
-            "penalty_presence": 0.0, "k_cache_dtype": "F16", "v_cache_dtype": "F16"}})
-        wait_until(lambda: (a := control.agents()) and a[0]["ready"], timeout_s=60,
-                   what="agent ready")
+        control.put_desired_state(
+            {
+                "model": {"LocalToAgent": str(path)},
+                "inference_parameters": {
+                    "context_size": 512,
+                    "temperature": 0.0,
+                    "penalty_repeat": 1.0,
+                    "penalty_presence": 0.0,
+                    "k_cache_dtype": "F16",
+                    "v_cache_dtype": "F16",
+                },
+            }
+        )
+        wait_until(
+            lambda: (a := control.agents()) and a[0]["ready"], timeout_s=60, what="agent ready"
+        )
 
         async def run() -> tuple[float, list[float], int]:
             async with await AsyncClient.connect(cluster.clients_addr, timeout_s=60) as client:
@@ -181,7 +208,8 @@ def through_broker(path: Path, n: int, tokens: int, log_dir: Path) -> dict[str, 
                 async def one() -> None:
                     nonlocal total
                     stream = await client.continue_from_raw_prompt(
-                        PROMPT, max_tokens=tokens, temperature=0.0)
+                        PROMPT, max_tokens=tokens, temperature=0.0
+                    )
                     seen = False
                     async for event in stream:
                         if isinstance(event, Tokens) and not seen:
@@ -202,12 +230,16 @@ def through_broker(path: Path, n: int, tokens: int, log_dir: Path) -> dict[str, 
 
 
 def report(result: dict[str, Any]) -> str:
-    lines = ["## Agent engine", "",
-             f"Model: {result['model_parameters']} random-weight llama, {result['threads']} threads, "
-             f"{result['tokens']} tokens per request.", "",
-             "| concurrent | bare tok/s | engine tok/s | engine overhead | via broker tok/s "
-             "| serial Llama tok/s | engine TTFT p50 | broker TTFT p50 |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "## Agent engine",
+        "",
+        f"Model: {result['model_parameters']} random-weight llama, {result['threads']} threads, "
+        f"{result['tokens']} tokens per request.",
+        "",
+        "| concurrent | bare tok/s | engine tok/s | engine overhead | via broker tok/s "
+        "| serial Llama tok/s | engine TTFT p50 | broker TTFT p50 |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in result["rows"]:
         overhead = row["engine_overhead"]
         flag = ""
@@ -223,8 +255,11 @@ def report(result: dict[str, Any]) -> str:
     if 1 in rows and 8 in rows:
         gain_bare = rows[8]["bare"]["tokens_per_s"] / rows[1]["bare"]["tokens_per_s"]
         gain_broker = rows[8]["broker"]["tokens_per_s"] / rows[1]["broker"]["tokens_per_s"]
-        lines += ["", f"Gain from 1 to 8 concurrent: bare loop {gain_bare:.1f}x, "
-                  f"end to end through the broker {gain_broker:.1f}x."]
+        lines += [
+            "",
+            f"Gain from 1 to 8 concurrent: bare loop {gain_bare:.1f}x, "
+            f"end to end through the broker {gain_broker:.1f}x.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -243,11 +278,19 @@ def main() -> None:
             row["broker"] = through_broker(path, n, tokens, Path(tmp))
             row["serial"] = serial(path, n, tokens)
             row["engine_overhead"] = round(
-                1 - row["engine"]["tokens_per_s"] / row["bare"]["tokens_per_s"], 4)
+                1 - row["engine"]["tokens_per_s"] / row["bare"]["tokens_per_s"], 4
+            )
             rows.append(row)
             print(row, flush=True)
-    result = {"benchmark": "engine", "quick": args.quick, "machine": machine(),
-              "model_parameters": "18.4M", "threads": threads(), "tokens": tokens, "rows": rows}
+    result = {
+        "benchmark": "engine",
+        "quick": args.quick,
+        "machine": machine(),
+        "model_parameters": "18.4M",
+        "threads": threads(),
+        "tokens": tokens,
+        "rows": rows,
+    }
     result["summary_markdown"] = report(result)
     path_out = write_result("engine", result)
     print(result["summary_markdown"])

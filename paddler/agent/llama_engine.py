@@ -66,7 +66,7 @@ _n_ctx_seq.restype = ctypes.c_uint32
 _NATIVE_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
 
 
-@lcc.llama_log_callback
+@lcc.llama_log_callback  # type: ignore[untyped-decorator]
 def _route_native_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     message = text.decode("utf-8", "replace").rstrip()
     if message:
@@ -494,8 +494,9 @@ class LlamaEngine(Engine):
             self._loaded = None
         self._applied_key = key
         if state is None or state.get("model", "None") == "None":
-            self._set_status(ready=False, model_path=None, issues=[],
-                             state_application_status="Applied")
+            self._set_status(
+                ready=False, model_path=None, issues=[], state_application_status="Applied"
+            )
             return
         parameters = {**DEFAULT_INFERENCE_PARAMETERS, **state.get("inference_parameters", {})}
         self._set_status(ready=False, issues=[], state_application_status="Fresh")
@@ -529,8 +530,9 @@ class LlamaEngine(Engine):
             state_application_status="Applied",
             uses_chat_template_override=bool(state.get("use_chat_template_override")),
         )
-        log.info("model %s loaded: %d slots of %d tokens", path, self.slots_total,
-                 self._loaded.n_ctx_seq)
+        log.info(
+            "model %s loaded: %d slots of %d tokens", path, self.slots_total, self._loaded.n_ctx_seq
+        )
 
     def _load(self, path: Path, state: dict[str, Any], parameters: dict[str, Any]) -> _Loaded:
         model = LlamaModel(path, parameters["n_gpu_layers"])
@@ -679,8 +681,12 @@ class LlamaEngine(Engine):
         """Embed every document of a request; each document's result goes out at once."""
         parameters = loaded.parameters
         if not parameters["enable_embeddings"]:
-            sink.error(request_id, 400, "EmbeddingsDisabled",
-                       "embeddings are off; set inference_parameters.enable_embeddings")
+            sink.error(
+                request_id,
+                400,
+                "EmbeddingsDisabled",
+                "embeddings are off; set inference_parameters.enable_embeddings",
+            )
             return
         if loaded.embedder is None:
             try:
@@ -694,21 +700,33 @@ class LlamaEngine(Engine):
         for document in request["input_batch"]:
             tokens = loaded.model.tokenize(document["content"], add_special=True)
             if len(tokens) > embedder.size:
-                sink.embedding(request_id, {"DocumentExceedsBatchSize": {
-                    "document_tokens": len(tokens), "embedding_batch_size": embedder.size,
-                    "source_document_id": document["id"]}})
+                sink.embedding(
+                    request_id,
+                    {
+                        "DocumentExceedsBatchSize": {
+                            "document_tokens": len(tokens),
+                            "embedding_batch_size": embedder.size,
+                            "source_document_id": document["id"],
+                        }
+                    },
+                )
                 continue
             vector = embedder.embed(tokens)
             if vector is None:
                 sink.embedding(request_id, {"Error": f"document {document['id']!r} failed"})
                 continue
             prompt_tokens += len(tokens)
-            sink.embedding(request_id, {"Embedding": {
-                "embedding": normalize(vector, method),
-                "normalization_method": method,
-                "pooling_type": embedder.pooling_name,
-                "source_document_id": document["id"],
-            }})
+            sink.embedding(
+                request_id,
+                {
+                    "Embedding": {
+                        "embedding": normalize(vector, method),
+                        "normalization_method": method,
+                        "pooling_type": embedder.pooling_name,
+                        "source_document_id": document["id"],
+                    }
+                },
+            )
         sink.done(request_id, {"prompt_tokens": prompt_tokens})
 
     def _finish(self, loaded: _Loaded, slot: _Slot) -> None:
@@ -808,7 +826,11 @@ class LlamaEngine(Engine):
                 continue
             count = min(remaining, room)
             last = builder.add_span(
-                slot.prompt, slot.prefilled, count, slot.n_past, slot.seq_id,
+                slot.prompt,
+                slot.prefilled,
+                count,
+                slot.n_past,
+                slot.seq_id,
                 count == remaining,
             )
             if count == remaining:

@@ -160,7 +160,7 @@ class Broker:
         info = self.agents.get(identity)
         if info is not None:
             info.last_heard = now
-        if kind == _TOKENS or kind == _EMBEDDING:  # the hot path: forward, rewrite the header
+        if kind in (_TOKENS, _EMBEDDING):  # the hot path: forward, rewrite the header
             record = self.requests.get(request_id)
             if record is None or record.agent != identity:
                 return

@@ -14,7 +14,9 @@ def raw_prompt_request(prompt: str, **options: Any) -> dict[str, Any]:
 def embedding_request(
     documents: list[dict[str, str]], normalization_method: Any = "None"
 ) -> dict[str, Any]:
-    return validate_request({"input_batch": documents, "normalization_method": normalization_method})
+    return validate_request(
+        {"input_batch": documents, "normalization_method": normalization_method}
+    )
 
 
 def conversation_request(messages: list[dict[str, Any]], **options: Any) -> dict[str, Any]:

@@ -90,7 +90,7 @@ def _check_normalization(method: Any) -> Any:
         return method
     if isinstance(method, dict) and set(method) == {"RmsNorm"}:
         inner = method["RmsNorm"]
-        epsilon = inner.get("epsilon") if isinstance(inner, dict) else None
+        epsilon: Any = inner.get("epsilon") if isinstance(inner, dict) else None
         if _is_number(epsilon) and 0 < epsilon < 1:
             return {"RmsNorm": {"epsilon": float(epsilon)}}
         raise InvalidRequest(

@@ -29,7 +29,10 @@ def free_port() -> int:
 
 
 def wait_until(
-    predicate: Callable[[], T | None], timeout_s: float = 10.0, interval_s: float = 0.02, what: str = ""
+    predicate: Callable[[], T | None],
+    timeout_s: float = 10.0,
+    interval_s: float = 0.02,
+    what: str = "",
 ) -> T:
     """Poll ``predicate`` until it returns a truthy value; ``TimeoutError`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
@@ -145,14 +148,23 @@ class LocalCluster:
         self.agents[name] = process
         return process
 
-    def start_real_agent(self, name: str, slots: int = 2, threads: int = 1, **options: Any) -> Process:
+    def start_real_agent(
+        self, name: str, slots: int = 2, threads: int = 1, **options: Any
+    ) -> Process:
         """``paddler agent``: the real llama.cpp engine (the model comes with the desired state)."""
         argv = [
-            sys.executable, "-m", "paddler", "agent",
-            "--broker-addr", self.agents_addr,
-            "--slots", str(slots),
-            "--name", name,
-            "--threads", str(threads),
+            sys.executable,
+            "-m",
+            "paddler",
+            "agent",
+            "--broker-addr",
+            self.agents_addr,
+            "--slots",
+            str(slots),
+            "--name",
+            name,
+            "--threads",
+            str(threads),
         ]
         for key, value in options.items():
             argv += ["--" + key.replace("_", "-"), str(value)]

@@ -39,7 +39,9 @@ class RecordingSink:
         self.events.append((self.engine.decode_steps, "done", request_id, usage))
 
     def error(self, request_id: int, code: int, kind: str, description: str) -> None:
-        self.events.append((self.engine.decode_steps, "error", request_id, (code, kind, description)))
+        self.events.append(
+            (self.engine.decode_steps, "error", request_id, (code, kind, description))
+        )
 
     def text(self) -> dict[int, str]:
         out: dict[int, str] = defaultdict(str)
@@ -66,8 +68,13 @@ def local_resolver(source: Any, progress: Any) -> Path | None:
 
 
 def state_for(model: Path, **parameters: Any) -> dict[str, Any]:
-    base = {"context_size": 256, "temperature": 0.0, "penalty_repeat": 1.0,
-            "penalty_presence": 0.0, "n_batch": 512}
+    base = {
+        "context_size": 256,
+        "temperature": 0.0,
+        "penalty_repeat": 1.0,
+        "penalty_presence": 0.0,
+        "n_batch": 512,
+    }
     return {"model": {"LocalToAgent": str(model)}, "inference_parameters": {**base, **parameters}}
 
 
@@ -87,7 +94,9 @@ def make_engine(tiny_model: Path) -> Iterator[Any]:
         engine.close()
 
 
-def run(engine: LlamaEngine, requests: dict[int, dict[str, Any]], max_steps: int = 10_000) -> RecordingSink:
+def run(
+    engine: LlamaEngine, requests: dict[int, dict[str, Any]], max_steps: int = 10_000
+) -> RecordingSink:
     sink = RecordingSink(engine)
     for request_id, request in requests.items():
         engine.admit(request_id, validate_request(request))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.engine.conftest import RecordingSink, run
 from paddler.protocol.requests import validate_request
+from tests.engine.conftest import RecordingSink, run
 
 
 def test_concurrent_requests_on_as_many_slots_progress_together(make_engine) -> None:
@@ -27,8 +27,13 @@ def test_concurrent_requests_on_as_many_slots_progress_together(make_engine) -> 
 
 def test_max_tokens_ends_a_request_exactly(make_engine) -> None:
     engine = make_engine()
-    sink = run(engine, {1: {"raw_prompt": "hello", "max_tokens": 7},
-                        2: {"raw_prompt": "hello world", "max_tokens": 1}})
+    sink = run(
+        engine,
+        {
+            1: {"raw_prompt": "hello", "max_tokens": 7},
+            2: {"raw_prompt": "hello world", "max_tokens": 1},
+        },
+    )
     ends = sink.ends()
     assert ends[1][0] == "done" and ends[1][1]["content_tokens"] == 7
     assert ends[2][0] == "done" and ends[2][1]["content_tokens"] == 1
@@ -52,7 +57,11 @@ def test_a_stop_string_ends_the_request_before_it(make_engine) -> None:
 
 def _others(count: int, **options: Any) -> dict[int, dict[str, Any]]:
     return {
-        100 + i: {"raw_prompt": f"another prompt number {i} with words", "max_tokens": 30, **options}
+        100 + i: {
+            "raw_prompt": f"another prompt number {i} with words",
+            "max_tokens": 30,
+            **options,
+        }
         for i in range(count)
     }
 
@@ -95,8 +104,13 @@ def test_a_cancelled_request_gets_no_further_decode_step_and_frees_its_slot(make
 
 def test_a_prompt_longer_than_the_slot_context_ends_with_a_clear_error(make_engine) -> None:
     engine = make_engine(slots=2, context_size=64)
-    sink = run(engine, {1: {"raw_prompt": "word " * 600, "max_tokens": 4},
-                        2: {"raw_prompt": "fine", "max_tokens": 4}})
+    sink = run(
+        engine,
+        {
+            1: {"raw_prompt": "word " * 600, "max_tokens": 4},
+            2: {"raw_prompt": "fine", "max_tokens": 4},
+        },
+    )
     kind, value = sink.ends()[1]
     assert kind == "error" and value[1] == "PromptTooLong"
     assert "context_size" in value[2]

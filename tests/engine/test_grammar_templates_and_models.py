@@ -5,15 +5,26 @@ import json
 import jsonschema
 import pytest
 
-from tests.engine.conftest import RecordingSink, run, state_for
 from paddler.protocol.requests import validate_request
+from tests.engine.conftest import RecordingSink, run, state_for
 
 
 def test_a_gbnf_grammar_constrains_the_output(make_engine) -> None:
     engine = make_engine()
     grammar = {"type": "gbnf", "grammar": 'root ::= ("yes" | "no") " " [a-z]{3}', "root": "root"}
-    sink = run(engine, {i: {"raw_prompt": f"answer {i}", "max_tokens": 20, "grammar": grammar,
-                            "temperature": 1.0, "seed": i} for i in range(4)})
+    sink = run(
+        engine,
+        {
+            i: {
+                "raw_prompt": f"answer {i}",
+                "max_tokens": 20,
+                "grammar": grammar,
+                "temperature": 1.0,
+                "seed": i,
+            }
+            for i in range(4)
+        },
+    )
     for text in sink.text().values():
         head, tail = text.split(" ")
         assert head in ("yes", "no") and len(tail) == 3 and tail.isalpha()
@@ -24,15 +35,28 @@ def test_a_json_schema_request_yields_json_that_validates(make_engine) -> None:
     engine = make_engine()
     schema = {
         "type": "object",
-        "properties": {"name": {"type": "string", "maxLength": 8},
-                       "age": {"type": "integer"},
-                       "kind": {"enum": ["cat", "dog"]}},
+        "properties": {
+            "name": {"type": "string", "maxLength": 8},
+            "age": {"type": "integer"},
+            "kind": {"enum": ["cat", "dog"]},
+        },
         "required": ["name", "age", "kind"],
         "additionalProperties": False,
     }
     grammar = {"type": "json_schema", "schema": json.dumps(schema)}
-    sink = run(engine, {i: {"raw_prompt": "person:", "max_tokens": 200, "grammar": grammar,
-                            "temperature": 0.7, "seed": i} for i in range(3)})
+    sink = run(
+        engine,
+        {
+            i: {
+                "raw_prompt": "person:",
+                "max_tokens": 200,
+                "grammar": grammar,
+                "temperature": 0.7,
+                "seed": i,
+            }
+            for i in range(3)
+        },
+    )
     for request_id, text in sink.text().items():
         assert sink.ends()[request_id][0] == "done", text
         jsonschema.validate(json.loads(text), schema)
@@ -42,8 +66,12 @@ def test_output_the_grammar_cannot_constrain_is_checked_against_the_schema(make_
     # llama-cpp-python's schema converter ignores number ranges: the engine checks
     # the finished output and reports a mismatch instead of returning invalid JSON
     engine = make_engine()
-    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": -1}},
-              "required": ["n"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "maximum": -1}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
     grammar = {"type": "json_schema", "schema": json.dumps(schema)}
     sink = run(engine, {1: {"raw_prompt": "n:", "max_tokens": 100, "grammar": grammar}})
     kind, value = sink.ends()[1]
@@ -57,12 +85,22 @@ def test_output_the_grammar_cannot_constrain_is_checked_against_the_schema(make_
 
 def test_bad_grammars_end_only_their_request_with_the_error_kind(make_engine) -> None:
     engine = make_engine()
-    sink = run(engine, {
-        1: {"raw_prompt": "x", "max_tokens": 5, "grammar": {"type": "gbnf", "grammar": "root ::= ("}},
-        2: {"raw_prompt": "x", "max_tokens": 5,
-            "grammar": {"type": "json_schema", "schema": "{not json"}},
-        3: {"raw_prompt": "x", "max_tokens": 5},
-    })
+    sink = run(
+        engine,
+        {
+            1: {
+                "raw_prompt": "x",
+                "max_tokens": 5,
+                "grammar": {"type": "gbnf", "grammar": "root ::= ("},
+            },
+            2: {
+                "raw_prompt": "x",
+                "max_tokens": 5,
+                "grammar": {"type": "json_schema", "schema": "{not json"},
+            },
+            3: {"raw_prompt": "x", "max_tokens": 5},
+        },
+    )
     ends = sink.ends()
     assert ends[1][0] == "error" and ends[1][1][1] == "GrammarSyntaxError"
     assert ends[2][0] == "error" and ends[2][1][1] == "GrammarSyntaxError"
@@ -74,8 +112,10 @@ def test_a_conversation_is_rendered_with_the_model_template_without_a_double_bos
 ) -> None:
     engine = make_engine()
     model = engine.model
-    conversation = [{"role": "system", "content": "Be brief."},
-                    {"role": "user", "content": "Say hello."}]
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Say hello."},
+    ]
     request = validate_request({"conversation_history": conversation, "max_tokens": 3})
     tokens = engine._prompt_tokens(engine._loaded, request)
     bos = 1
@@ -93,9 +133,13 @@ def test_a_template_error_ends_the_request_with_a_readable_message(make_engine, 
     state["use_chat_template_override"] = True
     engine.apply_state(state)
     assert engine.status().uses_chat_template_override
-    sink = run(engine, {1: {"conversation_history": [{"role": "user", "content": "hi"}],
-                            "max_tokens": 3},
-                        2: {"raw_prompt": "raw still works", "max_tokens": 2}})
+    sink = run(
+        engine,
+        {
+            1: {"conversation_history": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+            2: {"raw_prompt": "raw still works", "max_tokens": 2},
+        },
+    )
     kind, (code, error_kind, message) = sink.ends()[1]
     assert (kind, code, error_kind) == ("error", 400, "ChatTemplateError")
     assert "only user turns, please" in message
@@ -159,4 +203,6 @@ def test_model_metadata_is_read_as_strings(make_engine, normalize) -> None:
     engine = make_engine()
     metadata = engine.model.metadata
     assert metadata["general.architecture"] == "llama"
-    assert "tokenizer.chat_template" in metadata and "messages" in metadata["tokenizer.chat_template"]
+    assert (
+        "tokenizer.chat_template" in metadata and "messages" in metadata["tokenizer.chat_template"]
+    )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from paddler.client import AsyncClient, Dispatched, Done, Failed, Tokens
+from paddler.client import AsyncClient, Done, Failed, Tokens
 from paddler.testing.cluster import LocalCluster, wait_until
 from paddler.testing.tiny_model import write_tiny_llama
 
@@ -20,16 +20,21 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _state(model: Path) -> dict:
-    return {"model": {"LocalToAgent": str(model)},
-            "inference_parameters": {"context_size": 512, "temperature": 0.0}}
+    return {
+        "model": {"LocalToAgent": str(model)},
+        "inference_parameters": {"context_size": 512, "temperature": 0.0},
+    }
 
 
 def _ready(cluster: LocalCluster, count: int, model: Path) -> None:
     client = cluster.client()
     wait_until(
-        lambda: len(agents := client.agents()) == count
-        and all(a["ready"] and a["model_path"] == str(model) for a in agents),
-        timeout_s=20, what=f"{count} agents ready with {model.name}",
+        lambda: (
+            len(agents := client.agents()) == count
+            and all(a["ready"] and a["model_path"] == str(model) for a in agents)
+        ),
+        timeout_s=20,
+        what=f"{count} agents ready with {model.name}",
     )
 
 
@@ -45,14 +50,14 @@ def test_concurrent_requests_on_one_agent_interleave_their_tokens(make_cluster, 
         async with await AsyncClient.connect(cluster.clients_addr) as client:
 
             async def one(index: int) -> None:
-                stream = await client.continue_from_raw_prompt(f"story {index}", max_tokens=40)
+                stream = await client.continue_from_raw_prompt(f"story {index}", max_tokens=400)
                 async for event in stream:
                     if isinstance(event, Tokens):
                         arrivals.setdefault(index, []).append(time.monotonic())
                     elif isinstance(event, Failed):
                         raise AssertionError(event)
                     elif isinstance(event, Done):
-                        assert event.usage.content_tokens == 40
+                        assert event.usage.content_tokens == 400
 
             await asyncio.gather(*(one(i) for i in range(4)))
 
@@ -76,7 +81,8 @@ def test_a_missing_model_file_shows_up_as_an_issue_in_the_agent_list(
     missing = tmp_path / "missing.gguf"
     client.put_desired_state({"model": {"LocalToAgent": str(missing)}})
     agent = wait_until(
-        lambda: (a := client.agents()) and a[0]["issues"] and a[0], timeout_s=10,
+        lambda: (a := client.agents()) and a[0]["issues"] and a[0],
+        timeout_s=10,
         what="issue reported",
     )
     assert agent["issues"] == [{"ModelFileDoesNotExist": {"model_path": str(missing)}}]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 from types import ModuleType
 
@@ -73,7 +74,7 @@ def test_text_that_only_looks_like_a_stop_prefix_is_released(text_impl) -> None:
 def test_both_implementations_agree_with_the_reference(text: str, cuts: list[int], stop) -> None:
     data = text.encode()
     points = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
-    chunks = [data[a:b] for a, b in zip(points, points[1:], strict=False)]
+    chunks = [data[a:b] for a, b in itertools.pairwise(points)]
     found = [i for i in (text.find(s) for s in stop) if i >= 0]
     expected = (text[: min(found)], True) if found else (text, False)
     for module in (load("text", False), _impl("text", "c")):
@@ -123,7 +124,11 @@ def test_decode_tokens_then_prompt_chunks_fill_the_batch(batch_impl) -> None:
     last = builder.add_span([7, 8, 9, 10, 11], 1, 3, 0, 2, True)
     assert last == 4 and builder.n_tokens == 5 and batch.n_tokens == 5
     assert _contents(batch) == [
-        (42, 10, 0, 1), (43, 5, 1, 1), (8, 0, 2, 0), (9, 1, 2, 0), (10, 2, 2, 1)
+        (42, 10, 0, 1),
+        (43, 5, 1, 1),
+        (8, 0, 2, 0),
+        (9, 1, 2, 0),
+        (10, 2, 2, 1),
     ]
     with pytest.raises(batch_impl.BatchFull):
         builder.add_span([1, 2, 3, 4], 0, 4, 0, 3, False)
@@ -136,7 +141,9 @@ def test_decode_tokens_then_prompt_chunks_fill_the_batch(batch_impl) -> None:
     spans=st.lists(
         st.tuples(
             st.lists(st.integers(0, 30000), min_size=1, max_size=20),
-            st.integers(0, 5), st.integers(0, 1000), st.booleans(),
+            st.integers(0, 5),
+            st.integers(0, 1000),
+            st.booleans(),
         ),
         max_size=6,
     )
