@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -33,6 +34,7 @@ log = logging.getLogger("paddler.agent")
 DEFAULT_HEARTBEAT_S = 1.0
 LIVENESS_INTERVALS = 3.5
 REGISTER_RETRY_S = 1.0
+GIL_SWITCH_INTERVAL_S = 0.0005
 _TERMINAL = (int(Kind.DONE), int(Kind.ERROR))
 
 
@@ -199,6 +201,9 @@ class AgentService:
         self._send(encode(Kind.AGENT_STATUS, 0, self._status_body()))
 
     def run(self) -> int:
+        # The engine thread and this I/O thread share the GIL: hand it over often so
+        # frames and heartbeats never wait behind a burst of engine steps.
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.worker.start()
         self.worker.ready.wait(5)
         self._register(time.monotonic())

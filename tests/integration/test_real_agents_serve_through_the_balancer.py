@@ -67,7 +67,7 @@ def test_concurrent_requests_on_one_agent_interleave_their_tokens(make_cluster, 
     spans = [(min(times), max(times)) for times in arrivals.values()]
     latest_start = max(start for start, _ in spans)
     earliest_end = min(end for _, end in spans)
-    assert latest_start < earliest_end
+    assert latest_start < earliest_end, spans
 
 
 def test_a_missing_model_file_shows_up_as_an_issue_in_the_agent_list(
