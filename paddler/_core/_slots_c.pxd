@@ -32,9 +32,9 @@ cdef class Registry:
 
 cdef class RequestBuffer:
     cdef public Py_ssize_t capacity
-    cdef object _order
+    cdef readonly object _order
     cdef dict _live
-    cdef list _heap
+    cdef readonly list _heap
     cdef long long _seq
 
 

@@ -196,6 +196,9 @@ class RequestBuffer:
             entry = live.get(request_id)
             if entry is not None and entry[1] == seq:
                 del live[request_id]
+                # popped entries stay in the deadline heap until they surface there
+                if len(self._heap) > 2 * len(live) + 64:
+                    self._compact()
                 return request_id
         return None
 
@@ -213,7 +216,7 @@ class RequestBuffer:
     def remove(self, request_id: int) -> bool:
         if self._live.pop(request_id, None) is None:
             return False
-        if len(self._order) > 2 * len(self._live) + 64:
+        if max(len(self._order), len(self._heap)) > 2 * len(self._live) + 64:
             self._compact()
         return True
 
@@ -245,7 +248,7 @@ class RequestBuffer:
             if entry is not None and entry[1] == seq:
                 del live[request_id]
                 expired.append(request_id)
-        if expired and len(self._order) > 2 * len(live) + 64:
+        if expired and max(len(self._order), len(heap)) > 2 * len(live) + 64:
             self._compact()
         return expired
 
