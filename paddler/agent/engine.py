@@ -62,6 +62,12 @@ class Engine(ABC):
     def step(self, sink: EventSink) -> None:
         """One decode step over every request held."""
 
+    def describe(self, what: str) -> Any:
+        """Answer a question about the engine: ``"model_metadata"`` gives
+        ``{"metadata": {key: value}}`` and ``"chat_template_override"`` gives
+        ``{"content": ...}``; ``None`` when there is nothing to tell."""
+        return None
+
     def take_status_change(self) -> bool:
         """``True`` once after the status changed outside ``apply_state`` (downloads)."""
         return False

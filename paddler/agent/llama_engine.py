@@ -431,6 +431,7 @@ class LlamaEngine(Engine):
         self._pending_state: dict[str, Any] | None = None
         self._has_pending_state = False
         self._applied_key: Any = ("never",)
+        self._applied_state: dict[str, Any] | None = None
         self._status = AgentStatus(slots_total=slots_total, desired_slots_total=slots_total)
         self._status_changed = False
         self._last_progress = 0.0
@@ -461,6 +462,16 @@ class LlamaEngine(Engine):
         ):
             self._last_progress = now
             self.status_listener()
+
+    def describe(self, what: str) -> Any:
+        if what == "model_metadata":
+            return {"metadata": dict(self._loaded.model.metadata)} if self._loaded else None
+        if what == "chat_template_override":
+            state = self._applied_state
+            if state and state.get("use_chat_template_override"):
+                return {"content": state.get("chat_template_override") or ""}
+            return None
+        return None
 
     @property
     def n_ctx_seq(self) -> int:
@@ -493,6 +504,7 @@ class LlamaEngine(Engine):
             self._loaded.close()
             self._loaded = None
         self._applied_key = key
+        self._applied_state = state
         if state is None or state.get("model", "None") == "None":
             self._set_status(
                 ready=False, model_path=None, issues=[], state_application_status="Applied"

@@ -147,6 +147,9 @@ class AgentService:
                     self.pipe.send_multipart(frames)
             elif kind == Kind.HEARTBEAT:
                 pass
+            elif kind == Kind.AGENT_QUERY:
+                body_value(unpack_body(frames[1]), "what", (str,), "AgentQuery")
+                self.pipe.send_multipart(frames)
             elif kind == Kind.REGISTERED:
                 body = unpack_body(frames[1])
                 interval_ms = body_value(body, "heartbeat_interval_ms", (int,), "Registered")
@@ -173,6 +176,9 @@ class AgentService:
         if kind == Kind.AGENT_STATUS:
             self.status = AgentStatus.from_body(unpack_body(frames[1]))
             self._send(encode(Kind.AGENT_STATUS, 0, self._status_body()))
+            return
+        if kind == Kind.AGENT_ANSWER:
+            self._send(frames)
             return
         if request_id not in self.active:
             return  # a request abandoned at re-registration

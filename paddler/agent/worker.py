@@ -80,6 +80,14 @@ class EngineWorker(threading.Thread):
             except Exception:  # the engine reports issues in its status; never die here
                 log.exception("applying the desired state failed")
             self._send_status(socket)
+        elif kind == Kind.AGENT_QUERY:
+            what = unpack_body(frames[1]).get("what")
+            try:
+                value = engine.describe(what)
+            except Exception:  # a question must never take the engine down
+                log.exception("answering %r failed", what)
+                value = None
+            socket.send_multipart(encode(Kind.AGENT_ANSWER, request_id, {"value": value}))
         elif kind == Kind.DEREGISTER:
             return False
         return True

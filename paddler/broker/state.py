@@ -12,12 +12,13 @@ header is rewritten with the client's own request id.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
 from paddler._core import InFlight, Registry, RequestBuffer
 from paddler.broker.desired_state import validate_desired_state
+from paddler.broker.metrics import BrokerMetrics
 from paddler.broker.settings import BrokerSettings
 from paddler.broker.store import StateStore
 from paddler.errors import ConfigurationError, InvalidRequest, ProtocolError
@@ -27,6 +28,9 @@ from paddler.protocol.messages import AgentStatus, ErrorBody, Register, body_val
 from paddler.protocol.requests import validate_request
 
 log = logging.getLogger("paddler.broker")
+
+AGENT_QUERY_TIMEOUT_S = 5.0
+"""How long an agent may take to answer a question about itself."""
 
 LIVENESS_INTERVALS = 3
 """A peer silent for this many heartbeat intervals is dead."""
@@ -73,7 +77,7 @@ class RequestRecord:
     """The client is gone or was answered; waiting for the agent to confirm the end."""
     last_activity: float = 0.0
     buffered_at: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    submitted_at: float = 0.0
 
 
 class Broker:
@@ -94,6 +98,9 @@ class Broker:
         self._last_heartbeat_sent = 0.0
         self.liveness_s = settings.heartbeat_interval_s * LIVENESS_INTERVALS
         self.counters = {"requests": 0, "tokens_frames": 0, "dropped_frames": 0}
+        self.metrics = BrokerMetrics()
+        self.queries: dict[int, tuple[bytes, int, bytes, float]] = {}
+        """Agent queries waiting: query id -> (client, client request id, agent, deadline)."""
 
     # ------------------------------------------------------------------ helpers
 
@@ -110,6 +117,7 @@ class Broker:
                 record.client, error_frames(record.client_request_id, code, kind, description)
             )
             record.cancelled = True
+            self.metrics.requests[kind] += 1
 
     def _forget(self, record: RequestRecord) -> None:
         self.requests.pop(record.request_id, None)
@@ -120,6 +128,7 @@ class Broker:
     def _dispatch(self, record: RequestRecord, agent: bytes, now: float) -> None:
         record.agent = agent
         record.last_activity = now
+        self.metrics.queue_wait.observe(now - record.buffered_at)
         self.in_flight.add(record.request_id, agent)
         self._send_agent(agent, [make_header(Kind.DISPATCH, record.request_id), record.body])
         info = self.agents[agent]
@@ -164,13 +173,17 @@ class Broker:
             record = self.requests.get(request_id)
             if record is None or record.agent != identity:
                 return
-            record.last_activity = now
             if not record.cancelled:
-                record.started = True
+                if record.started:
+                    self.metrics.inter_token.observe(now - record.last_activity)
+                else:
+                    record.started = True
+                    self.metrics.time_to_first_token.observe(now - record.submitted_at)
                 self.counters["tokens_frames"] += 1
                 self._send_client(
                     record.client, [HEADER.pack(kind, record.client_request_id), frames[1]]
                 )
+            record.last_activity = now
             return
         try:
             if kind in _TERMINAL:
@@ -185,6 +198,8 @@ class Broker:
                 pass
             elif kind == Kind.AGENT_STATUS:
                 self._on_status(info, AgentStatus.from_body(unpack_body(frames[1])), now)
+            elif kind == Kind.AGENT_ANSWER:
+                self._on_agent_answer(identity, request_id, frames[1])
             elif kind == Kind.DEREGISTER:
                 log.info("agent %s (%s) deregistered", info.agent_id, info.name)
                 self.remove_agent(identity, now, reason="deregistered")
@@ -262,9 +277,32 @@ class Broker:
                 return
         if not record.cancelled:
             self._send_client(record.client, [HEADER.pack(kind, record.client_request_id), body])
+        self._count_end(identity, kind, body)
         self._release(record)
         self._forget(record)
         self.dispatch_buffered(now)
+
+    def _count_end(self, identity: bytes, kind: int, body: bytes) -> None:
+        """Metrics of a request an agent ended (bodies of ends are small: decode them)."""
+        info = self.agents.get(identity)
+        agent = (info.name or info.agent_id) if info is not None else "unknown"
+        self.metrics.requests_by_agent[agent] += 1
+        try:
+            value = unpack_body(body)
+        except ProtocolError:
+            return
+        if not isinstance(value, dict):
+            return
+        if kind == _DONE:
+            self.metrics.requests["done"] += 1
+            usage = value.get("usage")
+            if isinstance(usage, dict):
+                tokens = usage.get("content_tokens", 0)
+                if isinstance(tokens, int):
+                    self.metrics.tokens_by_agent[agent] += tokens
+        else:
+            error_kind = value.get("kind")
+            self.metrics.requests[error_kind if isinstance(error_kind, str) else "Error"] += 1
 
     def _release(self, record: RequestRecord) -> None:
         agent = self.in_flight.remove(record.request_id)
@@ -351,6 +389,21 @@ class Broker:
                 self._send_client(
                     identity, encode(Kind.STATE, request_id, {"state": self.desired_state})
                 )
+            elif kind == Kind.GET_AGENT_INFO:
+                self._on_agent_info(identity, request_id, unpack_body(frames[1]), now)
+            elif kind == Kind.GET_METRICS:
+                self._send_client(
+                    identity,
+                    encode(
+                        Kind.METRICS,
+                        request_id,
+                        {
+                            "metrics": self.metrics.snapshot(),
+                            "agents": self.agent_snapshots(),
+                            "buffered": len(self.buffer),
+                        },
+                    ),
+                )
             elif kind == Kind.PUT_DESIRED_STATE:
                 raw = body_value(unpack_body(frames[1]), "state", (dict,), "PutDesiredState")
                 try:
@@ -392,7 +445,12 @@ class Broker:
         request_id = self._next_request_id
         self._next_request_id += 1
         record = RequestRecord(
-            request_id, client, client_request_id, pack_body(request), buffered_at=now
+            request_id,
+            client,
+            client_request_id,
+            pack_body(request),
+            buffered_at=now,
+            submitted_at=now,
         )
         self.counters["requests"] += 1
         if not len(self.buffer):
@@ -433,6 +491,45 @@ class Broker:
             if owner == client:
                 self.cancel(client, client_request_id, now)
 
+    # ----------------------------------------------------------- agent queries
+
+    def _on_agent_info(self, client: bytes, client_request_id: int, body: Any, now: float) -> None:
+        """Ask an agent about itself (model metadata, chat template override)."""
+        agent_id = body_value(body, "agent_id", (str,), "GetAgentInfo")
+        what = body_value(body, "what", (str,), "GetAgentInfo")
+        identity = next((i for i, a in self.agents.items() if a.agent_id == agent_id), None)
+        if identity is None:
+            self._send_client(
+                client,
+                error_frames(client_request_id, 404, "UnknownAgent", f"no agent {agent_id!r}"),
+            )
+            return
+        query_id = self._next_request_id
+        self._next_request_id += 1
+        self.queries[query_id] = (client, client_request_id, identity, now + AGENT_QUERY_TIMEOUT_S)
+        self._send_agent(identity, encode(Kind.AGENT_QUERY, query_id, {"what": what}))
+
+    def _on_agent_answer(self, identity: bytes, query_id: int, body: bytes) -> None:
+        query = self.queries.get(query_id)
+        if query is None or query[2] != identity:
+            return
+        del self.queries[query_id]
+        self._send_client(query[0], [HEADER.pack(Kind.AGENT_INFO, query[1]), body])
+
+    def _expire_queries(self, now: float) -> None:
+        for query_id, (client, client_request_id, _, deadline) in list(self.queries.items()):
+            if now >= deadline:
+                del self.queries[query_id]
+                self._send_client(
+                    client,
+                    error_frames(
+                        client_request_id,
+                        504,
+                        "AgentTimeout",
+                        f"the agent did not answer within {AGENT_QUERY_TIMEOUT_S:g} s",
+                    ),
+                )
+
     # ------------------------------------------------------------ desired state
 
     def put_desired_state(self, raw: dict[str, Any]) -> None:
@@ -455,6 +552,7 @@ class Broker:
         for identity, info in list(self.agents.items()):
             if now - info.last_heard > self.liveness_s:
                 self.remove_agent(identity, now, reason="stopped answering")
+        self._expire_queries(now)
         for request_id in self.buffer.pop_expired(now):
             record = self.requests[request_id]
             self._fail(

@@ -233,6 +233,19 @@ class AsyncClient:
     async def applicable_state(self) -> dict[str, Any] | None:
         return (await self._query(Kind.GET_APPLICABLE_STATE, {}, Kind.STATE))["state"]  # type: ignore[no-any-return]
 
+    async def agent_info(self, agent_id: str, what: str) -> Any:
+        """``model_metadata`` or ``chat_template_override`` of an agent (``None`` if it
+        has none); ``RequestFailed`` 404 for an unknown agent, 504 if it does not answer."""
+        return (
+            await self._query(
+                Kind.GET_AGENT_INFO, {"agent_id": agent_id, "what": what}, Kind.AGENT_INFO
+            )
+        )["value"]
+
+    async def metrics(self) -> dict[str, Any]:
+        """Counters and histograms of the broker, with the agents and the buffered count."""
+        return await self._query(Kind.GET_METRICS, {}, Kind.METRICS)  # type: ignore[no-any-return]
+
     async def put_desired_state(self, state: dict[str, Any]) -> None:
         await self._query(Kind.PUT_DESIRED_STATE, {"state": state}, Kind.ACK)
 

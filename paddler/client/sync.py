@@ -237,6 +237,17 @@ class Client:
     def applicable_state(self) -> dict[str, Any] | None:
         return self._query(Kind.GET_APPLICABLE_STATE, {}, Kind.STATE)["state"]  # type: ignore[no-any-return]
 
+    def agent_info(self, agent_id: str, what: str) -> Any:
+        """``model_metadata`` or ``chat_template_override`` of an agent (``None`` if it
+        has none); ``RequestFailed`` 404 for an unknown agent, 504 if it does not answer."""
+        return (
+            self._query(Kind.GET_AGENT_INFO, {"agent_id": agent_id, "what": what}, Kind.AGENT_INFO)
+        )["value"]
+
+    def metrics(self) -> dict[str, Any]:
+        """Counters and histograms of the broker, with the agents and the buffered count."""
+        return self._query(Kind.GET_METRICS, {}, Kind.METRICS)  # type: ignore[no-any-return]
+
     def put_desired_state(self, state: dict[str, Any]) -> None:
         """Store and apply a desired state; ``ConfigurationError`` names a bad field."""
         self._query(Kind.PUT_DESIRED_STATE, {"state": state}, Kind.ACK)

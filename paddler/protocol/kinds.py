@@ -26,6 +26,8 @@ class Kind(IntEnum):
     CANCEL = 23  # also client -> broker
     DESIRED_STATE = 24
     REREGISTER = 25
+    AGENT_QUERY = 26  # broker -> agent: model metadata, chat template override
+    AGENT_ANSWER = 27  # agent -> broker
     # client -> broker
     SUBMIT = 30
     PING = 31
@@ -34,6 +36,8 @@ class Kind(IntEnum):
     GET_DESIRED_STATE = 34
     PUT_DESIRED_STATE = 35
     GET_APPLICABLE_STATE = 36
+    GET_AGENT_INFO = 37
+    GET_METRICS = 38
     # broker -> client
     PONG = 40
     AGENTS = 41
@@ -41,6 +45,8 @@ class Kind(IntEnum):
     STATE = 43
     ACK = 44
     DISPATCHED = 45  # the request left the buffer for an agent
+    AGENT_INFO = 46
+    METRICS = 47
 
 
 KNOWN_KINDS = frozenset(int(k) for k in Kind)

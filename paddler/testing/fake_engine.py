@@ -56,6 +56,15 @@ class FakeEngine(Engine):
             state_application_status="Applied",
         )
 
+    def describe(self, what: str) -> Any:
+        if what == "model_metadata":
+            return {"metadata": {"general.architecture": "fake", "general.name": "fake engine"}}
+        if what == "chat_template_override" and (self.state or {}).get(
+            "use_chat_template_override"
+        ):
+            return {"content": (self.state or {}).get("chat_template_override") or ""}
+        return None
+
     def admit(self, request_id: int, request: dict[str, Any]) -> None:
         prompt = request.get("raw_prompt")
         if prompt is None:

@@ -43,10 +43,17 @@ def test_an_agent_downloads_a_url_model_reports_progress_and_serves(
     client = cluster.client()
     cluster.wait_for_agents(client, 1)
 
-    client.put_desired_state({"model": {"Url": {"url": f"{model_server}/served.gguf"}},
-                              "inference_parameters": {"context_size": 256}})
-    agent = wait_until(lambda: (a := client.agents()) and a[0]["ready"] and a[0], timeout_s=20,
-                       what="model downloaded and loaded")
+    client.put_desired_state(
+        {
+            "model": {"Url": {"url": f"{model_server}/served.gguf"}},
+            "inference_parameters": {"context_size": 256},
+        }
+    )
+    agent = wait_until(
+        lambda: (a := client.agents()) and a[0]["ready"] and a[0],
+        timeout_s=20,
+        what="model downloaded and loaded",
+    )
     size = (Path(cluster.env["PADDLER_CACHE_DIR"]) / "models").glob("served-*.gguf")
     [downloaded] = list(size)
     assert agent["model_path"] == str(downloaded)
@@ -56,8 +63,11 @@ def test_an_agent_downloads_a_url_model_reports_progress_and_serves(
     assert client.continue_from_raw_prompt("hello", max_tokens=3).text()
 
     client.put_desired_state({"model": {"Url": {"url": f"{model_server}/missing.gguf"}}})
-    agent = wait_until(lambda: (a := client.agents()) and a[0]["issues"] and a[0], timeout_s=20,
-                       what="download issue reported")
+    agent = wait_until(
+        lambda: (a := client.agents()) and a[0]["issues"] and a[0],
+        timeout_s=20,
+        what="download issue reported",
+    )
     assert "ModelDownloadFailed" in agent["issues"][0]
     assert "404" in agent["issues"][0]["ModelDownloadFailed"]["error"]
     assert not agent["ready"]
