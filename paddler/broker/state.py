@@ -438,6 +438,7 @@ class Broker:
         try:
             request = validate_request(unpack_body(body))
         except InvalidRequest as exc:
+            self.metrics.requests["InvalidRequest"] += 1
             self._send_client(
                 client, error_frames(client_request_id, 400, "InvalidRequest", str(exc))
             )
@@ -461,6 +462,7 @@ class Broker:
                 self._dispatch(record, agent, now)
                 return
         if not self.buffer.push(request_id, now + self.settings.buffered_request_timeout_s):
+            self.metrics.requests["BufferOverflow"] += 1
             self._send_client(
                 client,
                 error_frames(

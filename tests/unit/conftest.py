@@ -7,12 +7,24 @@ specification ``paddler._core._slots_py``).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import warnings
 from types import ModuleType
 
 import pytest
 from hypothesis import settings
+
+# When a property fails, Hypothesis's pytest plugin imports ``hypothesis.extra._patching``
+# (libcst), which emits a DeprecationWarning from mypy_extensions on import; with
+# ``filterwarnings = error`` that turns one failing test into an INTERNALERROR that aborts
+# the whole session. Import it once here, with that warning silenced.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    # Without libcst the import fails and the plugin skips the patch as well.
+    with contextlib.suppress(ImportError):
+        import hypothesis.extra._patching  # noqa: F401
 
 # No example database: the unit tests must not write files into the source tree.
 settings.register_profile("paddler-unit", deadline=None, database=None)
@@ -20,7 +32,7 @@ settings.load_profile("paddler-unit")
 
 
 def no_extensions() -> bool:
-    """Whether ``PADDLER_NO_EXTENSIONS`` asks for the pure-Python twins (same rule as the package)."""
+    """Whether ``PADDLER_NO_EXTENSIONS`` asks for the pure-Python twins (the package's rule)."""
     return os.environ.get("PADDLER_NO_EXTENSIONS", "") not in ("", "0")
 
 

@@ -23,7 +23,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-STATEFUL_SETTINGS = settings(max_examples=60, stateful_step_count=40, deadline=None)
+STATEFUL_SETTINGS = settings(max_examples=200, stateful_step_count=50, deadline=None)
 
 # --------------------------------------------------------------------------------------
 # The live implementation
@@ -34,7 +34,7 @@ def test_live_implementation_follows_environment() -> None:
     import paddler._core as core
 
     no_extensions = os.environ.get("PADDLER_NO_EXTENSIONS", "") not in ("", "0")
-    assert core.IMPLEMENTATION == ("py" if no_extensions else "c")
+    assert ("py" if no_extensions else "c") == core.IMPLEMENTATION
     assert core.slots.COMPILED is (core.IMPLEMENTATION == "c")
     assert core.Registry is core.slots.Registry
     assert core.RequestBuffer is core.slots.RequestBuffer
@@ -107,9 +107,7 @@ class RegistryModel:
         eligible = self.eligible()
         if not eligible:
             return None
-        return min(
-            eligible, key=lambda a: (self.agents[a]["in_flight"], self.agents[a]["stamp"])
-        )
+        return min(eligible, key=lambda a: (self.agents[a]["in_flight"], self.agents[a]["stamp"]))
 
     def acquire(self, agent_id: bytes) -> None:
         agent = self.agents[agent_id]
@@ -496,6 +494,16 @@ def buffer_machine(impl: ModuleType) -> type[RuleBasedStateMachine]:
             for offset, deadline in enumerate(deadlines):
                 self.driver.push(start + offset, deadline)
 
+        @precondition(lambda self: self.driver.model.gone)
+        @rule(data=st.data(), deadline=DEADLINES, front=st.booleans())
+        def push_again(self, data: st.DataObject, deadline: float, front: bool) -> None:
+            gone = sorted(self.driver.model.gone)
+            request_id = data.draw(st.sampled_from(gone), label="request_id")
+            if front:
+                self.driver.push_front(request_id, deadline)
+            else:
+                self.driver.push(request_id, deadline)
+
         @rule()
         def pop(self) -> None:
             self.driver.pop()
@@ -566,9 +574,11 @@ def test_request_buffer_compaction_after_many_removes(
         if count % 25 == 0:
             driver.check()
     driver.check()
-    for request_id in order[:10]:  # removed ids are pushed again
+    # Removed ids are pushed again, some removed before the compaction (at the
+    # 133rd removal) and some after it, whose stale entries are still queued.
+    for request_id in order[125:150:2]:
         driver.push(request_id, 5.0)
-    for request_id in order[10:20]:
+    for request_id in order[126:150:2]:
         driver.push_front(request_id, 5.0)
     driver.check()
     for op, *args in ops:
