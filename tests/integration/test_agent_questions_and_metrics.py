@@ -44,7 +44,7 @@ def test_metrics_move_when_requests_run(make_cluster) -> None:
     assert metrics["requests"]["done"] == 1
     assert metrics["requests"]["BufferOverflow"] == 1
     assert metrics["tokens_by_agent"]["a1"] == 5
-    assert metrics["time_to_first_token_seconds"]["count"] >= 2
+    assert metrics["time_to_first_token_seconds"]["count"] >= 1
     assert metrics["inter_token_seconds"]["count"] >= 4
     assert metrics["queue_wait_seconds"]["count"] >= 2
     assert after["agents"][0]["name"] == "a1"
