@@ -12,13 +12,14 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import MISSING, fields
-from typing import Any, TypeVar, get_type_hints
+from typing import Any, get_type_hints
 
 import typer
 
 from paddler.agent.settings import AgentSettings
 from paddler.broker.settings import BrokerSettings
 from paddler.errors import ConfigurationError, PaddlerError
+from paddler.http.settings import HttpSettings
 from paddler.settings import check_settings, env_name, flag_name
 
 app = typer.Typer(
@@ -28,8 +29,6 @@ app = typer.Typer(
     add_completion=False,
 )
 
-S = TypeVar("S")
-
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(
@@ -38,30 +37,43 @@ def configure_logging(level: str) -> None:
     )
 
 
-def settings_command(
-    name: str, settings_type: type[S], help: str
-) -> Callable[[Callable[[S], int]], Callable[[S], int]]:
-    """Register ``run(settings)`` as a command whose options are the settings' fields."""
+def _default(f: Any) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return ...
 
-    def register(run: Callable[[S], int]) -> Callable[[S], int]:
-        hints = get_type_hints(settings_type)
+
+def settings_command(
+    name: str, settings_types: tuple[type[Any], ...], help: str
+) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Register ``run(*settings)`` as a command whose options are the fields of the
+    settings dataclasses (one instance of each is passed, in order)."""
+
+    def register(run: Callable[..., int]) -> Callable[..., int]:
         parameters = []
-        for f in fields(settings_type):  # type: ignore[arg-type]
-            default = f.default if f.default is not MISSING else ...
-            parameters.append(
-                inspect.Parameter(
-                    f.name,
-                    inspect.Parameter.KEYWORD_ONLY,
-                    default=typer.Option(
-                        default,
-                        f.metadata.get("flag") or flag_name(f.name),
-                        envvar=env_name(f.name),
-                        help=f.metadata["help"],
-                        show_envvar=True,
-                    ),
-                    annotation=hints[f.name],
+        owners: list[tuple[type[Any], list[str]]] = []
+        for settings_type in settings_types:
+            hints = get_type_hints(settings_type)
+            names = []
+            for f in fields(settings_type):
+                names.append(f.name)
+                parameters.append(
+                    inspect.Parameter(
+                        f.name,
+                        inspect.Parameter.KEYWORD_ONLY,
+                        default=typer.Option(
+                            _default(f),
+                            f.metadata.get("flag") or flag_name(f.name),
+                            envvar=env_name(f.name),
+                            help=f.metadata["help"],
+                            show_envvar=True,
+                        ),
+                        annotation=hints[f.name],
+                    )
                 )
-            )
+            owners.append((settings_type, names))
         parameters.append(
             inspect.Parameter(
                 "log_level",
@@ -77,11 +89,15 @@ def settings_command(
         )
 
         def command(**values: Any) -> None:
-            configure_logging(values.pop("log_level"))
+            log_level = values.pop("log_level")
+            configure_logging(log_level)
             try:
-                settings = settings_type(**values)
-                check_settings(settings)
-                code = run(settings)
+                instances = []
+                for settings_type, names in owners:
+                    settings = settings_type(**{n: values[n] for n in names})
+                    check_settings(settings)
+                    instances.append(settings)
+                code = run(*instances, log_level=log_level)
             except ConfigurationError as exc:
                 typer.echo(f"paddler {name}: {exc}", err=True)
                 raise typer.Exit(2) from exc
@@ -100,29 +116,36 @@ def settings_command(
 
 @settings_command(
     "balancer",
-    BrokerSettings,
-    "Run the balancer: the broker that owns cluster state and dispatches requests to agents.",
+    (BrokerSettings, HttpSettings),
+    "Run the balancer: the broker that owns cluster state and dispatches requests to "
+    "agents, and the HTTP services (inference, management, OpenAI-compatible).",
 )
-def run_balancer(settings: BrokerSettings) -> int:
+def run_balancer(settings: BrokerSettings, http: HttpSettings, log_level: str = "info") -> int:
     import zmq
 
     from paddler.broker.server import BrokerServer
+    from paddler.http.server import HttpServer, http_config
 
+    http_config(http, settings.clients_addr)  # check the addresses before binding anything
     try:
         server = BrokerServer(settings)
     except zmq.ZMQError as exc:
         raise ConfigurationError("--agents-addr/--clients-addr", f"cannot bind: {exc}") from exc
     server.install_signal_handlers()
-    server.run()
-    return 0
+    web = HttpServer(http, settings.clients_addr, log_level)
+    try:
+        server.run(watch=web.alive)
+    finally:
+        web.stop()
+    return 1 if server.failed else 0
 
 
 @settings_command(
     "agent",
-    AgentSettings,
+    (AgentSettings,),
     "Run an agent: serves the balancer's requests with a GGUF model through llama.cpp.",
 )
-def run_agent(settings: AgentSettings) -> int:
+def run_agent(settings: AgentSettings, log_level: str = "info") -> int:
     from paddler.agent.service import AgentService, agent_identity
 
     try:

@@ -7,6 +7,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import zmq
@@ -46,6 +47,7 @@ class BrokerServer:
         self.broker = broker if broker is not None else Broker(settings)
         self._stop = threading.Event()
         self._linger_ms = 0
+        self.failed = False
         self.context = zmq.Context()
         self.agents = self.context.socket(zmq.ROUTER)
         self.clients = self.context.socket(zmq.ROUTER)
@@ -108,7 +110,9 @@ class BrokerServer:
                         log.info("client %s unreachable; cancelling its requests", identity.hex())
                         broker.client_lost(identity, now)
 
-    def run(self) -> None:
+    def run(self, watch: Callable[[], bool] | None = None) -> None:
+        """Serve until ``stop()``, a signal, or ``watch()`` returning false (checked
+        with the timers), then end open requests with 503 and close."""
         settings = self.settings
         log.info(
             "broker listening: agents on %s, clients on %s",
@@ -133,6 +137,10 @@ class BrokerServer:
                 if now >= next_tick:
                     broker.tick(now)
                     next_tick = now + TICK_S
+                    if watch is not None and not watch():
+                        log.error("a companion process stopped; the balancer stops")
+                        self.failed = True
+                        self._stop.set()
                 self._flush()
             broker.shutdown()
             self._flush()

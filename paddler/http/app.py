@@ -1,0 +1,63 @@
+"""The gunicorn entry point: ``paddler.http.app:get_app()``.
+
+``paddler balancer`` starts gunicorn with the ``PADDLER_HTTP_CONFIG`` environment
+variable (JSON, see ``HttpConfig``); every worker builds its apps from it and
+opens its own connection to the broker.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from paddler.http.asgi import ASGIApp, PortRouter
+from paddler.http.common import DEFAULT_MAX_BODY_BYTES, HttpDeps
+from paddler.http.link import BrokerLink
+
+CONFIG_ENV = "PADDLER_HTTP_CONFIG"
+
+
+@dataclass
+class HttpConfig:
+    clients_addr: str
+    apps: dict[str, str]
+    """Listening port (as a string) -> ``inference``, ``management`` or ``openai``."""
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    cors: dict[str, list[str]] = field(default_factory=dict)
+    """App name -> allowed origins."""
+
+    def to_env(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls, value: str) -> HttpConfig:
+        return cls(**json.loads(value))
+
+
+MODULES = {
+    "inference": "paddler.http.inference",
+    "management": "paddler.http.management",
+    "openai": "paddler.http.openai",
+}
+
+
+def build(config: HttpConfig) -> PortRouter:
+    """One app per configured port, sharing the worker's broker link."""
+    link = BrokerLink(config.clients_addr)
+    apps: dict[int, ASGIApp] = {}
+    for port, name in config.apps.items():
+        deps = HttpDeps(link, config.max_body_bytes, list(config.cors.get(name, [])))
+        app: Any = importlib.import_module(MODULES[name]).create_app(deps)
+        apps[int(port)] = app
+
+    async def shutdown() -> None:
+        await link.close()
+
+    return PortRouter(apps, on_shutdown=shutdown)
+
+
+def get_app() -> PortRouter:
+    return build(HttpConfig.from_env(os.environ[CONFIG_ENV]))

@@ -1,0 +1,145 @@
+"""What every HTTP app shares: reading JSON bodies with a size limit, errors as
+responses by type, ``/health``, CORS, and the broker link in the request context."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import falcon
+import falcon.asgi
+
+from paddler.errors import (
+    BrokerUnreachable,
+    ConfigurationError,
+    InvalidRequest,
+    PaddlerError,
+    RequestFailed,
+)
+from paddler.http.asgi import DISCONNECTED
+from paddler.http.link import BrokerLink
+
+DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+
+
+@dataclass
+class HttpDeps:
+    """What the apps need, built once per worker by ``paddler.http.app``."""
+
+    link: BrokerLink
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    cors_origins: list[str] = field(default_factory=list)
+
+
+class BodyTooLarge(PaddlerError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is larger than {limit} bytes")
+        self.limit = limit
+
+
+async def read_json(req: falcon.asgi.Request, limit: int) -> Any:
+    """The JSON body; ``BodyTooLarge`` past ``limit``, ``InvalidRequest`` if malformed."""
+    length = req.content_length
+    if length is not None and length > limit:
+        raise BodyTooLarge(limit)
+    data = await req.stream.read(limit + 1)
+    if len(data) > limit:
+        raise BodyTooLarge(limit)
+    if not data:
+        raise InvalidRequest("body", "a JSON object is required")
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest("body", f"malformed JSON: {exc}") from exc
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def disconnected(req: falcon.asgi.Request) -> asyncio.Event:
+    event = req.scope.get(DISCONNECTED)
+    if isinstance(event, asyncio.Event):
+        return event
+    return asyncio.Event()  # falcon.testing without the router: never disconnects
+
+
+async def until_disconnect(
+    req: falcon.asgi.Request, events: AsyncIterator[Any], on_disconnect: Callable[[], None]
+) -> AsyncIterator[Any]:
+    """Items of ``events`` until the client goes away; then ``on_disconnect()``."""
+    gone = disconnected(req)
+    waiter = asyncio.ensure_future(gone.wait())
+    try:
+        iterator = events.__aiter__()
+        while True:
+            step = asyncio.ensure_future(iterator.__anext__())
+            done, _ = await asyncio.wait({step, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if step not in done:
+                step.cancel()
+                on_disconnect()
+                return
+            try:
+                yield step.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        waiter.cancel()
+
+
+def _json_error(resp: falcon.asgi.Response, status: int, message: str, field: str | None) -> None:
+    resp.status = status
+    resp.content_type = falcon.MEDIA_JSON
+    resp.text = dumps({"error": message, "field": field})
+
+
+async def _invalid_request(req: Any, resp: Any, ex: InvalidRequest, params: Any) -> None:
+    _json_error(resp, 400, str(ex), ex.field)
+
+
+async def _invalid_configuration(req: Any, resp: Any, ex: ConfigurationError, params: Any) -> None:
+    _json_error(resp, 400, str(ex), ex.field)
+
+
+async def _too_large(req: Any, resp: Any, ex: BodyTooLarge, params: Any) -> None:
+    _json_error(resp, 413, str(ex), "body")
+
+
+async def _unreachable(req: Any, resp: Any, ex: BrokerUnreachable, params: Any) -> None:
+    _json_error(resp, 503, f"the balancer is not answering: {ex}", None)
+    resp.set_header("Retry-After", "1")
+
+
+async def _failed(req: Any, resp: Any, ex: RequestFailed, params: Any) -> None:
+    _json_error(resp, ex.code if 400 <= ex.code < 600 else 502, ex.description, None)
+
+
+def add_error_handlers(app: falcon.asgi.App[Any, Any]) -> None:
+    app.add_error_handler(InvalidRequest, _invalid_request)
+    app.add_error_handler(ConfigurationError, _invalid_configuration)
+    app.add_error_handler(BodyTooLarge, _too_large)
+    app.add_error_handler(BrokerUnreachable, _unreachable)
+    app.add_error_handler(RequestFailed, _failed)
+
+
+class Health:
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        resp.content_type = falcon.MEDIA_TEXT
+        resp.text = "OK"
+
+
+def make_app(deps: HttpDeps) -> falcon.asgi.App[Any, Any]:
+    """A Falcon ASGI app with CORS for ``deps.cors_origins``, error handlers, ``/health``."""
+    middleware: list[Any] = []
+    if deps.cors_origins:
+        middleware.append(
+            falcon.CORSMiddleware(allow_origins=deps.cors_origins, allow_credentials="*")
+        )
+    app: falcon.asgi.App[Any, Any] = falcon.asgi.App(middleware=middleware)
+    app.req_options.strip_url_path_trailing_slash = True
+    add_error_handlers(app)
+    app.add_route("/health", Health())
+    return app

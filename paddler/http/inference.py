@@ -1,0 +1,276 @@
+"""Paddler's inference service: NDJSON streams and the multiplexed WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import falcon
+import falcon.asgi
+from falcon import WebSocketDisconnected
+
+from paddler.client import AsyncClient, Dispatched, Done, Event, Failed
+from paddler.errors import BrokerUnreachable, InvalidRequest
+from paddler.http.common import HttpDeps, dumps, make_app, read_json, until_disconnect
+from paddler.http.envelopes import embedding_messages, error, generation_messages, line, response
+from paddler.protocol.requests import validate_request
+
+log = logging.getLogger("paddler.http")
+
+NDJSON_CONTENT_TYPE = "application/json"
+EMBEDDING_PART_MIN_DOCUMENTS = 1
+
+
+def generation_request(body: Any, variant: str) -> dict[str, Any]:
+    """Validate the body of a generation endpoint (``raw_prompt`` or
+    ``conversation_history``, as the endpoint says)."""
+    required = "raw_prompt" if variant == "ContinueFromRawPrompt" else "conversation_history"
+    if not isinstance(body, dict):
+        raise InvalidRequest("body", "must be a JSON object")
+    if required not in body:
+        raise InvalidRequest(required, "is required")
+    return validate_request(body)
+
+
+async def generation_events(
+    deps: HttpDeps, request: dict[str, Any], request_id: str
+) -> AsyncGenerator[dict[str, Any], None]:
+    """Paddler envelopes of one generation request, until it ends."""
+    agent: str | None = None
+    try:
+        client = await deps.link.client()
+        stream = await client.submit(request)
+    except BrokerUnreachable as exc:
+        await deps.link.reset()
+        yield error(request_id, 503, f"the balancer is not answering: {exc}")
+        return
+    try:
+        async for event in stream:
+            if isinstance(event, Dispatched):
+                agent = event.agent_name
+                continue
+            for message in generation_messages(request_id, agent, event):
+                yield message
+    except BrokerUnreachable as exc:
+        await deps.link.reset()
+        yield error(request_id, 503, f"the balancer stopped answering: {exc}")
+    finally:
+        stream.cancel()
+
+
+async def embedding_events(
+    deps: HttpDeps, request: dict[str, Any], request_id: str
+) -> AsyncGenerator[dict[str, Any], None]:
+    """Fan an embedding batch out over the ready agents (one part each), merge the
+    results as they come (order is not kept, ids match), then one ``Done``."""
+    try:
+        client = await deps.link.client()
+        ready = sum(1 for agent in await client.agents() if agent.get("ready"))
+    except BrokerUnreachable as exc:
+        await deps.link.reset()
+        yield error(request_id, 503, f"the balancer is not answering: {exc}")
+        return
+    documents = request["input_batch"]
+    size = max(EMBEDDING_PART_MIN_DOCUMENTS, math.ceil(len(documents) / max(ready, 1)))
+    parts = [documents[i : i + size] for i in range(0, len(documents), size)]
+    queue: asyncio.Queue[tuple[str | None, Event | None]] = asyncio.Queue()
+
+    async def run_part(part: list[dict[str, str]]) -> None:
+        agent: str | None = None
+        stream = await client.generate_embedding_batch(part, request["normalization_method"])
+        try:
+            async for event in stream:
+                if isinstance(event, Dispatched):
+                    agent = event.agent_name
+                else:
+                    await queue.put((agent, event))
+        except BrokerUnreachable as exc:
+            await queue.put((agent, Failed(503, "BrokerUnreachable", str(exc))))
+        finally:
+            stream.cancel()
+            await queue.put((agent, None))
+
+    tasks = [asyncio.ensure_future(run_part(part)) for part in parts]
+    try:
+        running = len(tasks)
+        last_agent: str | None = None
+        while running:
+            agent, event = await queue.get()
+            if event is None:
+                running -= 1
+                continue
+            last_agent = agent or last_agent
+            if isinstance(event, Done):
+                continue
+            for message in embedding_messages(request_id, agent, event):
+                yield message
+        yield response(request_id, last_agent, {"Embedding": "Done"})
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+class _Stream:
+    """POST responders that answer with an NDJSON stream."""
+
+    variant = ""
+
+    def __init__(self, deps: HttpDeps) -> None:
+        self.deps = deps
+
+    def request(self, body: Any) -> dict[str, Any]:
+        return generation_request(body, self.variant)
+
+    def events(
+        self, request: dict[str, Any], request_id: str
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        return generation_events(self.deps, request, request_id)
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        request = self.request(await read_json(req, self.deps.max_body_bytes))
+        request_id = str(uuid.uuid4())
+        events = self.events(request, request_id)
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for message in until_disconnect(req, events, lambda: None):
+                    yield line(message)
+            finally:
+                await events.aclose()  # cancels the broker request, wherever it is
+
+        resp.content_type = NDJSON_CONTENT_TYPE
+        resp.stream = body()
+
+
+class ContinueFromRawPrompt(_Stream):
+    variant = "ContinueFromRawPrompt"
+
+
+class ContinueFromConversationHistory(_Stream):
+    variant = "ContinueFromConversationHistory"
+
+
+class GenerateEmbeddingBatch(_Stream):
+    def request(self, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict) or "input_batch" not in body:
+            raise InvalidRequest("input_batch", "is required")
+        return validate_request(body)
+
+    def events(
+        self, request: dict[str, Any], request_id: str
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        return embedding_events(self.deps, request, request_id)
+
+
+class InferenceSocket:
+    """``/api/v1/inference_socket``: many requests on one WebSocket, keyed by the
+    client's ids, which are scoped to the connection."""
+
+    VARIANTS = ("ContinueFromRawPrompt", "ContinueFromConversationHistory")
+
+    def __init__(self, deps: HttpDeps) -> None:
+        self.deps = deps
+
+    async def on_websocket(self, req: falcon.asgi.Request, ws: falcon.asgi.WebSocket) -> None:
+        await ws.accept()
+        running: dict[str, asyncio.Task[None]] = {}
+        lock = asyncio.Lock()
+
+        async def send(message: dict[str, Any]) -> None:
+            async with lock:
+                await ws.send_text(dumps(message))
+
+        async def serve(client_id: str, request: dict[str, Any]) -> None:
+            events = generation_events(self.deps, request, client_id)
+            try:
+                async for message in events:
+                    await send(message)
+            except WebSocketDisconnected:
+                pass
+            finally:
+                await events.aclose()
+                running.pop(client_id, None)
+
+        try:
+            while True:
+                text = await ws.receive_text()
+                try:
+                    client_id, request = self._parse(text)
+                except InvalidRequest as exc:
+                    await send(error(_client_id_of(text), 400, str(exc)))
+                    continue
+                if request is None:  # StopRespondingTo
+                    task = running.pop(client_id, None)
+                    if task is not None:
+                        task.cancel()
+                    continue
+                if client_id in running:
+                    await send(error(client_id, 400, f"request id {client_id!r} is in use"))
+                    continue
+                running[client_id] = asyncio.ensure_future(serve(client_id, request))
+        except WebSocketDisconnected:
+            pass
+        finally:
+            for task in list(running.values()):
+                task.cancel()
+            for task in list(running.values()):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    def _parse(self, text: str) -> tuple[str, dict[str, Any] | None]:
+        try:
+            message = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest("message", f"malformed JSON: {exc}") from exc
+        if not isinstance(message, dict) or len(message) != 1:
+            raise InvalidRequest("message", 'must be {"Request": ...} or {"Notification": ...}')
+        if "Notification" in message:
+            notification = message["Notification"]
+            if isinstance(notification, dict) and isinstance(
+                notification.get("StopRespondingTo"), str
+            ):
+                return notification["StopRespondingTo"], None
+            raise InvalidRequest("Notification", 'must be {"StopRespondingTo": "<id>"}')
+        envelope = message.get("Request")
+        if not isinstance(envelope, dict) or not isinstance(envelope.get("id"), str):
+            raise InvalidRequest("Request.id", "must be a string")
+        variants = envelope.get("request")
+        if not isinstance(variants, dict) or len(variants) != 1:
+            raise InvalidRequest("Request.request", f"must be one of {', '.join(self.VARIANTS)}")
+        ((variant, body),) = variants.items()
+        if variant not in self.VARIANTS:
+            raise InvalidRequest(
+                "Request.request", f"unknown variant {variant!r}; use {', '.join(self.VARIANTS)}"
+            )
+        return envelope["id"], generation_request(body, variant)
+
+
+def _client_id_of(text: str) -> str:
+    with contextlib.suppress(Exception):
+        value = json.loads(text)["Request"]["id"]
+        if isinstance(value, str):
+            return value
+    return ""
+
+
+def create_app(deps: HttpDeps) -> falcon.asgi.App[Any, Any]:
+    app = make_app(deps)
+    app.add_route("/api/v1/continue_from_raw_prompt", ContinueFromRawPrompt(deps))
+    app.add_route(
+        "/api/v1/continue_from_conversation_history", ContinueFromConversationHistory(deps)
+    )
+    app.add_route("/api/v1/generate_embedding_batch", GenerateEmbeddingBatch(deps))
+    app.add_route("/api/v1/inference_socket", InferenceSocket(deps))
+    return app
+
+
+__all__ = ["AsyncClient", "create_app"]

@@ -1,0 +1,63 @@
+"""Settings of the HTTP services of ``paddler balancer``, declared once."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from paddler.http.common import DEFAULT_MAX_BODY_BYTES
+from paddler.settings import option
+
+
+def default_http_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    inference_addr: str = field(
+        default="127.0.0.1:8061",
+        metadata=option("host:port of the inference service (Paddler's API)."),
+    )
+    management_addr: str = field(
+        default="127.0.0.1:8060",
+        metadata=option(
+            "host:port of the management service (agents, desired state, metrics). Keep it private."
+        ),
+    )
+    compat_openai_addr: str | None = field(
+        default=None,
+        metadata=option("host:port of the OpenAI-compatible service; off unless given."),
+    )
+    http_workers: int = field(
+        default_factory=default_http_workers,
+        metadata=option(
+            "gunicorn worker processes serving HTTP (default: cores, at most 4).", minimum=1
+        ),
+    )
+    max_request_body_bytes: int = field(
+        default=DEFAULT_MAX_BODY_BYTES,
+        metadata=option("Largest request body accepted; larger ones get 413.", minimum=1024),
+    )
+    inference_cors_allowed_host: list[str] = field(
+        default_factory=list,
+        metadata=option(
+            "An origin (scheme://host[:port]) allowed to call the inference and OpenAI "
+            "services from a browser; repeat for more.",
+            multiple=True,
+        ),
+    )
+    management_cors_allowed_host: list[str] = field(
+        default_factory=list,
+        metadata=option(
+            "An origin allowed to call the management service from a browser; repeat for more.",
+            multiple=True,
+        ),
+    )
+
+    def addresses(self) -> dict[str, str]:
+        """App name -> host:port, for the services that are on."""
+        out = {"inference": self.inference_addr, "management": self.management_addr}
+        if self.compat_openai_addr:
+            out["openai"] = self.compat_openai_addr
+        return out
