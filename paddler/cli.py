@@ -18,6 +18,7 @@ import typer
 
 from paddler.agent.settings import AgentSettings
 from paddler.broker.settings import BrokerSettings
+from paddler.cluster import ClusterSettings
 from paddler.errors import ConfigurationError, PaddlerError
 from paddler.http.settings import HttpSettings
 from paddler.settings import check_settings, env_name, flag_name
@@ -156,6 +157,20 @@ def run_agent(settings: AgentSettings, log_level: str = "info") -> int:
     service = AgentService(settings, engine, identity=agent_identity(settings.name))
     service.install_signal_handlers()
     return service.run()
+
+
+@settings_command(
+    "cluster",
+    (ClusterSettings, BrokerSettings, HttpSettings),
+    "Run a balancer and N agents on this machine (with a tiny demo model when no "
+    "--model is given).",
+)
+def run_cluster_command(
+    cluster: ClusterSettings, broker: BrokerSettings, http: HttpSettings, log_level: str = "info"
+) -> int:
+    from paddler.cluster import run_cluster
+
+    return run_cluster(cluster, broker, http, log_level)
 
 
 def main() -> None:
