@@ -165,6 +165,8 @@ class RequestBuffer:
         return request_id in self._live
 
     def _insert(self, request_id: int, deadline: float, front: bool) -> None:
+        if not deadline == deadline or deadline in (float("inf"), float("-inf")):
+            raise ValueError(f"deadline must be a finite number, got {deadline!r}")
         if request_id in self._live:
             raise ValueError(f"request {request_id} is already buffered")
         self._seq += 1

@@ -4,6 +4,7 @@ responses by type, ``/health``, CORS, and the broker link in the request context
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -80,6 +81,8 @@ async def until_disconnect(
             done, _ = await asyncio.wait({step, waiter}, return_when=asyncio.FIRST_COMPLETED)
             if step not in done:
                 step.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
+                    await step  # the generator must stop before anyone closes it
                 on_disconnect()
                 return
             try:

@@ -22,6 +22,9 @@ HEADER_SIZE = HEADER.size
 MAX_BODY_BYTES = 8 * 1024 * 1024
 """Largest body accepted; sockets also set ``MAXMSGSIZE`` a little above it."""
 MAX_REQUEST_ID = 2**64 - 1
+MAX_ARRAY_LEN = 65_536
+"""Longest array in a body: embeddings of the widest models fit."""
+MAX_MAP_LEN = 8_192
 
 _pack = msgpack.Packer(use_bin_type=True).pack
 
@@ -48,8 +51,17 @@ def unpack_body(frame: bytes) -> Any:
     if len(frame) > MAX_BODY_BYTES:
         raise ProtocolError(f"body of {len(frame)} bytes exceeds the limit of {MAX_BODY_BYTES}")
     try:
-        return msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True)
-    except Exception as exc:  # msgpack raises several unrelated types
+        return msgpack.unpackb(
+            frame,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            # msgpack allocates a container's declared length up front: keep a small
+            # frame from asking for gigabytes with nested headers
+            max_array_len=MAX_ARRAY_LEN,
+            max_map_len=MAX_MAP_LEN,
+        )
+    except (ValueError, msgpack.UnpackException) as exc:  # msgpack's errors, ExtraData...
         raise ProtocolError(f"malformed msgpack body: {exc.__class__.__name__}: {exc}") from exc
 
 

@@ -145,7 +145,7 @@ def validate_request(request: Any) -> dict[str, Any]:
         raise InvalidRequest(
             "raw_prompt", "give exactly one of 'raw_prompt' and 'conversation_history'"
         )
-    out = dict(_DEFAULTS)
+    out = {**_DEFAULTS, "tools": [], "stop": []}  # fresh lists: never shared between requests
     out.update(request)
     if has_raw:
         prompt = out["raw_prompt"]

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -93,7 +94,14 @@ class LocalCluster:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.agents_addr = f"tcp://127.0.0.1:{free_port()}"
         self.clients_addr = f"tcp://127.0.0.1:{free_port()}"
+        for name in ("inference_addr", "management_addr"):
+            balancer_options.setdefault(name, f"127.0.0.1:{free_port()}")
+        balancer_options.setdefault("http_workers", 1)
         self.balancer_options = balancer_options
+        self.inference_url = f"http://{balancer_options['inference_addr']}"
+        self.management_url = f"http://{balancer_options['management_addr']}"
+        openai = balancer_options.get("compat_openai_addr")
+        self.openai_url = f"http://{openai}" if openai else None
         self.balancer: Process | None = None
         self.agents: dict[str, Process] = {}
         self.env = dict(os.environ)
@@ -183,6 +191,22 @@ class LocalCluster:
             return agents if len(agents) == count else None
 
         return wait_until(registered, timeout_s, what=f"{count} agents registered")
+
+    def wait_for_http(self, timeout_s: float = 20.0) -> None:
+        """Until every HTTP service answers ``/health``."""
+        import urllib.error
+        import urllib.request
+
+        def healthy(url: str) -> bool:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+                    return bool(response.status == 200)
+            except (urllib.error.URLError, OSError):
+                return False
+
+        for url in (self.inference_url, self.management_url, self.openai_url):
+            if url:
+                wait_until(partial(healthy, url), timeout_s, 0.05, f"{url}/health")
 
     def close(self) -> None:
         for client in self._clients:
