@@ -14,6 +14,7 @@ cdef class _Agent:
 cdef class Registry:
     cdef dict _agents
     cdef long long _clock
+    cdef long long _rotation
 
     cdef long long _tick(self)
 
@@ -22,7 +23,7 @@ cdef class Registry:
     cpdef object choose(self)
 
     @cython.locals(agent=_Agent)
-    cpdef acquire(self, bytes agent_id)
+    cpdef acquire(self, bytes agent_id, bint force=*)
 
     @cython.locals(agent=_Agent)
     cpdef bint release(self, bytes agent_id) except -1

@@ -43,6 +43,7 @@ class Registry:
     def __init__(self) -> None:
         self._agents: dict[bytes, _Agent] = {}
         self._clock = 0
+        self._rotation = 0
 
     def _tick(self) -> int:
         self._clock += 1
@@ -111,9 +112,19 @@ class Registry:
                 best_stamp = agent.stamp
         return best_id
 
-    def acquire(self, agent_id: bytes) -> None:
+    def next_in_rotation(self) -> bytes | None:
+        """Round robin over ready agents, free slot or not (only for comparison
+        benchmarks: it is what a slot-unaware load balancer does)."""
+        ready = [agent_id for agent_id, agent in self._agents.items() if agent.ready]
+        if not ready:
+            return None
+        self._rotation += 1
+        return ready[self._rotation % len(ready)]
+
+    def acquire(self, agent_id: bytes, force: bool = False) -> None:
+        """Take a slot; ``force`` takes one even past ``slots_total`` (round robin)."""
         agent = self._agents[agent_id]
-        if not agent.ready or agent.in_flight >= agent.slots_total:
+        if not force and (not agent.ready or agent.in_flight >= agent.slots_total):
             raise SlotError(f"agent {agent_id!r} has no free slot")
         agent.in_flight += 1
         agent.stamp = self._tick()

@@ -126,20 +126,19 @@ class AgentService:
         kind, request_id = HEADER.unpack(frames[0])
         try:
             if kind == Kind.DISPATCH:
-                if self.draining or len(self.active) >= self.engine.slots_total:
-                    reason = "shutting down" if self.draining else "has no free slot"
-                    if not self.draining:
-                        log.warning(
-                            "refused a dispatch beyond the free slots (request %d)", request_id
-                        )
+                if self.draining:
                     self._send(
                         encode(
                             Kind.ERROR,
                             request_id,
-                            ErrorBody(503, "AgentUnavailable", f"agent {reason}").to_body(),
+                            ErrorBody(503, "AgentUnavailable", "agent shutting down").to_body(),
                         )
                     )
                     return
+                if len(self.active) >= self.engine.slots_total:
+                    # only a slot-unaware dispatch policy (round robin) does this: the
+                    # engine queues the request until a slot frees
+                    log.info("queued a dispatch beyond the free slots (request %d)", request_id)
                 self.active.add(request_id)
                 self.pipe.send_multipart(frames)
             elif kind == Kind.CANCEL:

@@ -57,6 +57,16 @@ class BrokerSettings:
         ),
     )
 
+    dispatch_policy: str = field(
+        default="slots",
+        metadata=option(
+            "How to pick an agent: 'slots' (a free slot on the agent with the fewest "
+            "requests in flight) or 'round-robin' (the next agent in turn, slots or not: "
+            "only for comparison benchmarks; agents queue what they cannot start).",
+            choices=("slots", "round-robin"),
+        ),
+    )
+
     @property
     def buffered_request_timeout_s(self) -> float:
         return self.buffered_request_timeout / 1000.0

@@ -99,6 +99,7 @@ class Broker:
         self.liveness_s = settings.heartbeat_interval_s * LIVENESS_INTERVALS
         self.counters = {"requests": 0, "tokens_frames": 0, "dropped_frames": 0}
         self.metrics = BrokerMetrics()
+        self.round_robin = settings.dispatch_policy == "round-robin"
         self.queries: dict[int, tuple[bytes, int, bytes, float]] = {}
         """Agent queries waiting: query id -> (client, client request id, agent, deadline)."""
 
@@ -145,12 +146,20 @@ class Broker:
             ),
         )
 
+    def _choose(self) -> bytes | None:
+        """The agent for the next request, its slot taken; ``None`` if none fits."""
+        if self.round_robin:
+            agent = self.registry.next_in_rotation()
+            if agent is not None:
+                self.registry.acquire(agent, True)
+            return agent
+        return self.registry.choose_and_acquire()
+
     def dispatch_buffered(self, now: float) -> None:
         """Give free slots to the oldest waiters."""
         buffer = self.buffer
-        registry = self.registry
         while len(buffer):
-            agent = registry.choose_and_acquire()
+            agent = self._choose()
             if agent is None:
                 return
             request_id = buffer.pop()
@@ -455,7 +464,7 @@ class Broker:
         )
         self.counters["requests"] += 1
         if not len(self.buffer):
-            agent = self.registry.choose_and_acquire()
+            agent = self._choose()
             if agent is not None:
                 self.requests[request_id] = record
                 self.by_client[(client, client_request_id)] = request_id

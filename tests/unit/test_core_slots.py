@@ -776,3 +776,21 @@ def test_in_flight_example(slots_impl: ModuleType) -> None:
     assert table.of_agent(b"a") == [1, 2, 3]
     assert 2 in table
     assert len(table) == 3
+
+
+def test_round_robin_rotates_over_ready_agents_past_their_slots(slots_impl: ModuleType) -> None:
+    registry = slots_impl.Registry()
+    registry.add(b"a", 1, True)
+    registry.add(b"b", 1, True)
+    registry.add(b"c", 1, False)
+    chosen = []
+    for _ in range(4):
+        agent = registry.next_in_rotation()
+        registry.acquire(agent, True)
+        chosen.append(agent)
+    assert sorted(chosen) == [b"a", b"a", b"b", b"b"]
+    assert chosen[0] != chosen[1] and chosen[1] != chosen[2]
+    assert registry.in_flight(b"a") == 2  # past its one slot: round robin does not look
+    with pytest.raises(slots_impl.SlotError):
+        registry.acquire(b"a")
+    assert slots_impl.Registry().next_in_rotation() is None
