@@ -469,7 +469,7 @@ class LlamaEngine(Engine):
         if what == "chat_template_override":
             state = self._applied_state
             if state and state.get("use_chat_template_override"):
-                return {"content": state.get("chat_template_override") or ""}
+                return state.get("chat_template_override")
             return None
         return None
 
@@ -590,7 +590,7 @@ class LlamaEngine(Engine):
         self, model: LlamaModel, state: dict[str, Any]
     ) -> tuple[ChatTemplate | None, dict[str, Any] | None]:
         if state.get("use_chat_template_override"):
-            source = state.get("chat_template_override") or ""
+            source = (state.get("chat_template_override") or {}).get("content", "")
         else:
             source = model.metadata.get("tokenizer.chat_template", "")
         if not source:

@@ -172,8 +172,18 @@ def validate_desired_state(value: Any) -> dict[str, Any]:
     )
     state["inference_parameters"] = _validate_parameters(value.get("inference_parameters"))
     override = value.get("chat_template_override")
-    if override is not None and not isinstance(override, str):
-        raise ConfigurationError("chat_template_override", "must be a string or null")
+    if isinstance(override, str):  # a convenience: the bare template text
+        override = {"content": override}
+    if override is not None:
+        if (
+            not isinstance(override, dict)
+            or set(override) != {"content"}
+            or not isinstance(override["content"], str)
+        ):
+            raise ConfigurationError(
+                "chat_template_override", 'must be {"content": "<template>"} or null'
+            )
+        override = {"content": override["content"]}
     state["chat_template_override"] = override
     use_override = value.get("use_chat_template_override", False)
     if not isinstance(use_override, bool):

@@ -57,8 +57,13 @@ async def read_json(req: falcon.asgi.Request, limit: int) -> Any:
         raise InvalidRequest("body", f"malformed JSON: {exc}") from exc
 
 
+_LINE_BREAKERS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
 def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    """Compact JSON on one line. U+2028, U+2029 and U+0085 are escaped: some
+    clients (httpx's ``iter_lines``) split lines on them."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).translate(_LINE_BREAKERS)
 
 
 def disconnected(req: falcon.asgi.Request) -> asyncio.Event:

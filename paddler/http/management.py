@@ -17,7 +17,8 @@ from paddler.http.common import HttpDeps, dumps, make_app, read_json, until_disc
 
 STREAM_POLL_S = 0.1
 """How often a stream asks the broker for a fresh snapshot (sent only on change)."""
-SSE_KEEPALIVE_S = 15.0
+SSE_KEEPALIVE_S = 3.0
+"""Clients read with 5 s timeouts (paddler-client): something every 3 s keeps them."""
 
 PADDLER_AGENT_FIELDS = (
     "id",

@@ -62,7 +62,7 @@ class FakeEngine(Engine):
         if what == "chat_template_override" and (self.state or {}).get(
             "use_chat_template_override"
         ):
-            return {"content": (self.state or {}).get("chat_template_override") or ""}
+            return (self.state or {}).get("chat_template_override")
         return None
 
     def admit(self, request_id: int, request: dict[str, Any]) -> None:

@@ -129,7 +129,9 @@ def test_a_conversation_is_rendered_with_the_model_template_without_a_double_bos
 def test_a_template_error_ends_the_request_with_a_readable_message(make_engine, tiny_model) -> None:
     engine = make_engine()
     state = state_for(tiny_model)
-    state["chat_template_override"] = "{{ raise_exception('only user turns, please') }}"
+    state["chat_template_override"] = {
+        "content": "{{ raise_exception('only user turns, please') }}"
+    }
     state["use_chat_template_override"] = True
     engine.apply_state(state)
     assert engine.status().uses_chat_template_override
@@ -149,7 +151,7 @@ def test_a_template_error_ends_the_request_with_a_readable_message(make_engine, 
 def test_a_template_that_does_not_compile_is_an_issue(make_engine, tiny_model) -> None:
     engine = make_engine()
     state = state_for(tiny_model)
-    state["chat_template_override"] = "{% for %}"
+    state["chat_template_override"] = {"content": "{% for %}"}
     state["use_chat_template_override"] = True
     engine.apply_state(state)
     issues = engine.status().issues
