@@ -84,15 +84,16 @@ class FakeEngine(Engine):
         return len(self.requests)
 
     def step(self, sink: EventSink) -> None:
+        # cancellations end at once, queued or running
+        for request_id in [rid for rid, r in self.requests.items() if r.cancelled]:
+            sink.error(request_id, CANCELLED_CODE, "Cancelled", "cancelled by the client")
+            del self.requests[request_id]
         if self.step_s > 0:
             time.sleep(self.step_s)
         finished = []
         now = time.monotonic()
-        for request_id, request in self.requests.items():
-            if request.cancelled:
-                sink.error(request_id, CANCELLED_CODE, "Cancelled", "cancelled by the client")
-                finished.append(request_id)
-                continue
+        # like a real engine: at most ``slots_total`` requests run, the rest wait
+        for request_id, request in list(self.requests.items())[: self.slots_total]:
             if now < request.ready_at:
                 continue  # still "prefilling"
             start = request.produced
