@@ -40,33 +40,33 @@ def generation_request(body: Any, variant: str) -> dict[str, Any]:
 
 async def generation_events(
     deps: HttpDeps, request: dict[str, Any], request_id: str
-) -> AsyncGenerator[dict[str, Any], None]:
-    """Paddler envelopes of one generation request, until it ends."""
+) -> AsyncGenerator[list[dict[str, Any]], None]:
+    """Paddler envelopes of one generation request, until it ends: one list per
+    broker event (a step's pieces)."""
     agent: str | None = None
     try:
         client = await deps.link.client()
         stream = await client.submit(request)
     except BrokerUnreachable as exc:
         await deps.link.reset()
-        yield error(request_id, 503, f"the balancer is not answering: {exc}")
+        yield [error(request_id, 503, f"the balancer is not answering: {exc}")]
         return
     try:
         async for event in stream:
             if isinstance(event, Dispatched):
                 agent = event.agent_name
                 continue
-            for message in generation_messages(request_id, agent, event):
-                yield message
+            yield generation_messages(request_id, agent, event)
     except BrokerUnreachable as exc:
         await deps.link.reset()
-        yield error(request_id, 503, f"the balancer stopped answering: {exc}")
+        yield [error(request_id, 503, f"the balancer stopped answering: {exc}")]
     finally:
         stream.cancel()
 
 
 async def embedding_events(
     deps: HttpDeps, request: dict[str, Any], request_id: str
-) -> AsyncGenerator[dict[str, Any], None]:
+) -> AsyncGenerator[list[dict[str, Any]], None]:
     """Fan an embedding batch out over the ready agents (one part each), merge the
     results as they come (order is not kept, ids match), then one ``Done``."""
     try:
@@ -74,7 +74,7 @@ async def embedding_events(
         ready = sum(1 for agent in await client.agents() if agent.get("ready"))
     except BrokerUnreachable as exc:
         await deps.link.reset()
-        yield error(request_id, 503, f"the balancer is not answering: {exc}")
+        yield [error(request_id, 503, f"the balancer is not answering: {exc}")]
         return
     documents = request["input_batch"]
     size = max(EMBEDDING_PART_MIN_DOCUMENTS, math.ceil(len(documents) / max(ready, 1)))
@@ -108,9 +108,8 @@ async def embedding_events(
             last_agent = agent or last_agent
             if isinstance(event, Done):
                 continue
-            for message in embedding_messages(request_id, agent, event):
-                yield message
-        yield response(request_id, last_agent, {"Embedding": "Done"})
+            yield embedding_messages(request_id, agent, event)
+        yield [response(request_id, last_agent, {"Embedding": "Done"})]
     finally:
         for task in tasks:
             task.cancel()
@@ -132,7 +131,7 @@ class _Stream:
 
     def events(
         self, request: dict[str, Any], request_id: str
-    ) -> AsyncGenerator[dict[str, Any], None]:
+    ) -> AsyncGenerator[list[dict[str, Any]], None]:
         return generation_events(self.deps, request, request_id)
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
@@ -142,8 +141,10 @@ class _Stream:
 
         async def body() -> AsyncIterator[bytes]:
             try:
-                async for message in until_disconnect(req, events, lambda: None):
-                    yield line(message)
+                # one chunk per broker event: a step's pieces go out in one write
+                async for messages in until_disconnect(req, events, lambda: None):
+                    if messages:
+                        yield b"".join(line(message) for message in messages)
             finally:
                 await events.aclose()  # cancels the broker request, wherever it is
 
@@ -167,7 +168,7 @@ class GenerateEmbeddingBatch(_Stream):
 
     def events(
         self, request: dict[str, Any], request_id: str
-    ) -> AsyncGenerator[dict[str, Any], None]:
+    ) -> AsyncGenerator[list[dict[str, Any]], None]:
         return embedding_events(self.deps, request, request_id)
 
 
@@ -192,8 +193,9 @@ class InferenceSocket:
         async def serve(client_id: str, request: dict[str, Any]) -> None:
             events = generation_events(self.deps, request, client_id)
             try:
-                async for message in events:
-                    await send(message)
+                async for messages in events:
+                    for message in messages:
+                        await send(message)
             except WebSocketDisconnected:
                 pass
             finally:
