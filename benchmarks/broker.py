@@ -68,21 +68,29 @@ def throughput(cluster: LocalCluster, streams: int, tokens: int) -> dict[str, An
     }
 
 
-def ttft_through_broker(cluster: LocalCluster, samples: int) -> list[float]:
+def ttft_through_broker(cluster: LocalCluster, samples: int, concurrency: int = 1) -> list[float]:
+    """Waves of ``concurrency`` requests sent together; each one's time to first token."""
     times: list[float] = []
     with Client(cluster.clients_addr, timeout_s=30) as client:
-        for _ in range(samples):
+        for _ in range(max(1, samples // concurrency)):
             started = time.perf_counter()
-            for event in client.continue_from_raw_prompt("x", max_tokens=1):
-                if isinstance(event, Tokens):
-                    times.append(time.perf_counter() - started)
-                elif isinstance(event, Done | Failed):
-                    break
+            streams = [
+                client.continue_from_raw_prompt("x", max_tokens=1) for _ in range(concurrency)
+            ]
+            for stream in streams:
+                for event in stream:
+                    if isinstance(event, Tokens):
+                        times.append(time.perf_counter() - started)
+                    elif isinstance(event, Done | Failed):
+                        break
     return times
 
 
-def ttft_direct(env: dict[str, str], samples: int, log_dir: Path) -> list[float]:
-    """This process binds a ROUTER, a fake agent connects to it; dispatch, first token."""
+def ttft_direct(
+    env: dict[str, str], samples: int, log_dir: Path, concurrency: int = 1
+) -> list[float]:
+    """This process binds a ROUTER, a fake agent connects to it; waves of
+    ``concurrency`` dispatches, each one's time to first token."""
     context = zmq.Context()
     router = context.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)

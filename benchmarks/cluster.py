@@ -51,31 +51,77 @@ class Cluster:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(log_dir / f"cluster-{policy}.log", "ab")  # noqa: SIM115
         common = {"stdout": self.log, "stderr": subprocess.STDOUT, "start_new_session": True}
-        self.processes = [subprocess.Popen(
-            [*python, "balancer", "--agents-addr", agents_addr,
-             "--clients-addr", self.clients_addr, "--dispatch-policy", policy,
-             "--max-buffered-requests", "1000", "--buffered-request-timeout", "60000",
-             "--inference-addr", f"127.0.0.1:{free_port()}",
-             "--management-addr", f"127.0.0.1:{free_port()}", "--http-workers", "1",
-             "--log-level", "warning"], **common)]
+        self.processes = [
+            subprocess.Popen(
+                [
+                    *python,
+                    "balancer",
+                    "--agents-addr",
+                    agents_addr,
+                    "--clients-addr",
+                    self.clients_addr,
+                    "--dispatch-policy",
+                    policy,
+                    "--max-buffered-requests",
+                    "1000",
+                    "--buffered-request-timeout",
+                    "60000",
+                    "--inference-addr",
+                    f"127.0.0.1:{free_port()}",
+                    "--management-addr",
+                    f"127.0.0.1:{free_port()}",
+                    "--http-workers",
+                    "1",
+                    "--log-level",
+                    "warning",
+                ],
+                **common,
+            )
+        ]
         for slots in SLOTS:
             if engine == "llama":
                 argv = [*python, "agent", "--threads", "1", "--log-level", "warning"]
             else:
-                argv = [sys.executable, "-m", "paddler.testing.fake_agent",
-                        "--step-ms", str(FIXED_STEP_MS)]
-            self.processes.append(subprocess.Popen(
-                [*argv, "--broker-addr", agents_addr, "--slots", str(slots),
-                 "--name", f"agent-{slots}-slots"], **common))
+                argv = [
+                    sys.executable,
+                    "-m",
+                    "paddler.testing.fake_agent",
+                    "--step-ms",
+                    str(FIXED_STEP_MS),
+                ]
+            self.processes.append(
+                subprocess.Popen(
+                    [
+                        *argv,
+                        "--broker-addr",
+                        agents_addr,
+                        "--slots",
+                        str(slots),
+                        "--name",
+                        f"agent-{slots}-slots",
+                    ],
+                    **common,
+                )
+            )
         from paddler.testing.tiny_model import default_model_path
 
         with Client(self.clients_addr, timeout_s=30) as client:
-            client.put_desired_state({"model": {"LocalToAgent": str(default_model_path())},
-                                      "inference_parameters": {
-                                          "context_size": 1024, "temperature": 0.0,
-                                          "k_cache_dtype": "F16", "v_cache_dtype": "F16"}})
-            wait_until(lambda: len(a := client.agents()) == 3 and all(x["ready"] for x in a),
-                       timeout_s=60, what="3 agents ready")
+            client.put_desired_state(
+                {
+                    "model": {"LocalToAgent": str(default_model_path())},
+                    "inference_parameters": {
+                        "context_size": 1024,
+                        "temperature": 0.0,
+                        "k_cache_dtype": "F16",
+                        "v_cache_dtype": "F16",
+                    },
+                }
+            )
+            wait_until(
+                lambda: len(a := client.agents()) == 3 and all(x["ready"] for x in a),
+                timeout_s=60,
+                what="3 agents ready",
+            )
 
     def close(self) -> None:
         for process in reversed(self.processes):
@@ -103,7 +149,8 @@ async def capacity(address: str, shapes: list[RequestShape], duration_s: float) 
             while time.perf_counter() < deadline:
                 shape = shapes[index % len(shapes)]
                 stream = await client.continue_from_raw_prompt(
-                    "count tokens", max_tokens=shape.max_tokens, temperature=0.0)
+                    "count tokens", max_tokens=shape.max_tokens, temperature=0.0
+                )
                 async for event in stream:
                     if isinstance(event, Tokens):
                         tokens += len(event.pieces)
@@ -140,33 +187,50 @@ def run(quick: bool, engines: tuple[str, ...]) -> dict[str, Any]:
                         )
                         row.update(engine=engine, policy=policy, load=load)
                         rows.append(row)
-                        print(engine, policy, load, row["ttft"]["p50_ms"], row["e2e"]["p99_ms"],
-                              row["errors"], flush=True)
+                        print(
+                            engine,
+                            policy,
+                            load,
+                            row["ttft"]["p50_ms"],
+                            row["e2e"]["p99_ms"],
+                            row["errors"],
+                            flush=True,
+                        )
                 finally:
                     cluster.close()
-    return {"capacity_requests_per_s": capacities, "rows": rows, "slots": list(SLOTS),
-            "duration_s": duration, "seed": SEED, "fixed_step_ms": FIXED_STEP_MS}
+    return {
+        "capacity_requests_per_s": capacities,
+        "rows": rows,
+        "slots": list(SLOTS),
+        "duration_s": duration,
+        "seed": SEED,
+        "fixed_step_ms": FIXED_STEP_MS,
+    }
 
 
 def report(result: dict[str, Any]) -> str:
     capacity_text = ", ".join(
         f"{engine}: {rate} requests/s" for engine, rate in result["capacity_requests_per_s"].items()
     )
-    lines = ["## Cluster: slot-aware dispatch vs round robin", "",
-             f"Three agents with {', '.join(map(str, result['slots']))} slots; capacity "
-             f"{capacity_text}; {result['duration_s']} s of Poisson arrivals per row "
-             f"(seed {result['seed']}). `llama`: real agents on the tiny model, sharing 2 "
-             f"cores; `fixed-step`: agents whose step takes {result['fixed_step_ms']:g} ms "
-             "whatever the batch, as on a GPU.", "",
-             "| agents | policy | load | TTFT p50/p90/p99 ms | ITL p50/p99 ms "
-             "| E2E p50/p90/p99 ms | output tok/s | errors |",
-             "|---|---|---:|---|---|---|---:|---|"]
+    lines = [
+        "## Cluster: slot-aware dispatch vs round robin",
+        "",
+        f"Three agents with {', '.join(map(str, result['slots']))} slots; capacity "
+        f"{capacity_text}; {result['duration_s']} s of Poisson arrivals per row "
+        f"(seed {result['seed']}). `llama`: real agents on the tiny model, sharing 2 "
+        f"cores; `fixed-step`: agents whose step takes {result['fixed_step_ms']:g} ms "
+        "whatever the batch, as on a GPU.",
+        "",
+        "| agents | policy | load | TTFT p50/p90/p99 ms | ITL p50/p99 ms "
+        "| E2E p50/p90/p99 ms | output tok/s | errors |",
+        "|---|---|---:|---|---|---|---:|---|",
+    ]
     for row in result["rows"]:
         t, i, e = row["ttft"], row["itl"], row["e2e"]
         errors = ", ".join(f"{k}: {v}" for k, v in row["errors"].items()) or "none"
         lines.append(
-            f"| {row['engine']} | {row['policy']} | {row['load']:.0%} | {t['p50_ms']:.0f} / {t['p90_ms']:.0f} / "
-            f"{t['p99_ms']:.0f} | {i['p50_ms']:.1f} / {i['p99_ms']:.1f} | {e['p50_ms']:.0f} / "
+            f"| {row['engine']} | {row['policy']} | {row['load']:.0%} | "
+            f"{t['p50_ms']:.0f} / {t['p90_ms']:.0f} / {t['p99_ms']:.0f} | {i['p50_ms']:.1f} / {i['p99_ms']:.1f} | {e['p50_ms']:.0f} / "
             f"{e['p90_ms']:.0f} / {e['p99_ms']:.0f} | {row['output_tokens_per_s']} | {errors} |"
         )
     return "\n".join(lines) + "\n"
@@ -174,8 +238,7 @@ def report(result: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true",
-                        help="shorter rows, fixed-step agents only")
+    parser.add_argument("--quick", action="store_true", help="shorter rows, fixed-step agents only")
     args = parser.parse_args()
     result = run(args.quick, ("fixed-step",) if args.quick else ("fixed-step", "llama"))
     result.update(benchmark="cluster", quick=args.quick, machine=machine())

@@ -20,8 +20,10 @@ from typing import Any
 from benchmarks.common import summary_ms
 from paddler.client import AsyncClient, Failed, Tokens
 
-WORDS = ("the quick brown fox jumps over the lazy dog while people watch and a cat "
-         "sleeps in the warm sun near the old house").split()
+WORDS = tuple(
+    "the quick brown fox jumps over the lazy dog while people watch and a cat "
+    "sleeps in the warm sun near the old house".split(" ")
+)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Any
 
 import zmq
@@ -113,10 +112,6 @@ class EngineWorker(threading.Thread):
                     break
                 if engine.active_count():
                     engine.step(sink)
-                    # let the I/O thread forward this step's frames now: with a small
-                    # model the step is mostly Python and would hold the GIL for the
-                    # whole switch interval
-                    time.sleep(0)
                 if engine.take_status_change():
                     self._send_status(socket)
         except zmq.ContextTerminated:

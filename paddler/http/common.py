@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +96,29 @@ async def until_disconnect(
                 return
     finally:
         waiter.cancel()
+
+
+class ClosingStream:
+    """``resp.stream`` that Falcon closes (``close()``) however the response ends, so
+    the broker requests behind it are cancelled at once, not when the generators are
+    collected. ``also`` are generators to close too, in case the body never started."""
+
+    def __init__(
+        self, chunks: AsyncGenerator[bytes, None], *also: AsyncGenerator[Any, None]
+    ) -> None:
+        self._chunks = chunks
+        self._also = also
+
+    def __aiter__(self) -> ClosingStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._chunks.__anext__()
+
+    async def close(self) -> None:
+        await self._chunks.aclose()
+        for generator in self._also:
+            await generator.aclose()
 
 
 def _json_error(resp: falcon.asgi.Response, status: int, message: str, field: str | None) -> None:

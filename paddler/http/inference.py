@@ -17,7 +17,14 @@ from falcon import WebSocketDisconnected
 
 from paddler.client import AsyncClient, Dispatched, Done, Event, Failed
 from paddler.errors import BrokerUnreachable, InvalidRequest
-from paddler.http.common import HttpDeps, dumps, make_app, read_json, until_disconnect
+from paddler.http.common import (
+    ClosingStream,
+    HttpDeps,
+    dumps,
+    make_app,
+    read_json,
+    until_disconnect,
+)
 from paddler.http.envelopes import embedding_messages, error, generation_messages, line, response
 from paddler.protocol.requests import validate_request
 
@@ -139,7 +146,7 @@ class _Stream:
         request_id = str(uuid.uuid4())
         events = self.events(request, request_id)
 
-        async def body() -> AsyncIterator[bytes]:
+        async def body() -> AsyncGenerator[bytes, None]:
             try:
                 # one chunk per broker event: a step's pieces go out in one write
                 async for messages in until_disconnect(req, events, lambda: None):
@@ -149,7 +156,7 @@ class _Stream:
                 await events.aclose()  # cancels the broker request, wherever it is
 
         resp.content_type = NDJSON_CONTENT_TYPE
-        resp.stream = body()
+        resp.stream = ClosingStream(body(), events)
 
 
 class ContinueFromRawPrompt(_Stream):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import math
 import re
 import struct
@@ -32,8 +31,16 @@ from urllib.parse import unquote, urlparse
 import falcon
 import falcon.asgi
 
-from paddler.client import AsyncClient, AsyncStream, Dispatched, Done, Embedding, Event, Failed
-from paddler.client import Tokens as TokensEvent
+from paddler.client import (
+    AsyncClient,
+    AsyncStream,
+    Dispatched,
+    Done,
+    Embedding,
+    Event,
+    Failed,
+    Tokens,
+)
 from paddler.errors import (
     BrokerUnreachable,
     ConfigurationError,
@@ -42,6 +49,7 @@ from paddler.errors import (
 )
 from paddler.http.common import (
     BodyTooLarge,
+    ClosingStream,
     HttpDeps,
     dumps,
     make_app,
@@ -123,6 +131,10 @@ def snake_case(kind: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", kind).lower()
 
 
+ERROR_CODES = {"PromptTooLong": "context_length_exceeded"}
+"""OpenAI's codes where it has one; otherwise the snake_case of the broker's kind."""
+
+
 def failure(event: Failed) -> OpenAIError:
     """The HTTP error of a request the broker or an agent ended with an error."""
     status = event.code if 400 <= event.code < 600 else 502
@@ -136,7 +148,7 @@ def failure(event: Failed) -> OpenAIError:
     return OpenAIError(
         status,
         event.description,
-        code=snake_case(event.kind),
+        code=ERROR_CODES.get(event.kind) or snake_case(event.kind),
         retry_after=RETRY_AFTER_S if status in (429, 503) else None,
     )
 
@@ -153,8 +165,9 @@ def _param_of(field_name: str) -> str | None:
     return None if field_name in ("body", "request") else field_name
 
 
-def add_openai_error_handlers(app: falcon.asgi.App[Any, Any], deps: HttpDeps) -> None:
-    """OpenAI's envelope for every error, replacing Paddler's ``{"error", "field"}``."""
+def add_openai_error_handlers(app: falcon.asgi.App[Any, Any]) -> None:
+    """OpenAI's envelope for every error, replacing Paddler's ``{"error", "field"}``
+    (the broker link is reset where a broker call fails, in ``_broker``)."""
 
     async def openai_error(req: Any, resp: Any, ex: OpenAIError, params: Any) -> None:
         _write_error(resp, ex)
@@ -171,7 +184,6 @@ def add_openai_error_handlers(app: falcon.asgi.App[Any, Any], deps: HttpDeps) ->
         _write_error(resp, OpenAIError(413, str(ex), code="request_too_large"))
 
     async def unreachable(req: Any, resp: Any, ex: BrokerUnreachable, params: Any) -> None:
-        await deps.link.reset()
         error = OpenAIError(
             503,
             f"the balancer is not answering: {ex}",
@@ -543,18 +555,12 @@ async def guarded(
         stream.cancel()
 
 
-class _Body:
-    """``resp.stream`` that Falcon closes (``close()``) however the response ends, so
-    the broker request is cancelled at once, not when the generator is collected."""
-
-    def __init__(self, chunks: AsyncGenerator[bytes, None]) -> None:
-        self._chunks = chunks
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._chunks
-
-    async def close(self) -> None:
-        await self._chunks.aclose()
+async def chain(lead: list[Event], events: AsyncIterator[Event]) -> AsyncGenerator[Event, None]:
+    """The events already read, then the rest."""
+    for event in lead:
+        yield event
+    async for event in events:
+        yield event
 
 
 def sse(value: Any) -> bytes:
@@ -582,6 +588,11 @@ def usage_body(usage: Usage) -> dict[str, Any]:
 
 def finish_reason(usage: Usage, max_tokens: int) -> str:
     return "length" if usage_body(usage)["completion_tokens"] >= max_tokens else "stop"
+
+
+def head(ident: str, object_name: str, options: Options) -> dict[str, Any]:
+    """The fields every completion and chunk starts with."""
+    return {"id": ident, "object": object_name, "created": options.created, "model": options.model}
 
 
 class _Generation:
@@ -627,16 +638,12 @@ class _Generation:
         if isinstance(lead[-1], Failed):
             await events.aclose()
             raise failure(lead[-1])
-        meta = {
-            "id": f"{self.id_prefix}{uuid.uuid4().hex}",
-            "created": options.created,
-            "model": options.model,
-        }
+        ident = f"{self.id_prefix}{uuid.uuid4().hex}"
         if options.stream:
             resp.content_type = SSE_CONTENT_TYPE
             resp.set_header("Cache-Control", "no-cache")
             resp.set_header("X-Accel-Buffering", "no")
-            resp.stream = _Body(self._chunks(meta, options, request, lead, events))
+            resp.stream = ClosingStream(self._chunks(ident, options, request, lead, events), events)
             return
         try:
             text, usage = await self._collect(lead, events)
@@ -648,8 +655,7 @@ class _Generation:
         resp.content_type = falcon.MEDIA_JSON
         resp.text = dumps(
             {
-                **meta,
-                "object": self.object_name,
+                **head(ident, self.object_name, options),
                 "choices": [
                     self.choice(options.echo + text, finish_reason(usage, request["max_tokens"]))
                 ],
@@ -673,62 +679,51 @@ class _Generation:
         lead: list[Event], events: AsyncGenerator[Event, None]
     ) -> tuple[str, Usage | None]:
         pieces: list[str] = []
-
-        async def everything() -> AsyncIterator[Event]:
-            for event in lead:
-                yield event
-            async for event in events:
-                yield event
-
-        async for event in everything():
-            if isinstance(event, TokensEvent):
-                pieces.extend(event.pieces)
-            elif isinstance(event, Done):
-                return "".join(pieces), event.usage
-            elif isinstance(event, Failed):
-                raise failure(event)
+        async with contextlib.aclosing(chain(lead, events)) as everything:
+            async for event in everything:
+                if isinstance(event, Tokens):
+                    pieces.extend(event.pieces)
+                elif isinstance(event, Done):
+                    return "".join(pieces), event.usage
+                elif isinstance(event, Failed):
+                    raise failure(event)
         return "".join(pieces), None
 
     async def _chunks(
         self,
-        meta: dict[str, Any],
+        ident: str,
         options: Options,
         request: dict[str, Any],
         lead: list[Event],
         events: AsyncGenerator[Event, None],
     ) -> AsyncGenerator[bytes, None]:
-        base = {**meta, "object": self.chunk_object()}
+        base = head(ident, self.chunk_object(), options)
         if options.include_usage:
             base["usage"] = None
 
         def chunk(choice: dict[str, Any]) -> bytes:
             return sse({**base, "choices": [choice]})
 
-        async def everything() -> AsyncIterator[Event]:
-            for event in lead:
-                yield event
-            async for event in events:
-                yield event
-
         try:
             for choice in self.opening(options):
                 yield chunk(choice)
-            async for event in everything():
-                if isinstance(event, TokensEvent):
-                    for piece in event.pieces:
-                        if piece:
-                            yield chunk(self.chunk_choice(piece, None))
-                elif isinstance(event, Done):
-                    reason = finish_reason(event.usage, request["max_tokens"])
-                    yield chunk(self.chunk_choice(None, reason))
-                    if options.include_usage:
-                        yield sse({**base, "choices": [], "usage": usage_body(event.usage)})
-                    yield SSE_DONE
-                    return
-                elif isinstance(event, Failed):
-                    yield sse(failure(event).body())
-                    yield SSE_DONE
-                    return
+            async with contextlib.aclosing(chain(lead, events)) as everything:
+                async for event in everything:
+                    if isinstance(event, Tokens):
+                        for piece in event.pieces:
+                            if piece:
+                                yield chunk(self.chunk_choice(piece, None))
+                    elif isinstance(event, Done):
+                        reason = finish_reason(event.usage, request["max_tokens"])
+                        yield chunk(self.chunk_choice(None, reason))
+                        if options.include_usage:
+                            yield sse({**base, "choices": [], "usage": usage_body(event.usage)})
+                        yield SSE_DONE
+                        return
+                    elif isinstance(event, Failed):
+                        yield sse(failure(event).body())
+                        yield SSE_DONE
+                        return
         finally:
             await events.aclose()  # cancels the broker request, wherever it is
 
@@ -812,7 +807,9 @@ class Embeddings:
         width = len(vectors[0]) if vectors else 0
         if options.dimensions is not None and options.dimensions != width:
             raise invalid(
-                "dimensions", f"this model's embeddings have {width} dimensions, not others"
+                "dimensions",
+                f"this model's embeddings have {width} dimensions; {options.dimensions} "
+                "cannot be given",
             )
         resp.content_type = falcon.MEDIA_JSON
         resp.text = dumps(
@@ -851,23 +848,25 @@ class Embeddings:
                 self.deps,
                 lambda client: client.generate_embedding_batch(part, EMBEDDING_NORMALIZATION),
             )
-            async for event in guarded(self.deps, req, stream):
-                if isinstance(event, Embedding):
-                    document, vector = _embedding_result(event.result)
-                    results[document] = vector
-                elif isinstance(event, Done):
-                    prompt_tokens += event.usage.prompt_tokens
-                    return
-                elif isinstance(event, Failed):
-                    raise failure(event)
+            async with contextlib.aclosing(guarded(self.deps, req, stream)) as events:
+                async for event in events:
+                    if isinstance(event, Embedding):
+                        document, vector = _embedding_result(event.result)
+                        results[document] = vector
+                    elif isinstance(event, Done):
+                        prompt_tokens += event.usage.prompt_tokens
+                        return
+                    elif isinstance(event, Failed):
+                        raise failure(event)
             gone = True
 
         tasks = [asyncio.ensure_future(run(part)) for part in parts]
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in tasks:
-                if task in done and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+                error = task.exception() if task.done() else None
+                if error is not None:
+                    raise error
         finally:
             for task in tasks:
                 task.cancel()
@@ -900,6 +899,15 @@ def _embedding_result(result: dict[str, Any]) -> tuple[str, list[float]]:
 # ---------------------------------------------------------------------------- models
 
 
+async def served_models(deps: HttpDeps, created: int) -> list[dict[str, Any]]:
+    """``/v1/models`` entries: the desired state's model, if any."""
+    state = await _broker(deps, lambda client: client.desired_state())
+    name = model_id(state)
+    if name is None:
+        return []
+    return [{"id": name, "object": "model", "created": created, "owned_by": OWNED_BY}]
+
+
 async def served_model_id(deps: HttpDeps) -> str:
     """The id of the model the balancer serves, for requests that name none."""
     state = await _broker(deps, lambda client: client.desired_state())
@@ -911,23 +919,20 @@ class Models:
         self.deps = deps
         self.created = created
 
-    async def models(self) -> list[dict[str, Any]]:
-        state = await _broker(self.deps, lambda client: client.desired_state())
-        name = model_id(state)
-        if name is None:
-            return []
-        return [{"id": name, "object": "model", "created": self.created, "owned_by": OWNED_BY}]
-
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         resp.content_type = falcon.MEDIA_JSON
-        resp.text = dumps({"object": "list", "data": await self.models()})
+        resp.text = dumps({"object": "list", "data": await served_models(self.deps, self.created)})
 
 
-class Model(Models):
-    async def on_get(  # type: ignore[override]
+class Model:
+    def __init__(self, deps: HttpDeps, created: int) -> None:
+        self.deps = deps
+        self.created = created
+
+    async def on_get(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, model: str
     ) -> None:
-        for entry in await self.models():
+        for entry in await served_models(self.deps, self.created):
             if entry["id"] == model:
                 resp.content_type = falcon.MEDIA_JSON
                 resp.text = dumps(entry)
@@ -939,7 +944,7 @@ class Model(Models):
 
 def create_app(deps: HttpDeps) -> falcon.asgi.App[Any, Any]:
     app = make_app(deps)
-    add_openai_error_handlers(app, deps)
+    add_openai_error_handlers(app)
     created = int(time.time())
     app.add_route("/v1/chat/completions", ChatCompletions(deps))
     app.add_route("/v1/completions", Completions(deps))

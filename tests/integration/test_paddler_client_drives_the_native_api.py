@@ -75,9 +75,13 @@ def test_paddler_client_drives_the_whole_native_api(make_cluster, model) -> None
             async def ready() -> None:
                 async for snapshot in management.agents_stream():
                     agents = snapshot.agents
-                    if agents and agents[0].model_path == str(model) and not agents[0].issues:
-                        if agents[0].state_application_status.value == "Applied":
-                            return
+                    if (
+                        agents
+                        and agents[0].model_path == str(model)
+                        and not agents[0].issues
+                        and agents[0].state_application_status.value == "Applied"
+                    ):
+                        return
 
             await asyncio.wait_for(ready(), 20)
             agents = (await management.get_agents()).agents
