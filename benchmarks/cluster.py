@@ -228,10 +228,12 @@ def report(result: dict[str, Any]) -> str:
     for row in result["rows"]:
         t, i, e = row["ttft"], row["itl"], row["e2e"]
         errors = ", ".join(f"{k}: {v}" for k, v in row["errors"].items()) or "none"
+        ttft = f"{t['p50_ms']:.0f} / {t['p90_ms']:.0f} / {t['p99_ms']:.0f}"
+        inter = f"{i['p50_ms']:.1f} / {i['p99_ms']:.1f}"
+        e2e = f"{e['p50_ms']:.0f} / {e['p90_ms']:.0f} / {e['p99_ms']:.0f}"
         lines.append(
-            f"| {row['engine']} | {row['policy']} | {row['load']:.0%} | "
-            f"{t['p50_ms']:.0f} / {t['p90_ms']:.0f} / {t['p99_ms']:.0f} | {i['p50_ms']:.1f} / {i['p99_ms']:.1f} | {e['p50_ms']:.0f} / "
-            f"{e['p90_ms']:.0f} / {e['p99_ms']:.0f} | {row['output_tokens_per_s']} | {errors} |"
+            f"| {row['engine']} | {row['policy']} | {row['load']:.0%} | {ttft} | {inter} | "
+            f"{e2e} | {row['output_tokens_per_s']} | {errors} |"
         )
     return "\n".join(lines) + "\n"
 
