@@ -8,7 +8,7 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import falcon
