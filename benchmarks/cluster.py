@@ -167,7 +167,7 @@ async def capacity(address: str, shapes: list[RequestShape], duration_s: float) 
 
 def run(quick: bool, engines: tuple[str, ...]) -> dict[str, Any]:
     shapes = request_mix(400, SEED)
-    duration = 5.0 if quick else 20.0
+    duration = 4.0 if quick else 20.0
     rows = []
     capacities = {}
     with tempfile.TemporaryDirectory(prefix="paddler-bench-") as tmp:

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Benchmarks: ./bench.sh (at most 15 minutes here) or ./bench.sh quick (at most 3).
+# Sets up .venv like test.sh, then runs benchmarks/run.py, which writes
+# benchmarks/results/{summary.md,*.json,*.png} and prints the summary.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+VENV=${PADDLER_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+"$VENV/bin/python" -m pip install --quiet -e ".[test,bench]"
+"$VENV/bin/python" setup.py --quiet build_ext --inplace
+
+case "${1:-full}" in
+    quick) exec "$VENV/bin/python" -m benchmarks.run --quick ;;
+    full) exec "$VENV/bin/python" -m benchmarks.run ;;
+    *) echo "usage: ./bench.sh [quick|full]" >&2; exit 2 ;;
+esac
