@@ -63,6 +63,7 @@ def plots() -> list[Path]:
                         loads,
                         [r["ttft"][f"{percentile}_ms"] for r in rows],
                         style,
+                        color=color,
                         marker=marker,
                         label=f"{policy} TTFT {percentile}",
                     )
