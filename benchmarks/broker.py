@@ -217,7 +217,7 @@ def run_impl(impl: str, quick: bool, log_root: Path) -> dict[str, Any]:
             with Client(cluster.clients_addr, timeout_s=30) as client:
                 cluster.wait_for_agents(client, 2)
             for streams in (1, 10, 100):
-                total = (20_000 if quick else 100_000) * tokens_per_step
+                total = (20_000 if quick else 60_000) * tokens_per_step
                 per_stream = max(tokens_per_step, total // streams)
                 row = throughput(cluster, streams, per_stream)
                 row["tokens_per_frame"] = tokens_per_step
