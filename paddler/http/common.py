@@ -75,7 +75,7 @@ def disconnected(req: falcon.asgi.Request) -> asyncio.Event:
 
 async def until_disconnect(
     req: falcon.asgi.Request, events: AsyncIterator[Any], on_disconnect: Callable[[], None]
-) -> AsyncIterator[Any]:
+) -> AsyncGenerator[Any, None]:
     """Items of ``events`` until the client goes away; then ``on_disconnect()``."""
     gone = disconnected(req)
     waiter = asyncio.ensure_future(gone.wait())

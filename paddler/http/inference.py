@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -15,7 +14,7 @@ import falcon
 import falcon.asgi
 from falcon import WebSocketDisconnected
 
-from paddler.client import AsyncClient, Dispatched, Done, Event, Failed
+from paddler.client import AsyncClient, Dispatched, Done
 from paddler.errors import BrokerUnreachable, InvalidRequest
 from paddler.http.common import (
     ClosingStream,
@@ -26,6 +25,7 @@ from paddler.http.common import (
     until_disconnect,
 )
 from paddler.http.envelopes import embedding_messages, error, generation_messages, line, response
+from paddler.http.fanout import embed_fanned_out
 from paddler.protocol.requests import validate_request
 
 log = logging.getLogger("paddler.http")
@@ -74,55 +74,23 @@ async def generation_events(
 async def embedding_events(
     deps: HttpDeps, request: dict[str, Any], request_id: str
 ) -> AsyncGenerator[list[dict[str, Any]], None]:
-    """Fan an embedding batch out over the ready agents (one part each), merge the
-    results as they come (order is not kept, ids match), then one ``Done``."""
+    """Fan an embedding batch out over the ready agents and merge the results as they
+    come (order is not kept, ids match), then one ``Done``."""
+    last_agent: str | None = None
     try:
         client = await deps.link.client()
-        ready = sum(1 for agent in await client.agents() if agent.get("ready"))
+        async with contextlib.aclosing(
+            embed_fanned_out(client, request["input_batch"], request["normalization_method"])
+        ) as events:
+            async for agent, event in events:
+                last_agent = agent or last_agent
+                if not isinstance(event, Done):
+                    yield embedding_messages(request_id, agent, event)
     except BrokerUnreachable as exc:
         await deps.link.reset()
         yield [error(request_id, 503, f"the balancer is not answering: {exc}")]
         return
-    documents = request["input_batch"]
-    size = max(EMBEDDING_PART_MIN_DOCUMENTS, math.ceil(len(documents) / max(ready, 1)))
-    parts = [documents[i : i + size] for i in range(0, len(documents), size)]
-    queue: asyncio.Queue[tuple[str | None, Event | None]] = asyncio.Queue()
-
-    async def run_part(part: list[dict[str, str]]) -> None:
-        agent: str | None = None
-        stream = await client.generate_embedding_batch(part, request["normalization_method"])
-        try:
-            async for event in stream:
-                if isinstance(event, Dispatched):
-                    agent = event.agent_name
-                else:
-                    await queue.put((agent, event))
-        except BrokerUnreachable as exc:
-            await queue.put((agent, Failed(503, "BrokerUnreachable", str(exc))))
-        finally:
-            stream.cancel()
-            await queue.put((agent, None))
-
-    tasks = [asyncio.ensure_future(run_part(part)) for part in parts]
-    try:
-        running = len(tasks)
-        last_agent: str | None = None
-        while running:
-            agent, event = await queue.get()
-            if event is None:
-                running -= 1
-                continue
-            last_agent = agent or last_agent
-            if isinstance(event, Done):
-                continue
-            yield embedding_messages(request_id, agent, event)
-        yield [response(request_id, last_agent, {"Embedding": "Done"})]
-    finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+    yield [response(request_id, last_agent, {"Embedding": "Done"})]
 
 
 class _Stream:

@@ -15,7 +15,6 @@ A client that goes away cancels its broker request, wherever it is.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import math
@@ -56,6 +55,7 @@ from paddler.http.common import (
     read_json,
     until_disconnect,
 )
+from paddler.http.fanout import embed_fanned_out
 from paddler.protocol.messages import Usage
 from paddler.protocol.requests import (
     MAX_DOCUMENTS,
@@ -833,46 +833,30 @@ class Embeddings:
     ) -> tuple[list[list[float]] | None, int]:
         """One vector per text, in order, with the prompt tokens; the batch fans out
         over the ready agents, one part each (as the inference service does)."""
-        agents = await _broker(self.deps, lambda client: client.agents())
-        ready = sum(1 for agent in agents if agent.get("ready"))
         documents = [{"id": str(i), "content": text} for i, text in enumerate(texts)]
-        size = max(1, math.ceil(len(documents) / max(ready, 1)))
-        parts = [documents[i : i + size] for i in range(0, len(documents), size)]
         results: dict[str, list[float]] = {}
         prompt_tokens = 0
         gone = False
 
-        async def run(part: list[dict[str, str]]) -> None:
-            nonlocal prompt_tokens, gone
-            stream = await _broker(
-                self.deps,
-                lambda client: client.generate_embedding_batch(part, EMBEDDING_NORMALIZATION),
-            )
-            async with contextlib.aclosing(guarded(self.deps, req, stream)) as events:
-                async for event in events:
+        def left() -> None:
+            nonlocal gone
+            gone = True
+
+        try:
+            client = await self.deps.link.client()
+            parts = embed_fanned_out(client, documents, EMBEDDING_NORMALIZATION)
+            async with contextlib.aclosing(until_disconnect(req, parts, left)) as events:
+                async for _agent, event in events:
                     if isinstance(event, Embedding):
                         document, vector = _embedding_result(event.result)
                         results[document] = vector
                     elif isinstance(event, Done):
                         prompt_tokens += event.usage.prompt_tokens
-                        return
                     elif isinstance(event, Failed):
                         raise failure(event)
-            gone = True
-
-        tasks = [asyncio.ensure_future(run(part)) for part in parts]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in tasks:
-                error = task.exception() if task.done() else None
-                if error is not None:
-                    raise error
-        finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        except BrokerUnreachable:
+            await self.deps.link.reset()
+            raise
         if gone:
             return None, 0
         missing = [d["id"] for d in documents if d["id"] not in results]
