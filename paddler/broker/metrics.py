@@ -65,6 +65,8 @@ class BrokerMetrics:
         """Finished requests by outcome: ``done`` or the error kind."""
         self.tokens_by_agent: Counter[str] = Counter()
         self.requests_by_agent: Counter[str] = Counter()
+        self.dropped_frames = 0
+        """Malformed or unexpected frames logged and dropped."""
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -74,4 +76,5 @@ class BrokerMetrics:
             "requests": dict(self.requests),
             "tokens_by_agent": dict(self.tokens_by_agent),
             "requests_by_agent": dict(self.requests_by_agent),
+            "dropped_frames": self.dropped_frames,
         }

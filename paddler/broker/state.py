@@ -97,7 +97,6 @@ class Broker:
         self._next_request_id = 1
         self._last_heartbeat_sent = 0.0
         self.liveness_s = settings.heartbeat_interval_s * LIVENESS_INTERVALS
-        self.counters = {"requests": 0, "tokens_frames": 0, "dropped_frames": 0}
         self.metrics = BrokerMetrics()
         self.round_robin = settings.dispatch_policy == "round-robin"
         self.queries: dict[int, tuple[bytes, int, bytes, float]] = {}
@@ -188,7 +187,6 @@ class Broker:
                 else:
                     record.started = True
                     self.metrics.time_to_first_token.observe(now - record.submitted_at)
-                self.counters["tokens_frames"] += 1
                 self._send_client(
                     record.client, [HEADER.pack(kind, record.client_request_id), frames[1]]
                 )
@@ -218,7 +216,7 @@ class Broker:
             self._drop("agent", identity, str(exc))
 
     def _drop(self, side: str, identity: bytes, reason: str) -> None:
-        self.counters["dropped_frames"] += 1
+        self.metrics.dropped_frames += 1
         log.warning("dropped a frame from %s %s: %s", side, identity.hex()[:16], reason)
 
     def _on_register(self, identity: bytes, body: Any, now: float) -> None:
@@ -462,7 +460,6 @@ class Broker:
             buffered_at=now,
             submitted_at=now,
         )
-        self.counters["requests"] += 1
         if not len(self.buffer):
             agent = self._choose()
             if agent is not None:

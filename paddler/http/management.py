@@ -201,6 +201,8 @@ def render_metrics(snapshot: dict[str, Any]) -> str:
     family("paddler_generated_tokens_total", "counter", "Tokens generated, per agent.")
     for agent, count in sorted(metrics["tokens_by_agent"].items()):
         lines.append(f'paddler_generated_tokens_total{{agent="{_label(agent)}"}} {count}')
+    family("paddler_dropped_frames_total", "counter", "Malformed frames the broker dropped.")
+    lines.append(f"paddler_dropped_frames_total {metrics.get('dropped_frames', 0)}")
     for name, key, help_text in (
         (
             "paddler_queue_wait_seconds",

@@ -1,6 +1,7 @@
 """A deterministic engine with no model: each step sleeps ``step_ms`` (like a
 decode that releases the GIL) and gives every request ``tokens_per_step`` pieces,
 after an optional ``first_token_delay_ms`` per request (a slow prefill, or a stall).
+Embedding requests get a small made-up vector per document at the next step.
 
 Piece ``i`` of a request is ``"t{i} "``; a request ends after ``max_tokens``
 pieces with usage counting the whitespace-separated words of its prompt.
@@ -14,6 +15,7 @@ from typing import Any
 
 from paddler.agent.engine import CANCELLED_CODE, Engine, EventSink
 from paddler.protocol.messages import AgentStatus
+from paddler.protocol.requests import is_embedding_request
 
 PIECES = [f"t{i} " for i in range(4096)]
 
@@ -40,6 +42,7 @@ class FakeEngine(Engine):
         self.step_s = step_ms / 1000.0
         self.tokens_per_step = tokens_per_step
         self.requests: dict[int, _Request] = {}
+        self.embeddings: dict[int, dict[str, Any]] = {}
         self.state: dict[str, Any] | None = None
 
     def apply_state(self, state: dict[str, Any] | None) -> None:
@@ -66,6 +69,9 @@ class FakeEngine(Engine):
         return None
 
     def admit(self, request_id: int, request: dict[str, Any]) -> None:
+        if is_embedding_request(request):
+            self.embeddings[request_id] = request
+            return
         prompt = request.get("raw_prompt")
         if prompt is None:
             prompt = " ".join(str(m.get("content", "")) for m in request["conversation_history"])
@@ -81,9 +87,26 @@ class FakeEngine(Engine):
             request.cancelled = True
 
     def active_count(self) -> int:
-        return len(self.requests)
+        return len(self.requests) + len(self.embeddings)
 
     def step(self, sink: EventSink) -> None:
+        for request_id, embedding in self.embeddings.items():
+            for document in embedding["input_batch"]:
+                content = document["content"]
+                vector = [float(len(content)), float(sum(map(ord, content)) % 97), 1.0, 0.0]
+                sink.embedding(
+                    request_id,
+                    {
+                        "Embedding": {
+                            "embedding": vector,
+                            "normalization_method": embedding["normalization_method"],
+                            "pooling_type": "Last",
+                            "source_document_id": document["id"],
+                        }
+                    },
+                )
+            sink.done(request_id, {"prompt_tokens": len(embedding["input_batch"])})
+        self.embeddings.clear()
         # cancellations end at once, queued or running
         for request_id in [rid for rid, r in self.requests.items() if r.cancelled]:
             sink.error(request_id, CANCELLED_CODE, "Cancelled", "cancelled by the client")
