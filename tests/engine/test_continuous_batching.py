@@ -123,3 +123,31 @@ def test_generation_stops_at_the_end_of_the_slot_context(make_engine) -> None:
     kind, usage = sink.ends()[1]
     assert kind == "done"
     assert usage["prompt_tokens"] + usage["content_tokens"] == engine.n_ctx_seq == 256
+
+
+def test_a_full_kv_cache_ends_only_the_request_holding_the_most_cells(
+    make_engine, monkeypatch
+) -> None:
+    import paddler.agent.llama_engine as module
+
+    engine = make_engine(slots=2)
+    sink = RecordingSink(engine)
+    engine.admit(1, validate_request({"raw_prompt": "a much longer prompt " * 8, "max_tokens": 20}))
+    engine.admit(2, validate_request({"raw_prompt": "short", "max_tokens": 20}))
+    for _ in range(3):
+        engine.step(sink)
+    real_decode = module.lc.llama_decode
+    calls = {"n": 0}
+
+    def full_once(context, batch):  # llama.cpp's "no KV slot" answer, once
+        calls["n"] += 1
+        return 1 if calls["n"] == 1 else real_decode(context, batch)
+
+    monkeypatch.setattr(module.lc, "llama_decode", full_once)
+    while engine.active_count():
+        engine.step(sink)
+    ends = sink.ends()
+    assert ends[1][0] == "error" and ends[1][1][1] == "KvCacheExhausted"
+    assert ends[2][0] == "done" and ends[2][1]["content_tokens"] == 20
+    # the survivor's text is whole: the failed step was taken again, not skipped
+    assert len([e for e in sink.events if e[1] == "tokens" and e[2] == 2]) == 20
