@@ -105,7 +105,7 @@ def ttft_direct(
             "--broker-addr",
             address,
             "--slots",
-            "1",
+            str(concurrency),
             "--step-ms",
             "0",
         ],
@@ -129,17 +129,21 @@ def ttft_direct(
             ]
         )
         request = pack_body({"raw_prompt": "x", "max_tokens": 1})
-        for request_id in range(1, samples + 1):
+        next_id = 1
+        for _ in range(max(1, samples // concurrency)):
             started = time.perf_counter()
-            router.send_multipart([identity, HEADER.pack(Kind.DISPATCH, request_id), request])
-            while True:
+            wave = set(range(next_id, next_id + concurrency))
+            next_id += concurrency
+            for request_id in sorted(wave):
+                router.send_multipart([identity, HEADER.pack(Kind.DISPATCH, request_id), request])
+            while wave:
                 assert router.poll(10_000)
                 _, header, _body = router.recv_multipart()
                 kind, rid = HEADER.unpack(header)
-                if kind == Kind.TOKENS and rid == request_id:
+                if kind == Kind.TOKENS and rid in wave:
                     times.append(time.perf_counter() - started)
-                elif kind in (Kind.DONE, Kind.ERROR) and rid == request_id:
-                    break
+                elif kind in (Kind.DONE, Kind.ERROR):
+                    wave.discard(rid)
     finally:
         agent.send_signal(signal.SIGTERM)
         try:
@@ -224,15 +228,24 @@ def run_impl(impl: str, quick: bool, log_root: Path) -> dict[str, Any]:
                 rows.append(row)
         out["throughput"] = rows
         samples = 200 if quick else 1000
-        through = ttft_through_broker(cluster, samples)
+        through = {c: ttft_through_broker(cluster, samples, c) for c in (1, 10, 100)}
     finally:
         cluster.close()
-    direct = ttft_direct(env, samples, log_dir)
-    out["ttft_through_broker"] = summary_ms(through)
-    out["ttft_direct"] = summary_ms(direct)
-    out["added_ttft_p50_ms"] = round(
-        out["ttft_through_broker"]["p50_ms"] - out["ttft_direct"]["p50_ms"], 4
-    )
+    latency = []
+    for concurrency in (1, 10, 100):
+        direct = summary_ms(ttft_direct(env, samples, log_dir, concurrency))
+        via = summary_ms(through[concurrency])
+        latency.append(
+            {
+                "concurrency": concurrency,
+                "direct": direct,
+                "through_broker": via,
+                "added_p50_ms": round(via["p50_ms"] - direct["p50_ms"], 4),
+                "added_p99_ms": round(via["p99_ms"] - direct["p99_ms"], 4),
+            }
+        )
+    out["latency"] = latency
+    out["added_ttft_p50_ms"] = latency[0]["added_p50_ms"]
     out["dispatch_decision"] = dispatch_decision(impl)
     return out
 
@@ -249,17 +262,23 @@ def report(result: dict[str, Any]) -> str:
             )
     lines += [
         "",
-        "| impl | TTFT direct p50 | TTFT via broker p50 | p99 | added p50 | target |",
+        "| impl | concurrent | TTFT direct p50 / p99 | via broker p50 / p99 "
+        "| added p50 / p99 | target (1 stream) |",
         "|---|---:|---:|---:|---:|---|",
     ]
     for impl in result["impls"]:
-        added = impl["added_ttft_p50_ms"]
-        lines.append(
-            f"| {impl['impl']} | {impl['ttft_direct']['p50_ms']:.3f} ms | "
-            f"{impl['ttft_through_broker']['p50_ms']:.3f} ms | "
-            f"{impl['ttft_through_broker']['p99_ms']:.3f} ms | {added:.3f} ms | "
-            f"< {TARGET_ADDED_TTFT_MS} ms: {'met' if added < TARGET_ADDED_TTFT_MS else 'NOT met'} |"
-        )
+        for row in impl["latency"]:
+            added = row["added_p50_ms"]
+            target = ""
+            if row["concurrency"] == 1:
+                met = added < TARGET_ADDED_TTFT_MS
+                target = f"< {TARGET_ADDED_TTFT_MS} ms: {'met' if met else 'NOT met'}"
+            d, v = row["direct"], row["through_broker"]
+            lines.append(
+                f"| {impl['impl']} | {row['concurrency']} | {d['p50_ms']:.3f} / "
+                f"{d['p99_ms']:.3f} ms | {v['p50_ms']:.3f} / {v['p99_ms']:.3f} ms | "
+                f"{added:+.3f} / {row['added_p99_ms']:+.3f} ms | {target} |"
+            )
     best = max(r["tokens_per_s"] for i in result["impls"] for r in i["throughput"])
     lines += [
         "",
