@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from paddler.testing.cluster import free_port, wait_until
+
+
+def test_paddler_cluster_serves_the_demo_model_and_stops_cleanly(tmp_path) -> None:
+    inference, management, openai = (f"127.0.0.1:{free_port()}" for _ in range(3))
+    agents_addr = f"tcp://127.0.0.1:{free_port()}"
+    env = dict(os.environ, PADDLER_CACHE_DIR=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    log = open(tmp_path / "cluster.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "paddler",
+            "cluster",
+            "--agents",
+            "2",
+            "--slots",
+            "2",
+            "--agents-addr",
+            f"tcp://127.0.0.1:{free_port()}",
+            "--clients-addr",
+            f"tcp://127.0.0.1:{free_port()}",
+            "--inference-addr",
+            inference,
+            "--management-addr",
+            management,
+            "--compat-openai-addr",
+            openai,
+            "--http-workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+
+        def ready() -> bool:
+            try:
+                agents = httpx.get(f"http://{management}/api/v1/agents").json()["agents"]
+            except httpx.HTTPError:
+                return False
+            return len(agents) == 2 and all(
+                a["state_application_status"] == "Applied" and a["model_path"] for a in agents
+            )
+
+        wait_until(ready, timeout_s=60, interval_s=0.2, what="two agents with the demo model")
+        response = httpx.post(
+            f"http://{inference}/api/v1/continue_from_conversation_history",
+            json={"conversation_history": [{"role": "user", "content": "Hello!"}], "max_tokens": 8},
+        )
+        lines = [json.loads(line) for line in response.text.splitlines()]
+        assert (
+            lines[-1]["Response"]["response"]["GeneratedToken"]["Done"]["usage"]["content_tokens"]
+            == 8
+        )
+        models = httpx.get(f"http://{openai}/v1/models").json()["data"]
+        assert [m["id"] for m in models] == ["tiny-llama-v1.gguf"]
+        output = (tmp_path / "cluster.log").read_text()
+        assert "tiny built-in demo model" in output
+        assert f"curl -N http://{inference}/api/v1/continue_from_conversation_history" in output
+
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+        assert time.monotonic() - started < 5
+        # the balancer and the agents carry the agents address in argv, gunicorn its bind
+        wait_until(
+            lambda: not (_processes_with(agents_addr) or _processes_with(inference)),
+            timeout_s=3,
+            what="no cluster process left",
+        )
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+def _processes_with(text: str) -> list[int]:
+    """Live processes whose command line contains ``text``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                cmdline = handle.read()
+            with open(f"/proc/{entry}/stat") as handle:
+                state = handle.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text.encode() in cmdline and state != "Z":
+            found.append(int(entry))
+    return found
