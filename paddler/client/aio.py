@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,37 +33,36 @@ _Item = tuple[int, bytes] | BaseException
 
 
 class AsyncStream:
-    """The events of one request: ``async for event in stream``.
-
-    The request is cancelled when the stream is left unfinished: ``cancel()``, the
-    end of an ``async with`` block, or the stream being dropped.
+    """The events of one request: ``async for event in stream`` (the stream is its
+    own iterator). The request is cancelled when the stream is left unfinished:
+    ``cancel()``, the end of an ``async with`` block, or the stream being dropped.
     """
 
     def __init__(self, client: AsyncClient, request_id: int) -> None:
         self.client = client
         self.request_id = request_id
         self.finished = False
-        self._events = self._generate()
+        # no reference cycle: dropping the stream runs this at once, not at a GC pass
+        self._cancel_when_dropped = weakref.finalize(self, client._cancel, request_id)
 
     def __aiter__(self) -> AsyncIterator[Event]:
-        return self._events
+        return self
 
-    async def _generate(self) -> AsyncIterator[Event]:
-        try:
-            while not self.finished:
-                kind, body = await self.client._wait(self.request_id)
-                event = decode_event(kind, body)
-                if isinstance(event, TERMINAL):
-                    self.finished = True
-                    self.client._queues.pop(self.request_id, None)
-                yield event
-        finally:
-            self.cancel()
+    async def __anext__(self) -> Event:
+        if self.finished:
+            raise StopAsyncIteration
+        kind, body = await self.client._wait(self.request_id)
+        event = decode_event(kind, body)
+        if isinstance(event, TERMINAL):
+            self.finished = True
+            self.client._queues.pop(self.request_id, None)
+            self._cancel_when_dropped.detach()
+        return event
 
     def cancel(self) -> None:
         if not self.finished:
             self.finished = True
-            self.client._cancel(self.request_id)
+            self._cancel_when_dropped()
 
     async def text(self) -> str:
         parts: list[str] = []

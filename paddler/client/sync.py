@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
@@ -51,39 +52,40 @@ def query_failure(kind: int, body: bytes, expected: Kind) -> PaddlerError:
 
 
 class Stream:
-    """The events of one request.
+    """The events of one request; the stream is its own iterator.
 
     Iterating it more than once continues where the last loop stopped. The request
     is cancelled when the stream is left unfinished: ``cancel()``, the end of a
-    ``with`` block, or the stream (and its iterator) being dropped.
+    ``with`` block, or the stream being dropped (a loop over a stream nobody keeps
+    cancels it as soon as the loop is left).
     """
 
     def __init__(self, client: Client, request_id: int) -> None:
         self.client = client
         self.request_id = request_id
         self.finished = False
-        self._events = self._generate()
+        # no reference cycle: dropping the stream runs this at once, not at a GC pass
+        self._cancel_when_dropped = weakref.finalize(self, client._cancel, request_id)
 
     def __iter__(self) -> Iterator[Event]:
-        return self._events
+        return self
 
-    def _generate(self) -> Iterator[Event]:
-        try:
-            while not self.finished:
-                kind, body = self.client._wait(self.request_id)
-                event = decode_event(kind, body)
-                if isinstance(event, TERMINAL):
-                    self.finished = True
-                    self.client._pending.pop(self.request_id, None)
-                yield event
-        finally:
-            self.cancel()
+    def __next__(self) -> Event:
+        if self.finished:
+            raise StopIteration
+        kind, body = self.client._wait(self.request_id)
+        event = decode_event(kind, body)
+        if isinstance(event, TERMINAL):
+            self.finished = True
+            self.client._pending.pop(self.request_id, None)
+            self._cancel_when_dropped.detach()
+        return event
 
     def cancel(self) -> None:
         """Stop the request wherever it is (buffered or generating)."""
         if not self.finished:
             self.finished = True
-            self.client._cancel(self.request_id)
+            self._cancel_when_dropped()
 
     def text(self) -> str:
         """All text of the request; ``RequestFailed`` if it ends with an error."""
