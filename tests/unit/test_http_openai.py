@@ -20,11 +20,9 @@ from paddler.http.asgi import DISCONNECTED
 from paddler.http.common import HttpDeps
 from paddler.protocol.messages import Usage
 from paddler.protocol.requests import DEFAULT_MAX_TOKENS
+from tests.unit.fake_broker import HANG, FakeClient, FakeLink, FakeStream
 
 LIMIT = 4096
-HANG = object()
-"""In a script: the stream stops here and never ends (until cancelled)."""
-
 TINY_STATE = {"model": {"LocalToAgent": "/models/tiny.gguf"}}
 
 
@@ -32,78 +30,11 @@ def _agent(ready: bool = True) -> dict[str, Any]:
     return {"id": "agent-x", "name": "a1", "slots_total": 2, "ready": ready}
 
 
-class FakeStream:
-    def __init__(self, events: list[Any], on_hang: asyncio.Event | None = None) -> None:
-        self.events = list(events)
-        self.on_hang = on_hang
-        self.cancelled = False
-
-    def __aiter__(self) -> FakeStream:
-        return self
-
-    async def __anext__(self) -> Any:
-        if not self.events:
-            raise StopAsyncIteration
-        event = self.events.pop(0)
-        if event is HANG:
-            if self.on_hang is not None:
-                self.on_hang.set()
-            await asyncio.Future()  # until cancelled
-        return event
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class FakeClient:
-    """Scripted like the broker: ``submit`` returns the next script's events."""
-
-    def __init__(self) -> None:
-        self.submitted: list[dict[str, Any]] = []
-        self.script: list[list[Any]] = []
-        self.streams: list[FakeStream] = []
-        self.state: dict[str, Any] = dict(TINY_STATE)
-        self.agent_list = [_agent()]
-        self.unreachable = False
-        self.on_hang: asyncio.Event | None = None
-
-    async def submit(self, request: dict[str, Any]) -> FakeStream:
-        if self.unreachable:
-            raise BrokerUnreachable("fake broker is down")
-        self.submitted.append(request)
-        stream = FakeStream(self.script.pop(0) if self.script else [], self.on_hang)
-        self.streams.append(stream)
-        return stream
-
-    async def generate_embedding_batch(self, documents: list[Any], method: Any) -> FakeStream:
-        return await self.submit({"input_batch": documents, "normalization_method": method})
-
-    async def agents(self) -> list[dict[str, Any]]:
-        if self.unreachable:
-            raise BrokerUnreachable("fake broker is down")
-        return self.agent_list
-
-    async def desired_state(self) -> dict[str, Any]:
-        if self.unreachable:
-            raise BrokerUnreachable("fake broker is down")
-        return self.state
-
-
-class FakeLink:
-    def __init__(self, client: FakeClient) -> None:
-        self._client = client
-        self.resets = 0
-
-    async def client(self) -> FakeClient:
-        return self._client
-
-    async def reset(self) -> None:
-        self.resets += 1
-
-
 @pytest.fixture
 def fake() -> FakeClient:
-    return FakeClient()
+    client = FakeClient(TINY_STATE)
+    client.agent_list = [_agent()]
+    return client
 
 
 @pytest.fixture
