@@ -14,7 +14,7 @@ import falcon
 import falcon.asgi
 from falcon import WebSocketDisconnected
 
-from paddler.client import AsyncClient, Dispatched, Done
+from paddler.client import Dispatched, Done
 from paddler.errors import BrokerUnreachable, InvalidRequest
 from paddler.http.common import (
     ClosingStream,
@@ -249,5 +249,3 @@ def create_app(deps: HttpDeps) -> falcon.asgi.App[Any, Any]:
     app.add_route("/api/v1/inference_socket", InferenceSocket(deps))
     return app
 
-
-__all__ = ["AsyncClient", "create_app"]

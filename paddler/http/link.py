@@ -7,7 +7,6 @@ import asyncio
 import logging
 
 from paddler.client import AsyncClient
-from paddler.errors import BrokerUnreachable
 
 log = logging.getLogger("paddler.http")
 
@@ -38,5 +37,3 @@ class BrokerLink:
     async def close(self) -> None:
         await self.reset()
 
-
-__all__ = ["BrokerLink", "BrokerUnreachable"]
