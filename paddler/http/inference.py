@@ -248,4 +248,3 @@ def create_app(deps: HttpDeps) -> falcon.asgi.App[Any, Any]:
     app.add_route("/api/v1/generate_embedding_batch", GenerateEmbeddingBatch(deps))
     app.add_route("/api/v1/inference_socket", InferenceSocket(deps))
     return app
-

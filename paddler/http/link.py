@@ -36,4 +36,3 @@ class BrokerLink:
 
     async def close(self) -> None:
         await self.reset()
-
