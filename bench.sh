@@ -4,15 +4,8 @@
 # benchmarks/results/{summary.md,*.json,*.png} and prints the summary.
 set -euo pipefail
 cd "$(dirname "$0")"
-
-PYTHON=${PYTHON:-python3}
-VENV=${PADDLER_VENV:-.venv}
-if [ ! -x "$VENV/bin/python" ]; then
-    "$PYTHON" -m venv "$VENV"
-fi
-"$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet -e ".[test,bench]"
-"$VENV/bin/python" setup.py --quiet build_ext --inplace
+source scripts/venv.sh
+setup_venv test,bench
 
 case "${1:-full}" in
     quick) exec "$VENV/bin/python" -m benchmarks.run --quick ;;

@@ -4,19 +4,8 @@
 # against the pure-Python twins (PADDLER_NO_EXTENSIONS=1).
 set -euo pipefail
 cd "$(dirname "$0")"
-
-PYTHON=${PYTHON:-python3}
-VENV=${PADDLER_VENV:-.venv}
-
-if [ ! -x "$VENV/bin/python" ]; then
-    "$PYTHON" -m venv "$VENV"
-fi
-# llama-cpp-python compiles from source when no wheel fits (about 9 minutes);
-# pip keeps the built wheel in its cache, so later installs take seconds.
-"$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet -e ".[test]"
-# build the Cython extensions next to their sources (editable install)
-"$VENV/bin/python" setup.py --quiet build_ext --inplace
+source scripts/venv.sh
+setup_venv test
 
 "$VENV/bin/ruff" format --check paddler tests benchmarks
 "$VENV/bin/ruff" check paddler tests benchmarks
