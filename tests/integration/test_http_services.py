@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
 from paddler.testing.cluster import LocalCluster, wait_until
+from paddler.testing.processes import descends_from, live_processes
 
 
 def _cluster(make_cluster, **options) -> LocalCluster:
@@ -306,33 +307,10 @@ def test_sigterm_during_live_streams_ends_them_with_503_and_exits_cleanly(make_c
     wait_until(lambda: not _gunicorn_alive(balancer.pid), timeout_s=3, what="no gunicorn left")
 
 
-def _gunicorn_alive(parent_pid: int) -> bool:
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                cmdline = handle.read()
-        except OSError:
-            continue
-        if b"gunicorn" in cmdline and b"paddler.http.app" in cmdline:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-            if fields[0] != "Z" and _descends_from(int(entry), parent_pid):
-                return True
-    return False
-
-
-def _descends_from(pid: int, ancestor: int) -> bool:
-    while pid > 1:
-        if pid == ancestor:
-            return True
-        try:
-            with open(f"/proc/{pid}/stat") as handle:
-                pid = int(handle.read().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            return False
-    return False
+def _gunicorn_alive(balancer_pid: int) -> bool:
+    return any(
+        b"gunicorn" in p.cmdline and descends_from(p.pid, balancer_pid) for p in live_processes()
+    )
 
 
 def test_a_crashed_worker_is_replaced_without_losing_broker_state(make_cluster) -> None:
@@ -359,40 +337,10 @@ def test_a_crashed_worker_is_replaced_without_losing_broker_state(make_cluster) 
 
 def _workers(balancer_pid: int) -> list[int]:
     """gunicorn worker processes (children of the gunicorn arbiter under the balancer)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                cmdline = handle.read()
-            with open(f"/proc/{entry}/stat") as handle:
-                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            continue
-        if (
-            b"gunicorn" in cmdline
-            and _descends_from(parent, balancer_pid)
-            and parent != balancer_pid
-        ):
-            found.append(int(entry))
-    return sorted(found)
-
-
-def test_an_embedding_batch_fans_out_over_the_agents(make_cluster) -> None:
-    cluster = _cluster(make_cluster)
-    cluster.start_agent("a1", slots=2)
-    cluster.start_agent("a2", slots=2)
-    cluster.wait_for_agents(cluster.client(), 2)
-    documents = [{"id": f"d{i}", "content": "x" * (i + 1)} for i in range(6)]
-    response = httpx.post(
-        f"{cluster.inference_url}/api/v1/generate_embedding_batch",
-        json={"input_batch": documents, "normalization_method": "None"},
+    return sorted(
+        p.pid
+        for p in live_processes()
+        if b"gunicorn" in p.cmdline
+        and p.parent != balancer_pid
+        and descends_from(p.parent, balancer_pid)
     )
-    lines = _lines(response)
-    results = [line["Response"] for line in lines[:-1]]
-    assert lines[-1]["Response"]["response"] == {"Embedding": "Done"}
-    by_id = {r["response"]["Embedding"]["Embedding"]["source_document_id"]: r for r in results}
-    assert sorted(by_id) == [d["id"] for d in documents]
-    assert {r["generated_by"] for r in results} == {"a1", "a2"}  # both agents took a part
-    assert by_id["d2"]["response"]["Embedding"]["Embedding"]["embedding"][0] == 3.0

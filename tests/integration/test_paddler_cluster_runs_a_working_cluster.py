@@ -10,6 +10,7 @@ import time
 import httpx
 
 from paddler.testing.cluster import free_port, wait_until
+from paddler.testing.processes import processes_with
 
 
 def test_paddler_cluster_serves_the_demo_model_and_stops_cleanly(tmp_path) -> None:
@@ -78,7 +79,7 @@ def test_paddler_cluster_serves_the_demo_model_and_stops_cleanly(tmp_path) -> No
         assert time.monotonic() - started < 5
         # the balancer and the agents carry the agents address in argv, gunicorn its bind
         wait_until(
-            lambda: not (_processes_with(agents_addr) or _processes_with(inference)),
+            lambda: not (processes_with(agents_addr) or processes_with(inference)),
             timeout_s=3,
             what="no cluster process left",
         )
@@ -87,21 +88,3 @@ def test_paddler_cluster_serves_the_demo_model_and_stops_cleanly(tmp_path) -> No
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         log.close()
-
-
-def _processes_with(text: str) -> list[int]:
-    """Live processes whose command line contains ``text``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                cmdline = handle.read()
-            with open(f"/proc/{entry}/stat") as handle:
-                state = handle.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if text.encode() in cmdline and state != "Z":
-            found.append(int(entry))
-    return found
