@@ -344,3 +344,22 @@ def _workers(balancer_pid: int) -> list[int]:
         and p.parent != balancer_pid
         and descends_from(p.parent, balancer_pid)
     )
+
+
+def test_an_embedding_batch_fans_out_over_the_agents(make_cluster) -> None:
+    cluster = _cluster(make_cluster)
+    cluster.start_agent("a1", slots=2)
+    cluster.start_agent("a2", slots=2)
+    cluster.wait_for_agents(cluster.client(), 2)
+    documents = [{"id": f"d{i}", "content": "x" * (i + 1)} for i in range(6)]
+    response = httpx.post(
+        f"{cluster.inference_url}/api/v1/generate_embedding_batch",
+        json={"input_batch": documents, "normalization_method": "None"},
+    )
+    lines = _lines(response)
+    results = [line["Response"] for line in lines[:-1]]
+    assert lines[-1]["Response"]["response"] == {"Embedding": "Done"}
+    by_id = {r["response"]["Embedding"]["Embedding"]["source_document_id"]: r for r in results}
+    assert sorted(by_id) == [d["id"] for d in documents]
+    assert {r["generated_by"] for r in results} == {"a1", "a2"}  # both agents took a part
+    assert by_id["d2"]["response"]["Embedding"]["Embedding"]["embedding"][0] == 3.0
