@@ -1,0 +1,116 @@
+"""Embeddings: a second context on the loaded model with pooled embeddings on.
+
+One document per decode, the whole document in one micro-batch (pooling needs it).
+Every document's result goes out as soon as it is computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+from paddler._core import BatchBuilder
+from paddler.agent.engine import EventSink
+from paddler.agent.llama.native import POOLING_TYPES, LlamaBatch, LlamaContext, LlamaModel
+
+
+def normalize(vector: list[float], method: Any) -> list[float]:
+    """``None``, ``L2`` (unit length) or ``{"RmsNorm": {"epsilon": e}}`` (unit RMS)."""
+    if method == "L2":
+        norm = math.sqrt(sum(v * v for v in vector))
+        return [v / norm for v in vector] if norm > 0 else vector
+    if isinstance(method, dict) and "RmsNorm" in method:
+        epsilon = method["RmsNorm"]["epsilon"]
+        scale = 1.0 / math.sqrt(sum(v * v for v in vector) / max(len(vector), 1) + epsilon)
+        return [v * scale for v in vector]
+    return vector
+
+
+class Embedder:
+    """An embedding context and its batch on ``model``; ``size`` is the most tokens
+    a document may have. Raises ``EngineError`` when llama.cpp cannot create it."""
+
+    def __init__(self, model: LlamaModel, parameters: dict[str, Any], n_threads: int) -> None:
+        self.model = model
+        self.pooling_name = parameters["pooling_type"]
+        size = max(parameters["embedding_batch_size"], 16)
+        with contextlib.ExitStack() as stack:
+            self.context = stack.enter_context(
+                LlamaContext(
+                    model,
+                    n_ctx=max(size, 256),
+                    n_batch=size,
+                    n_ubatch=size,
+                    n_seq_max=1,
+                    n_threads=n_threads,
+                    embeddings=True,
+                    pooling_type=POOLING_TYPES[self.pooling_name],
+                    purpose="an embedding context",
+                )
+            )
+            self.size = self.context.n_ubatch
+            self.batch = stack.enter_context(LlamaBatch(self.size))
+            self.builder = BatchBuilder(self.batch.struct, self.size)
+            self._handles = stack.pop_all()
+
+    def embed(self, tokens: list[int]) -> list[float] | None:
+        """The pooled embedding of one document (at most ``size`` tokens), ``None`` on
+        a native failure."""
+        self.context.clear()
+        self.builder.clear()
+        for position, token in enumerate(tokens):
+            self.builder.add(token, position, 0, True)
+        run = self.context.encode if self.model.has_encoder else self.context.decode
+        if run(self.batch) != 0:
+            return None
+        return self.context.pooled_embedding(0, len(tokens) - 1, self.model.n_embd)
+
+    def close(self) -> None:
+        """Free the batch, then the context (the model is not this embedder's)."""
+        self._handles.close()
+
+    def __enter__(self) -> Embedder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def embed_documents(
+    sink: EventSink, embedder: Embedder, request_id: int, request: dict[str, Any]
+) -> None:
+    """Embed every document of an embedding request, then end it with its usage."""
+    method = request["normalization_method"]
+    prompt_tokens = 0
+    for document in request["input_batch"]:
+        tokens = embedder.model.tokenize(document["content"], add_special=True)
+        if len(tokens) > embedder.size:
+            sink.embedding(
+                request_id,
+                {
+                    "DocumentExceedsBatchSize": {
+                        "document_tokens": len(tokens),
+                        "embedding_batch_size": embedder.size,
+                        "source_document_id": document["id"],
+                    }
+                },
+            )
+            continue
+        vector = embedder.embed(tokens)
+        if vector is None:
+            sink.embedding(request_id, {"Error": f"document {document['id']!r} failed"})
+            continue
+        prompt_tokens += len(tokens)
+        sink.embedding(
+            request_id,
+            {
+                "Embedding": {
+                    "embedding": normalize(vector, method),
+                    "normalization_method": method,
+                    "pooling_type": embedder.pooling_name,
+                    "source_document_id": document["id"],
+                }
+            },
+        )
+    sink.done(request_id, {"prompt_tokens": prompt_tokens})
