@@ -1,5 +1,6 @@
-"""The balancer's desired state: Paddler's ``BalancerDesiredState``, validated.
+"""The balancer's desired state: Paddler's ``BalancerDesiredState`` as a shape.
 
+``DesiredState`` declares every field once, with its bounds and default;
 ``validate_desired_state`` fills defaults for missing fields, rejects unknown
 ones and wrong types, and raises ``ConfigurationError`` naming the field
 (``inference_parameters.temperature``) so the HTTP layer can answer 400.
@@ -7,190 +8,187 @@ ones and wrong types, and raises ``ConfigurationError`` naming the field
 
 from __future__ import annotations
 
-import copy
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal, get_args
+
+from annotated_types import Interval
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Discriminator,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from paddler.errors import ConfigurationError
+from paddler.protocol.shapes import Says, Shape, check, member_tag
 
-CACHE_DTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "IQ4_NL", "Q5_0", "Q5_1")
-POOLING_TYPES = ("Unspecified", "None", "Mean", "Cls", "Last", "Rank")
-
-DEFAULT_INFERENCE_PARAMETERS: dict[str, Any] = {
-    "n_batch": 2048,
-    "context_size": 8192,
-    "embedding_batch_size": 256,
-    "enable_embeddings": False,
-    "image_resize_to_fit": 1024,
-    "k_cache_dtype": "Q8_0",
-    "v_cache_dtype": "Q8_0",
-    "min_p": 0.05,
-    "n_gpu_layers": 0,
-    "penalty_frequency": 0.0,
-    "penalty_last_n": -1,
-    "penalty_presence": 0.8,
-    "penalty_repeat": 1.1,
-    "pooling_type": "Last",
-    "temperature": 0.8,
-    "top_k": 80,
-    "top_p": 0.8,
-}
-
-# name -> (kind, low, high); kind "int", "float", "bool" or a tuple of allowed strings
-_PARAMETER_RULES: dict[str, tuple[Any, float, float]] = {
-    "n_batch": ("int", 1, 1 << 20),
-    "context_size": ("int", 16, 1 << 24),
-    "embedding_batch_size": ("int", 1, 1 << 20),
-    "enable_embeddings": ("bool", 0, 0),
-    "image_resize_to_fit": ("int", 1, 1 << 16),
-    "k_cache_dtype": (CACHE_DTYPES, 0, 0),
-    "v_cache_dtype": (CACHE_DTYPES, 0, 0),
-    "min_p": ("float", 0.0, 1.0),
-    "n_gpu_layers": ("int", 0, 1 << 16),
-    "penalty_frequency": ("float", -2.0, 2.0),
-    "penalty_last_n": ("int", -1, 1 << 24),
-    "penalty_presence": ("float", -2.0, 2.0),
-    "penalty_repeat": ("float", 0.0, 10.0),
-    "pooling_type": (POOLING_TYPES, 0, 0),
-    "temperature": ("float", 0.0, 100.0),
-    "top_k": ("int", 0, 1 << 24),
-    "top_p": ("float", 0.0, 1.0),
-}
-
-TOP_LEVEL_FIELDS = (
-    "model",
-    "multimodal_projection",
-    "inference_parameters",
-    "chat_template_override",
-    "use_chat_template_override",
-)
+CacheDtype = Literal["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "IQ4_NL", "Q5_0", "Q5_1"]
+PoolingType = Literal["Unspecified", "None", "Mean", "Cls", "Last", "Rank"]
+CACHE_DTYPES: tuple[str, ...] = get_args(CacheDtype)
+POOLING_TYPES: tuple[str, ...] = get_args(PoolingType)
 
 
-def default_desired_state() -> dict[str, Any]:
-    return {
-        "model": "None",
-        "multimodal_projection": "None",
-        "inference_parameters": dict(DEFAULT_INFERENCE_PARAMETERS),
-        "chat_template_override": None,
-        "use_chat_template_override": False,
-    }
+class InferenceParameters(Shape):
+    """How agents load and run the model; every field has Paddler's default."""
+
+    n_batch: Annotated[int, Interval(ge=1, le=1 << 20)] = 2048
+    context_size: Annotated[int, Interval(ge=16, le=1 << 24)] = 8192
+    embedding_batch_size: Annotated[int, Interval(ge=1, le=1 << 20)] = 256
+    enable_embeddings: Annotated[bool, Says("must be true or false")] = False
+    image_resize_to_fit: Annotated[int, Interval(ge=1, le=1 << 16)] = 1024
+    k_cache_dtype: CacheDtype = "Q8_0"
+    v_cache_dtype: CacheDtype = "Q8_0"
+    min_p: Annotated[float, Interval(ge=0.0, le=1.0)] = 0.05
+    n_gpu_layers: Annotated[int, Interval(ge=0, le=1 << 16)] = 0
+    penalty_frequency: Annotated[float, Interval(ge=-2.0, le=2.0)] = 0.0
+    penalty_last_n: Annotated[int, Interval(ge=-1, le=1 << 24)] = -1
+    penalty_presence: Annotated[float, Interval(ge=-2.0, le=2.0)] = 0.8
+    penalty_repeat: Annotated[float, Interval(ge=0.0, le=10.0)] = 1.1
+    pooling_type: PoolingType = "Last"
+    temperature: Annotated[float, Interval(ge=0.0, le=100.0)] = 0.8
+    top_k: Annotated[int, Interval(ge=0, le=1 << 24)] = 80
+    top_p: Annotated[float, Interval(ge=0.0, le=1.0)] = 0.8
 
 
-def _nonempty_str(value: Any, field: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigurationError(field, "must be a non-empty string")
+DEFAULT_INFERENCE_PARAMETERS: dict[str, Any] = InferenceParameters().model_dump()
+
+
+def _non_blank(value: str) -> str:
+    if not value.strip():
+        raise PydanticCustomError("blank", "must be a non-empty string")
     return value
 
 
-def _validate_source(value: Any, field: str) -> Any:
-    """A model source: ``"None"``, ``{"LocalToAgent": path}``, ``{"Url": {"url"}}``,
-    or ``{"HuggingFace": {"repo_id", "revision", "filename"}}``."""
-    if value == "None" or value is None:
-        return "None"
-    if not isinstance(value, dict) or len(value) != 1:
-        raise ConfigurationError(
-            field,
-            'must be "None" or one of {"LocalToAgent": ...}, {"Url": ...}, {"HuggingFace": ...}',
-        )
-    ((variant, data),) = value.items()
-    if variant == "LocalToAgent":
-        return {"LocalToAgent": _nonempty_str(data, f"{field}.LocalToAgent")}
-    if variant == "Url":
-        if isinstance(data, str):
-            data = {"url": data}
-        if not isinstance(data, dict):
-            raise ConfigurationError(f"{field}.Url", "must be an object with 'url'")
-        url = _nonempty_str(data.get("url"), f"{field}.Url.url")
-        if not url.startswith(("http://", "https://")):
-            raise ConfigurationError(f"{field}.Url.url", "must start with http:// or https://")
-        extra = set(data) - {"url"}
-        if extra:
-            raise ConfigurationError(f"{field}.Url.{sorted(extra)[0]}", "unknown field")
-        return {"Url": {"url": url}}
-    if variant == "HuggingFace":
-        if not isinstance(data, dict):
-            raise ConfigurationError(f"{field}.HuggingFace", "must be an object")
-        extra = set(data) - {"repo_id", "revision", "filename"}
-        if extra:
-            raise ConfigurationError(f"{field}.HuggingFace.{sorted(extra)[0]}", "unknown field")
-        return {
-            "HuggingFace": {
-                "repo_id": _nonempty_str(data.get("repo_id"), f"{field}.HuggingFace.repo_id"),
-                "revision": _nonempty_str(
-                    data.get("revision", "main"), f"{field}.HuggingFace.revision"
-                ),
-                "filename": _nonempty_str(data.get("filename"), f"{field}.HuggingFace.filename"),
-            }
-        }
-    raise ConfigurationError(
-        field, f"unknown variant {variant!r}; use LocalToAgent, Url or HuggingFace"
-    )
+NonEmpty = Annotated[str, AfterValidator(_non_blank), Says("must be a non-empty string")]
 
 
-def _validate_parameters(value: Any) -> dict[str, Any]:
+def _http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise PydanticCustomError("url_scheme", "must start with http:// or https://")
+    return value
+
+
+class UrlSpec(Shape):
+    SAYS: ClassVar[str] = "must be an object with 'url'"
+
+    url: Annotated[NonEmpty, AfterValidator(_http_url)]
+
+
+class LocalToAgent(Shape):
+    """A GGUF file on each agent's own disk."""
+
+    LocalToAgent: NonEmpty
+
+
+class Url(Shape):
+    """A GGUF file each agent downloads (``{"Url": "https://..."}`` is short for
+    ``{"Url": {"url": "https://..."}}``)."""
+
+    Url: Annotated[UrlSpec, BeforeValidator(lambda v: {"url": v} if isinstance(v, str) else v)]
+
+
+class HuggingFaceFile(Shape):
+    repo_id: NonEmpty
+    revision: NonEmpty = "main"
+    filename: NonEmpty
+
+
+class HuggingFace(Shape):
+    """A file of a Hugging Face repository."""
+
+    HuggingFace: HuggingFaceFile
+
+
+SOURCE_VARIANTS = {"LocalToAgent": LocalToAgent, "Url": Url, "HuggingFace": HuggingFace}
+SOURCE_MESSAGE = (
+    'must be "None" or one of {"LocalToAgent": ...}, {"Url": ...}, {"HuggingFace": ...}'
+)
+
+
+def _source_tag(value: Any) -> str | None:
+    if value == "None":
+        return "~none"
+    if isinstance(value, Shape):  # serializing a record
+        return f"~{type(value).__name__}"
+    if isinstance(value, dict) and len(value) == 1:
+        (variant,) = value
+        return f"~{variant}" if variant in SOURCE_VARIANTS else None
+    return None
+
+
+def _known_variant(value: Any) -> Any:
+    """``None`` is ``"None"``; an unknown variant is named in the error."""
     if value is None:
-        return dict(DEFAULT_INFERENCE_PARAMETERS)
-    if not isinstance(value, dict):
-        raise ConfigurationError("inference_parameters", "must be an object")
-    out = dict(DEFAULT_INFERENCE_PARAMETERS)
-    for name, raw in value.items():
-        field = f"inference_parameters.{name}"
-        rule = _PARAMETER_RULES.get(name)
-        if rule is None:
-            raise ConfigurationError(field, "unknown field")
-        kind, low, high = rule
-        if kind == "bool":
-            if not isinstance(raw, bool):
-                raise ConfigurationError(field, "must be true or false")
-        elif kind == "int":
-            if isinstance(raw, bool) or not isinstance(raw, int):
-                raise ConfigurationError(field, "must be an integer")
-            if not low <= raw <= high:
-                raise ConfigurationError(field, f"must be from {low} to {high}")
-        elif kind == "float":
-            if isinstance(raw, bool) or not isinstance(raw, int | float):
-                raise ConfigurationError(field, "must be a number")
-            if not low <= raw <= high:
-                raise ConfigurationError(field, f"must be from {low} to {high}")
-            raw = float(raw)
-        elif raw not in kind:
-            raise ConfigurationError(field, f"must be one of {', '.join(kind)}")
-        out[name] = raw
-    return out
+        return "None"
+    if isinstance(value, dict) and len(value) == 1:
+        (variant,) = value
+        if variant not in SOURCE_VARIANTS:
+            raise PydanticCustomError(
+                "unknown_variant",
+                "unknown variant {variant}; use LocalToAgent, Url or HuggingFace",
+                {"variant": repr(variant)},
+            )
+    return value
+
+
+ModelSource = Annotated[
+    Annotated[Literal["None"], member_tag("~none")]
+    | Annotated[LocalToAgent, member_tag("~LocalToAgent")]
+    | Annotated[Url, member_tag("~Url")]
+    | Annotated[HuggingFace, member_tag("~HuggingFace")],
+    Discriminator(_source_tag),
+    BeforeValidator(_known_variant),
+    Says(SOURCE_MESSAGE),
+]
+"""Where agents get a model: ``"None"``, ``{"LocalToAgent": path}``,
+``{"Url": {"url"}}`` or ``{"HuggingFace": {"repo_id", "revision", "filename"}}``."""
+
+
+class ChatTemplate(Shape):
+    SAYS: ClassVar[str] = 'must be {"content": "<template>"} or null'
+    WHOLE: ClassVar[bool] = True
+
+    content: str
+
+
+class DesiredState(Shape):
+    """What every agent should run (Paddler's ``BalancerDesiredState``)."""
+
+    ROOT: ClassVar[str] = "desired_state"
+    SAYS: ClassVar[str] = "must be a JSON object"
+
+    model: ModelSource = "None"
+    multimodal_projection: ModelSource = "None"
+    inference_parameters: Annotated[
+        InferenceParameters, BeforeValidator(lambda v: {} if v is None else v)
+    ] = Field(default_factory=InferenceParameters)
+    chat_template_override: Annotated[
+        ChatTemplate | None,
+        # a convenience: the bare template text
+        BeforeValidator(lambda v: {"content": v} if isinstance(v, str) else v),
+    ] = None
+    use_chat_template_override: Annotated[bool, Says("must be true or false")] = False
+
+    @field_validator("use_chat_template_override")
+    @classmethod
+    def _override_given(cls, use: bool, info: ValidationInfo) -> bool:
+        if use and info.data.get("chat_template_override") is None:
+            raise PydanticCustomError("no_override", "is true but chat_template_override is null")
+        return use
+
+    def wire(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+TOP_LEVEL_FIELDS = tuple(DesiredState.model_fields)
+
+
+def default_desired_state() -> dict[str, Any]:
+    return DesiredState().wire()
 
 
 def validate_desired_state(value: Any) -> dict[str, Any]:
     """A normalized copy of a desired state; ``ConfigurationError`` names the bad field."""
-    if not isinstance(value, dict):
-        raise ConfigurationError("desired_state", "must be a JSON object")
-    for name in value:
-        if name not in TOP_LEVEL_FIELDS:
-            raise ConfigurationError(str(name), "unknown field")
-    state = default_desired_state()
-    state["model"] = _validate_source(value.get("model", "None"), "model")
-    state["multimodal_projection"] = _validate_source(
-        value.get("multimodal_projection", "None"), "multimodal_projection"
-    )
-    state["inference_parameters"] = _validate_parameters(value.get("inference_parameters"))
-    override = value.get("chat_template_override")
-    if isinstance(override, str):  # a convenience: the bare template text
-        override = {"content": override}
-    if override is not None:
-        if (
-            not isinstance(override, dict)
-            or set(override) != {"content"}
-            or not isinstance(override["content"], str)
-        ):
-            raise ConfigurationError(
-                "chat_template_override", 'must be {"content": "<template>"} or null'
-            )
-        override = {"content": override["content"]}
-    state["chat_template_override"] = override
-    use_override = value.get("use_chat_template_override", False)
-    if not isinstance(use_override, bool):
-        raise ConfigurationError("use_chat_template_override", "must be true or false")
-    if use_override and override is None:
-        raise ConfigurationError(
-            "use_chat_template_override", "is true but chat_template_override is null"
-        )
-    state["use_chat_template_override"] = use_override
-    return copy.deepcopy(state)
+    return check(DesiredState, value, ConfigurationError).wire()

@@ -1,28 +1,53 @@
 """One typed record per message body, with pure ``to_body``/``from_body``.
 
-``from_body`` takes what msgpack decoded from an untrusted peer and raises
-``ProtocolError`` naming the field when a type or a required field is wrong.
-Extra keys are ignored so a newer peer of the same version can add optional data.
+A record is a dataclass; its annotations are the one statement of each field's
+wire type (``SPEC``, the runtime types per field, is derived from them).
+``from_body`` takes what msgpack decoded from an untrusted peer, validates it with
+pydantic in strict mode (``true`` is not ``1``) and raises ``ProtocolError``
+naming the record and the field. Extra keys are ignored so a newer peer of the
+same version can add optional data. Records built by paddler itself are trusted
+and not validated again.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar, TypeVar
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Any, ClassVar, TypeVar, dataclass_transform, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from paddler.errors import ProtocolError
 
 T = TypeVar("T", bound="Record")
 
 _NONE = type(None)
+_RECORD_CONFIG = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 def _type_name(types: tuple[type, ...]) -> str:
     return " or ".join("null" if t is _NONE else t.__name__ for t in types)
 
 
+def _runtime_types(annotation: Any) -> tuple[type, ...]:
+    """``(str, NoneType)`` for ``str | None``, ``(list,)`` for ``list[Any]``..."""
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    origin = get_origin(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        return tuple(t for arg in get_args(annotation) for t in _runtime_types(arg))
+    if origin is not None:
+        return (origin,)
+    return (annotation,)
+
+
 def check_field(body: dict[str, Any], name: str, types: tuple[type, ...], where: str) -> Any:
-    """The value of ``body[name]`` if it has one of ``types`` (bool is never an int)."""
+    """The value of ``body[name]`` if it has one of ``types`` (bool is never an int).
+
+    For the messages that carry one or two loose values (``Ping``, ``Cancel``...)."""
     if name not in body:
         raise ProtocolError(f"{where}: missing field {name!r}")
     value = body[name]
@@ -36,33 +61,87 @@ def check_field(body: dict[str, Any], name: str, types: tuple[type, ...], where:
 
 
 class Record:
-    """Base of message records: a dataclass whose ``SPEC`` lists wire types per field."""
+    """Base of message records (dataclasses). ``SPEC`` (field -> runtime types) is
+    derived from the annotations when a subclass is defined."""
 
     SPEC: ClassVar[dict[str, tuple[type, ...]]] = {}
+    BODY: ClassVar[type[BaseModel]]
+    """The pydantic model of the body, derived from the dataclass fields."""
 
     def to_body(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload, no-any-return]
+
+    @classmethod
+    def _body(cls) -> type[BaseModel]:
+        body = cls.__dict__.get("BODY")
+        if body is None:
+            body = cls._body_model()
+            cls.BODY = body
+        return body
+
+    @classmethod
+    def _body_model(cls) -> type[BaseModel]:
+        hints = typing.get_type_hints(cls, include_extras=True)
+        fields: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.default is not dataclasses.MISSING:
+                fields[f.name] = (hints[f.name], f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                fields[f.name] = (hints[f.name], Field(default_factory=f.default_factory))
+            else:
+                fields[f.name] = (hints[f.name], ...)
+        return create_model(f"{cls.__name__}Body", __config__=_RECORD_CONFIG, **fields)
+
+    @classmethod
+    def spec(cls) -> dict[str, tuple[type, ...]]:
+        hints = typing.get_type_hints(cls, include_extras=True)
+        return {f.name: _runtime_types(hints[f.name]) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
 
     @classmethod
     def from_body(cls: type[T], body: Any) -> T:
         where = cls.__name__
         if not isinstance(body, dict):
             raise ProtocolError(f"{where}: body must be a map, got {type(body).__name__}")
-        values = {}
-        for f in fields(cls):  # type: ignore[arg-type]
-            if f.name not in body and f.name in cls.OPTIONAL:
-                continue
-            values[f.name] = check_field(body, f.name, cls.SPEC[f.name], where)
-        return cls(**values)
-
-    OPTIONAL: ClassVar[frozenset[str]] = frozenset()
+        try:
+            values = cls._body().model_validate(body)
+        except ValidationError as exc:
+            raise ProtocolError(_problem(cls, exc)) from None
+        return cls(**values.__dict__)
 
 
-@dataclass
+def _problem(record: type[Record], exc: ValidationError) -> str:
+    """``AgentStatus.slots_total: expected int, got bool`` for the first error."""
+    error = exc.errors(include_url=False)[0]
+    where = record.__name__
+    loc = error["loc"]
+    name = str(loc[0]) if loc else ""
+    if error["type"] == "missing":
+        return f"{where}: missing field {name!r}"
+    value = error.get("input")
+    spec = record.SPEC.get(name)
+    if spec is not None and (error["type"].endswith("_type") or error["type"] == "finite_number"):
+        return f"{where}.{name}: expected {_type_name(spec or ())}, got {type(value).__name__}"
+    return f"{where}.{name}: {value!r} is not allowed ({error['msg']})"
+
+
+@dataclass_transform(field_specifiers=(field,))
+def record(*, frozen: bool = False, slots: bool = False) -> Callable[[type[T]], type[T]]:
+    """Make a ``Record`` subclass a dataclass and derive its ``SPEC``."""
+
+    def make(cls: type[T]) -> type[T]:
+        made = dataclass(frozen=frozen, slots=slots)(cls)
+        made.SPEC = made.spec()
+        made.BODY = made._body_model()
+        return made
+
+    return make
+
+
+@record()
 class AgentStatus(Record):
     """What an agent reports about itself; the broker shows it in snapshots."""
 
-    slots_total: int
+    slots_total: Annotated[int, Field(ge=0, le=4096)]
     ready: bool = False
     """A model is loaded and the agent accepts new requests."""
     desired_slots_total: int = 0
@@ -74,53 +153,21 @@ class AgentStatus(Record):
     download_total: int = 0
     download_filename: str | None = None
 
-    SPEC: ClassVar[dict[str, tuple[type, ...]]] = {
-        "slots_total": (int,),
-        "ready": (bool,),
-        "desired_slots_total": (int,),
-        "model_path": (str, _NONE),
-        "issues": (list,),
-        "state_application_status": (str,),
-        "uses_chat_template_override": (bool,),
-        "download_current": (int,),
-        "download_total": (int,),
-        "download_filename": (str, _NONE),
-    }
-    OPTIONAL: ClassVar[frozenset[str]] = frozenset(SPEC) - {"slots_total"}
 
-    @classmethod
-    def from_body(cls, body: Any) -> AgentStatus:
-        status = super().from_body(body)
-        if not 0 <= status.slots_total <= 4096:
-            raise ProtocolError(f"AgentStatus.slots_total: {status.slots_total} not in 0..4096")
-        return status
-
-
-@dataclass
+@record()
 class Register(Record):
     version: int
     name: str | None
     status: dict[str, Any]
 
-    SPEC: ClassVar[dict[str, tuple[type, ...]]] = {
-        "version": (int,),
-        "name": (str, _NONE),
-        "status": (dict,),
-    }
 
-
-@dataclass
+@record()
 class Registered(Record):
     agent_id: str
     heartbeat_interval_ms: int
 
-    SPEC: ClassVar[dict[str, tuple[type, ...]]] = {
-        "agent_id": (str,),
-        "heartbeat_interval_ms": (int,),
-    }
 
-
-@dataclass
+@record()
 class ErrorBody(Record):
     """A terminal error of a request, or the answer to a query that failed.
 
@@ -132,26 +179,8 @@ class ErrorBody(Record):
     kind: str
     description: str
 
-    SPEC: ClassVar[dict[str, tuple[type, ...]]] = {
-        "code": (int,),
-        "kind": (str,),
-        "description": (str,),
-    }
 
-
-USAGE_FIELDS = (
-    "prompt_tokens",
-    "cached_prompt_tokens",
-    "input_image_tokens",
-    "input_audio_tokens",
-    "content_tokens",
-    "reasoning_tokens",
-    "tool_call_tokens",
-    "undeterminable_tokens",
-)
-
-
-@dataclass
+@record()
 class Usage(Record):
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
@@ -162,8 +191,8 @@ class Usage(Record):
     tool_call_tokens: int = 0
     undeterminable_tokens: int = 0
 
-    SPEC: ClassVar[dict[str, tuple[type, ...]]] = {name: (int,) for name in USAGE_FIELDS}
-    OPTIONAL: ClassVar[frozenset[str]] = frozenset(USAGE_FIELDS)
+
+USAGE_FIELDS = tuple(Usage.SPEC)
 
 
 def body_value(body: Any, name: str, types: tuple[type, ...], where: str) -> Any:

@@ -1,197 +1,311 @@
-"""Validation of generation requests, shared by the client, the broker and agents.
+"""The shapes of generation and embedding requests, shared by every API.
 
-A request is a msgpack map. Exactly one of ``raw_prompt`` and
-``conversation_history`` is present; the rest are optional with defaults.
-``validate_request`` returns a normalized copy or raises ``InvalidRequest``
-naming the field, so every layer answers bad input the same way.
+A request is a map. A generation request has exactly one of ``raw_prompt``
+(``RawPromptRequest``) and ``conversation_history`` (``ConversationRequest``);
+the rest are optional with defaults. An embedding request has ``input_batch``
+(``EmbeddingRequest``). ``validate_request`` returns the normalized wire form (a
+fresh map with every default filled) or raises ``InvalidRequest`` naming the
+field, so every layer answers bad input the same way.
+
+The field types below are the only declaration of what a request may hold: the
+native HTTP API, the OpenAI API (which converts its bodies to these), the
+broker's client frames and the OpenAPI documents all derive from them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import AfterValidator, BeforeValidator, Discriminator, Field
 
 from paddler.errors import InvalidRequest
+from paddler.protocol.shapes import Says, Shape, check, member_tag
 
 MAX_TOKENS_LIMIT = 1_000_000
 DEFAULT_MAX_TOKENS = 1000
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 512
 MAX_PROMPT_CHARS = 4 * 1024 * 1024
-
-_DEFAULTS: dict[str, Any] = {
-    "max_tokens": DEFAULT_MAX_TOKENS,
-    "grammar": None,
-    "add_generation_prompt": True,
-    "enable_thinking": False,
-    "tools": [],
-    "parse_tool_calls": False,
-    "temperature": None,
-    "top_p": None,
-    "top_k": None,
-    "min_p": None,
-    "seed": None,
-    "stop": [],
-}
-KNOWN_FIELDS = frozenset(_DEFAULTS) | {"raw_prompt", "conversation_history"}
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _check_message(index: int, message: Any) -> None:
-    where = f"conversation_history[{index}]"
-    if not isinstance(message, dict):
-        raise InvalidRequest(where, "must be an object with 'role' and 'content'")
-    role = message.get("role")
-    if not isinstance(role, str) or not role:
-        raise InvalidRequest(f"{where}.role", "must be a non-empty string")
-    content = message.get("content")
-    if isinstance(content, str):
-        return
-    if isinstance(content, list):
-        for part_index, part in enumerate(content):
-            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                raise InvalidRequest(
-                    f"{where}.content[{part_index}]", "must be an object with a 'type'"
-                )
-        return
-    raise InvalidRequest(f"{where}.content", "must be a string or a list of parts")
-
-
-def _check_grammar(grammar: Any) -> None:
-    if grammar is None:
-        return
-    if not isinstance(grammar, dict):
-        raise InvalidRequest("grammar", "must be null or an object with a 'type'")
-    kind = grammar.get("type")
-    if kind == "gbnf":
-        if not isinstance(grammar.get("grammar"), str):
-            raise InvalidRequest("grammar.grammar", "must be a string of GBNF rules")
-        if not isinstance(grammar.get("root", "root"), str):
-            raise InvalidRequest("grammar.root", "must be a string")
-    elif kind == "json_schema":
-        if not isinstance(grammar.get("schema"), str):
-            raise InvalidRequest("grammar.schema", "must be a JSON Schema as a string")
-    else:
-        raise InvalidRequest("grammar.type", "must be 'gbnf' or 'json_schema'")
-
-
 MAX_DOCUMENTS = 4096
-EMBEDDING_FIELDS = frozenset({"input_batch", "normalization_method"})
+MAX_TOP_K = 1_000_000
+
+STOP_MESSAGE = (
+    f"must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings "
+    f"of at most {MAX_STOP_LENGTH} characters"
+)
 
 
-def _check_normalization(method: Any) -> Any:
-    if method in ("None", "L2"):
-        return method
-    if isinstance(method, dict) and set(method) == {"RmsNorm"}:
-        inner = method["RmsNorm"]
-        epsilon: Any = inner.get("epsilon") if isinstance(inner, dict) else None
-        if _is_number(epsilon) and 0 < epsilon < 1:
-            return {"RmsNorm": {"epsilon": float(epsilon)}}
-        raise InvalidRequest(
-            "normalization_method.RmsNorm.epsilon", "must be a number between 0 and 1"
-        )
-    raise InvalidRequest(
-        "normalization_method", 'must be "None", "L2" or {"RmsNorm": {"epsilon": ...}}'
-    )
+def _as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else value
 
 
-def validate_embedding_request(request: dict[str, Any]) -> dict[str, Any]:
-    """A normalized embedding request: ``input_batch`` of ``{id, content}`` documents."""
-    for name in request:
-        if name not in EMBEDDING_FIELDS:
-            raise InvalidRequest(str(name), "unknown field")
-    documents = request["input_batch"]
-    if not isinstance(documents, list) or not documents:
-        raise InvalidRequest("input_batch", "must be a non-empty list of {id, content}")
-    if len(documents) > MAX_DOCUMENTS:
-        raise InvalidRequest("input_batch", f"has more than {MAX_DOCUMENTS} documents")
-    for index, document in enumerate(documents):
-        where = f"input_batch[{index}]"
-        if not isinstance(document, dict) or set(document) != {"id", "content"}:
-            raise InvalidRequest(where, "must be an object with exactly 'id' and 'content'")
-        if not isinstance(document["id"], str):
-            raise InvalidRequest(f"{where}.id", "must be a string")
-        if not isinstance(document["content"], str) or not document["content"]:
-            raise InvalidRequest(f"{where}.content", "must be a non-empty string")
-    return {
-        "input_batch": [dict(d) for d in documents],
-        "normalization_method": _check_normalization(request.get("normalization_method", "None")),
-    }
+# ------------------------------------------------------------- field types
+
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
+
+
+def _one_or_many(value: Any) -> str | None:
+    return "~one" if isinstance(value, str) else "~many" if isinstance(value, list) else None
+
+
+Stop = Annotated[
+    Annotated[StopString, member_tag("~one")]
+    | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS), member_tag("~many")],
+    Discriminator(_one_or_many),
+    AfterValidator(_as_list),
+    Says(STOP_MESSAGE, whole=True),
+]
+"""Strings that end generation (cut before them); one string stands for a list of one."""
+
+MaxTokens = Annotated[
+    int,
+    Field(ge=1, le=MAX_TOKENS_LIMIT),
+    Says(f"must be an integer from 1 to {MAX_TOKENS_LIMIT}"),
+]
+Temperature = Annotated[float, Field(ge=0, le=100), Says("must be a number from 0 to 100")]
+Probability = Annotated[float, Field(ge=0, le=1), Says("must be a number from 0 to 1")]
+TopK = Annotated[int, Field(ge=0, le=MAX_TOP_K), Says("must be a non-negative integer")]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1), Says("must be an integer from 0 to 4294967295")]
+Flag = Annotated[bool, Says("must be true or false")]
+
+
+GRAMMAR_TYPES = "must be 'gbnf' or 'json_schema'"
+
+
+class GbnfGrammar(Shape):
+    """A grammar in llama.cpp's GBNF."""
+
+    type: Annotated[Literal["gbnf"], Says(GRAMMAR_TYPES)]
+    grammar: Annotated[str, Says("must be a string of GBNF rules")]
+    root: Annotated[str, Says("must be a string")] = "root"
+
+
+class JsonSchemaGrammar(Shape):
+    """Output constrained to a JSON Schema, given as a JSON string."""
+
+    type: Annotated[Literal["json_schema"], Says(GRAMMAR_TYPES)]
+    schema_: Annotated[str, Says("must be a JSON Schema as a string")] = Field(alias="schema")
+
+
+def _grammar_tag(value: Any) -> str | None:
+    if isinstance(value, GbnfGrammar | JsonSchemaGrammar):  # serializing a record
+        return "~gbnf" if isinstance(value, GbnfGrammar) else "~json_schema"
+    if not isinstance(value, dict):
+        return None
+    return (
+        "~json_schema" if value.get("type") == "json_schema" else "~gbnf"
+    )  # gbnf names a bad type
+
+
+Grammar = Annotated[
+    Annotated[GbnfGrammar, member_tag("~gbnf")]
+    | Annotated[JsonSchemaGrammar, member_tag("~json_schema")],
+    Discriminator(_grammar_tag),
+    Says("must be null or an object with a 'type'"),
+]
+
+
+class ContentPart(Shape):
+    """One part of a message's content: ``{"type": "text", "text": ...}``,
+    ``{"type": "image_url", ...}``; other keys are kept for the chat template."""
+
+    model_config = Shape.model_config | {"extra": "allow"}
+    SAYS: ClassVar[str] = "must be an object with a 'type'"
+    WHOLE: ClassVar[bool] = True
+
+    type: str
+
+
+def _text_or_parts(value: Any) -> str | None:
+    return "~text" if isinstance(value, str) else "~parts" if isinstance(value, list) else None
+
+
+class Message(Shape):
+    """One message of a conversation; other keys (``name``, ``tool_calls``,
+    ``tool_call_id``...) are passed to the chat template as they are."""
+
+    model_config = Shape.model_config | {"extra": "allow"}
+    SAYS: ClassVar[str] = "must be an object with 'role' and 'content'"
+
+    role: Annotated[str, Field(min_length=1), Says("must be a non-empty string")]
+    content: Annotated[
+        Annotated[str, member_tag("~text")] | Annotated[list[ContentPart], member_tag("~parts")],
+        Discriminator(_text_or_parts),
+        Says("must be a string or a list of parts"),
+    ]
+
+
+_DEFAULTS: dict[type[Shape], list[tuple[str, Any, Callable[[], Any] | None]]] = {}
+
+
+def _defaults(shape: type[Shape]) -> list[tuple[str, Any, Callable[[], Any] | None]]:
+    """``(key, default, default factory)`` of every optional field, computed once."""
+    defaults = _DEFAULTS.get(shape)
+    if defaults is None:
+        defaults = _DEFAULTS[shape] = [
+            (info.alias or name, info.default, info.default_factory)  # type: ignore[misc]
+            for name, info in shape.model_fields.items()
+            if not info.is_required()
+        ]
+    return defaults
+
+
+class GenerationParameters(Shape):
+    """What every generation request may say besides its prompt."""
+
+    ROOT: ClassVar[str] = "request"
+    SAYS: ClassVar[str] = "must be an object"
+
+    max_tokens: MaxTokens = DEFAULT_MAX_TOKENS
+    grammar: Grammar | None = None
+    add_generation_prompt: Flag = True
+    enable_thinking: Flag = False
+    tools: Annotated[list[Any], Says("must be a list")] = Field(default_factory=list)
+    parse_tool_calls: Flag = False
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
+    top_k: TopK | None = None
+    min_p: Probability | None = None
+    seed: Seed | None = None
+    stop: Stop = Field(default_factory=list)
+
+    def wire(self) -> dict[str, Any]:
+        """The normalized map sent to the broker and the agents: every field, with
+        defaults, but nested objects only with what they were given."""
+        data = self.model_dump(exclude_unset=True)
+        for key, default, factory in _defaults(type(self)):
+            if key not in data:
+                data[key] = default if factory is None else factory()
+        return data
+
+
+class RawPromptRequest(GenerationParameters):
+    """Continue a raw prompt (no chat template)."""
+
+    raw_prompt: Annotated[
+        str,
+        Field(max_length=MAX_PROMPT_CHARS),
+        Says("must be a string", too_long=f"longer than {MAX_PROMPT_CHARS} characters"),
+    ]
+
+
+class ConversationRequest(GenerationParameters):
+    """Continue a conversation, rendered with the model's chat template."""
+
+    conversation_history: Annotated[
+        list[Message], Field(min_length=1), Says("must be a non-empty list of messages")
+    ]
+
+
+class Document(Shape):
+    SAYS: ClassVar[str] = "must be an object with exactly 'id' and 'content'"
+    KEYS_AT_OBJECT: ClassVar[bool] = True
+
+    id: Annotated[str, Says("must be a string")]
+    content: Annotated[str, Field(min_length=1), Says("must be a non-empty string")]
+
+
+class RmsNormParameters(Shape):
+    epsilon: Annotated[float, Field(gt=0, lt=1), Says("must be a number between 0 and 1")]
+
+
+class RmsNorm(Shape):
+    RmsNorm: Annotated[
+        RmsNormParameters, BeforeValidator(lambda v: v if isinstance(v, dict) else {})
+    ]
+
+
+NORMALIZATION_MESSAGE = 'must be "None", "L2" or {"RmsNorm": {"epsilon": ...}}'
+
+
+def _normalization_tag(value: Any) -> str | None:
+    if value in ("None", "L2"):
+        return "~name"
+    if isinstance(value, RmsNorm) or (isinstance(value, dict) and set(value) == {"RmsNorm"}):
+        return "~rms"
+    return None
+
+
+NormalizationMethod = Annotated[
+    Annotated[Literal["None", "L2"], member_tag("~name")] | Annotated[RmsNorm, member_tag("~rms")],
+    Discriminator(_normalization_tag),
+    Says(NORMALIZATION_MESSAGE),
+]
+
+
+class EmbeddingRequest(Shape):
+    """Embed every document of ``input_batch``."""
+
+    ROOT: ClassVar[str] = "request"
+
+    input_batch: Annotated[
+        list[Document],
+        Field(min_length=1, max_length=MAX_DOCUMENTS),
+        Says(
+            "must be a non-empty list of {id, content}",
+            too_long=f"has more than {MAX_DOCUMENTS} documents",
+        ),
+    ]
+    normalization_method: NormalizationMethod = "None"
+
+    def wire(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+GENERATION_FIELDS = frozenset(RawPromptRequest.model_fields) | {"conversation_history"}
+KNOWN_FIELDS = GENERATION_FIELDS
+EMBEDDING_FIELDS = frozenset(EmbeddingRequest.model_fields)
 
 
 def is_embedding_request(request: dict[str, Any]) -> bool:
     return "input_batch" in request
 
 
-def validate_request(request: Any) -> dict[str, Any]:
-    """A normalized copy of ``request`` (generation or embedding); ``InvalidRequest``
-    naming the bad field."""
+def parse_request(request: Any) -> RawPromptRequest | ConversationRequest | EmbeddingRequest:
+    """The typed record of a request map; ``InvalidRequest`` naming the bad field."""
     if not isinstance(request, dict):
         raise InvalidRequest("request", "must be an object")
     if "input_batch" in request:
-        return validate_embedding_request(request)
+        return check(EmbeddingRequest, request, InvalidRequest)
     for name in request:
-        if name not in KNOWN_FIELDS:
+        if name not in GENERATION_FIELDS:
             raise InvalidRequest(str(name), "unknown field")
     has_raw = "raw_prompt" in request
-    has_conversation = "conversation_history" in request
-    if has_raw == has_conversation:
+    if has_raw == ("conversation_history" in request):
         raise InvalidRequest(
             "raw_prompt", "give exactly one of 'raw_prompt' and 'conversation_history'"
         )
-    out = {**_DEFAULTS, "tools": [], "stop": []}  # fresh lists: never shared between requests
-    out.update(request)
     if has_raw:
-        prompt = out["raw_prompt"]
-        if not isinstance(prompt, str):
-            raise InvalidRequest("raw_prompt", "must be a string")
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise InvalidRequest("raw_prompt", f"longer than {MAX_PROMPT_CHARS} characters")
-    else:
-        history = out["conversation_history"]
-        if not isinstance(history, list) or not history:
-            raise InvalidRequest("conversation_history", "must be a non-empty list of messages")
-        for index, message in enumerate(history):
-            _check_message(index, message)
-    max_tokens = out["max_tokens"]
-    if not _is_int(max_tokens) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
-        raise InvalidRequest("max_tokens", f"must be an integer from 1 to {MAX_TOKENS_LIMIT}")
-    for flag in ("add_generation_prompt", "enable_thinking", "parse_tool_calls"):
-        if not isinstance(out[flag], bool):
-            raise InvalidRequest(flag, "must be true or false")
-    if not isinstance(out["tools"], list):
-        raise InvalidRequest("tools", "must be a list")
-    _check_grammar(out["grammar"])
-    temperature = out["temperature"]
-    if temperature is not None and (not _is_number(temperature) or not 0 <= temperature <= 100):
-        raise InvalidRequest("temperature", "must be a number from 0 to 100")
-    for name in ("top_p", "min_p"):
-        value = out[name]
-        if value is not None and (not _is_number(value) or not 0 <= value <= 1):
-            raise InvalidRequest(name, "must be a number from 0 to 1")
-    top_k = out["top_k"]
-    if top_k is not None and (not _is_int(top_k) or not 0 <= top_k <= 1_000_000):
-        raise InvalidRequest("top_k", "must be a non-negative integer")
-    seed = out["seed"]
-    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**32):
-        raise InvalidRequest("seed", "must be an integer from 0 to 4294967295")
-    stop = out["stop"]
-    if isinstance(stop, str):
-        stop = out["stop"] = [stop]
-    if (
-        not isinstance(stop, list)
-        or len(stop) > MAX_STOP_STRINGS
-        or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LENGTH for s in stop)
-    ):
-        raise InvalidRequest(
-            "stop",
-            f"must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings "
-            f"of at most {MAX_STOP_LENGTH} characters",
-        )
-    return out
+        return check(RawPromptRequest, request, InvalidRequest)
+    return check(ConversationRequest, request, InvalidRequest)
+
+
+def validate_request(request: Any) -> dict[str, Any]:
+    """The normalized wire form of a request (generation or embedding); a fresh map,
+    never the one given. ``InvalidRequest`` names the bad field."""
+    return parse_request(request).wire()
+
+
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "MAX_DOCUMENTS",
+    "MAX_PROMPT_CHARS",
+    "MAX_STOP_LENGTH",
+    "MAX_STOP_STRINGS",
+    "MAX_TOKENS_LIMIT",
+    "ConversationRequest",
+    "EmbeddingRequest",
+    "GenerationParameters",
+    "Grammar",
+    "MaxTokens",
+    "Probability",
+    "RawPromptRequest",
+    "Seed",
+    "Stop",
+    "Temperature",
+    "TopK",
+    "is_embedding_request",
+    "parse_request",
+    "validate_request",
+]
