@@ -44,7 +44,7 @@ class ClusterSettings:
 def model_source(model: str | None) -> tuple[dict[str, Any], str | None]:
     """The desired state's model for ``--model``, and a notice to print."""
     if model is None:
-        from paddler.testing.tiny_model import default_model_path
+        from paddler.demo_model import default_model_path
 
         path = default_model_path()
         return {"LocalToAgent": str(path)}, (
