@@ -20,6 +20,7 @@ from paddler._core import InFlight, Registry, RequestBuffer
 from paddler.broker.desired_state import validate_desired_state
 from paddler.broker.metrics import BrokerMetrics
 from paddler.broker.settings import BrokerSettings
+from paddler.broker.snapshot import AgentSnapshot
 from paddler.broker.store import StateStore
 from paddler.errors import ConfigurationError, InvalidRequest, ProtocolError
 from paddler.protocol.codec import HEADER, encode, make_header, pack_body, unpack_body
@@ -381,7 +382,12 @@ class Broker:
                     )
             elif kind == Kind.GET_AGENTS:
                 self._send_client(
-                    identity, encode(Kind.AGENTS, request_id, {"agents": self.agent_snapshots()})
+                    identity,
+                    encode(
+                        Kind.AGENTS,
+                        request_id,
+                        {"agents": [agent.to_body() for agent in self.agent_snapshots()]},
+                    ),
                 )
             elif kind == Kind.GET_BUFFERED:
                 self._send_client(
@@ -406,7 +412,7 @@ class Broker:
                         request_id,
                         {
                             "metrics": self.metrics.snapshot(),
-                            "agents": self.agent_snapshots(),
+                            "agents": [agent.to_body() for agent in self.agent_snapshots()],
                             "buffered": len(self.buffer),
                         },
                     ),
@@ -601,31 +607,28 @@ class Broker:
 
     # --------------------------------------------------------------- snapshots
 
-    def agent_snapshots(self) -> list[dict[str, Any]]:
-        """Paddler's AgentSnapshot for every agent; ``slots_processing`` is the
-        broker's own count."""
-        snapshots = []
-        for identity, info in self.agents.items():
-            status = info.status
-            snapshots.append(
-                {
-                    "id": info.agent_id,
-                    "name": info.name,
-                    "slots_total": status.slots_total,
-                    "slots_processing": self.registry.in_flight(identity),
-                    "desired_slots_total": status.desired_slots_total or status.slots_total,
-                    "model_path": status.model_path,
-                    "issues": status.issues,
-                    "state_application_status": status.state_application_status,
-                    "uses_chat_template_override": status.uses_chat_template_override,
-                    "download_current": status.download_current,
-                    "download_total": status.download_total,
-                    "download_filename": status.download_filename,
-                    "download_indeterminate": status.download_total == 0,
-                    "ready": status.ready,
-                }
+    def agent_snapshots(self) -> list[AgentSnapshot]:
+        """Every agent as the broker sees it, by name then id; ``slots_processing``
+        is the broker's own count."""
+        snapshots = [
+            AgentSnapshot(
+                id=info.agent_id,
+                name=info.name,
+                slots_total=info.status.slots_total,
+                slots_processing=self.registry.in_flight(identity),
+                desired_slots_total=info.status.desired_slots_total,
+                model_path=info.status.model_path,
+                issues=list(info.status.issues),
+                state_application_status=info.status.state_application_status,
+                uses_chat_template_override=info.status.uses_chat_template_override,
+                download_current=info.status.download_current,
+                download_total=info.status.download_total,
+                download_filename=info.status.download_filename,
+                ready=info.status.ready,
             )
-        snapshots.sort(key=lambda s: (s["name"] or "", s["id"]))
+            for identity, info in self.agents.items()
+        ]
+        snapshots.sort(key=AgentSnapshot.sort_key)
         return snapshots
 
     def shutdown(self) -> None:

@@ -4,42 +4,38 @@ details, and Prometheus metrics. Keep it on a private address."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from typing import Any
 
 import falcon
 import falcon.asgi
-from falcon.asgi import SSEvent
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
 
+from paddler.broker.snapshot import AgentSnapshot
 from paddler.client import AsyncClient
 from paddler.errors import BrokerUnreachable, ConfigurationError
-from paddler.http.common import HttpDeps, dumps, make_app, read_json, until_disconnect
+from paddler.http import sse
+from paddler.http.agents_json import agents_body
+from paddler.http.common import (
+    ClosingStream,
+    HttpDeps,
+    dumps,
+    make_app,
+    read_json,
+    until_disconnect,
+)
 
 STREAM_POLL_S = 0.1
 """How often a stream asks the broker for a fresh snapshot (sent only on change)."""
 SSE_KEEPALIVE_S = 3.0
 """Clients read with 5 s timeouts (paddler-client): something every 3 s keeps them."""
-
-PADDLER_AGENT_FIELDS = (
-    "id",
-    "name",
-    "slots_total",
-    "slots_processing",
-    "desired_slots_total",
-    "model_path",
-    "issues",
-    "state_application_status",
-    "uses_chat_template_override",
-    "download_current",
-    "download_total",
-    "download_filename",
-    "download_indeterminate",
-)
-
-
-def agent_snapshot(agent: dict[str, Any]) -> dict[str, Any]:
-    """Paddler's AgentSnapshot: exactly its fields (``ready`` is ours, for ``/metrics``)."""
-    return {name: agent.get(name) for name in PADDLER_AGENT_FIELDS}
 
 
 class _Base:
@@ -58,7 +54,7 @@ class _Base:
 
 
 async def _agents_value(client: AsyncClient) -> dict[str, Any]:
-    return {"agents": [agent_snapshot(a) for a in await client.agents()]}
+    return agents_body([AgentSnapshot.from_body(agent) for agent in await client.agents()])
 
 
 async def _buffered_value(client: AsyncClient) -> dict[str, Any]:
@@ -83,9 +79,9 @@ class _SnapshotStream(_Base):
         value = type(self).value
         first = await self.call(value)  # fail with a status now if the broker is away
 
-        async def changes() -> AsyncGenerator[SSEvent, None]:
+        async def changes() -> AsyncGenerator[bytes, None]:
             last = dumps(first)
-            yield SSEvent(data=last.encode())
+            yield sse.event(last)
             quiet = 0.0
             while True:
                 await asyncio.sleep(STREAM_POLL_S)
@@ -96,18 +92,16 @@ class _SnapshotStream(_Base):
                 if current != last:
                     last = current
                     quiet = 0.0
-                    yield SSEvent(data=current.encode())
+                    yield sse.event(current)
                 else:
                     quiet += STREAM_POLL_S
                     if quiet >= SSE_KEEPALIVE_S:
                         quiet = 0.0
-                        yield SSEvent(comment="keep-alive")
+                        yield sse.KEEP_ALIVE
 
-        async def until_gone() -> AsyncGenerator[SSEvent, None]:
-            async for event in until_disconnect(req, changes(), lambda: None):
-                yield event
-
-        resp.sse = until_gone()
+        chunks = changes()
+        sse.set_headers(resp)
+        resp.stream = ClosingStream(until_disconnect(req, chunks, lambda: None), chunks)
 
 
 class Agents(_Snapshot):
@@ -157,83 +151,136 @@ class AgentInfo(_Base):
         resp.media = await self.call(lambda c: c.agent_info(agent_id, self.what))
 
 
-def _label(value: Any) -> str:
-    text = str(value)
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+METRICS_CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+"""What ``generate_latest`` writes. Not ``CONTENT_TYPE_LATEST``: since prometheus_client
+0.23 that names text format 1.0.0, which prometheus_client's own server only pairs
+with output escaped for a scraper that asked for it (``choose_encoder``)."""
+
+HISTOGRAMS = (
+    (
+        "paddler_queue_wait_seconds",
+        "queue_wait_seconds",
+        "Time from submission to dispatch to an agent.",
+    ),
+    (
+        "paddler_time_to_first_token_seconds",
+        "time_to_first_token_seconds",
+        "Time from submission to the first token.",
+    ),
+    (
+        "paddler_inter_token_latency_seconds",
+        "inter_token_seconds",
+        "Time between two token frames of a request.",
+    ),
+)
+"""Exposed name, key in the broker's metrics snapshot, help text."""
+
+
+class SnapshotCollector(Collector):
+    """The Prometheus families of one broker metrics snapshot (``AsyncClient.metrics()``:
+    ``agents``, ``buffered`` and the broker's ``metrics``). Built per scrape: the
+    broker holds the counts, this only says them."""
+
+    def __init__(self, snapshot: dict[str, Any]) -> None:
+        self.agents = [AgentSnapshot.from_body(agent) for agent in snapshot["agents"]]
+        self.buffered: int = snapshot["buffered"]
+        self.metrics: dict[str, Any] = snapshot["metrics"]
+
+    def collect(self) -> Iterator[Metric]:
+        agents = self.agents
+        metrics = self.metrics
+        yield GaugeMetricFamily(
+            "paddler_slots_processing",
+            "Slots serving a request, all agents.",
+            value=sum(agent.slots_processing for agent in agents),
+        )
+        yield GaugeMetricFamily(
+            "paddler_slots_total",
+            "Slots of all agents.",
+            value=sum(agent.slots_total for agent in agents),
+        )
+        yield GaugeMetricFamily(
+            "paddler_requests_buffered", "Requests waiting for a free slot.", value=self.buffered
+        )
+        yield GaugeMetricFamily("paddler_agents", "Registered agents.", value=len(agents))
+        yield self._per_agent(
+            "paddler_agent_slots_processing",
+            "Slots serving a request, per agent.",
+            lambda agent: agent.slots_processing,
+        )
+        yield self._per_agent(
+            "paddler_agent_slots_total", "Slots per agent.", lambda agent: agent.slots_total
+        )
+        yield self._per_agent(
+            "paddler_agent_ready",
+            "1 when the agent has a model and takes requests.",
+            lambda agent: 1 if agent.ready else 0,
+        )
+        # CounterMetricFamily names the family without ``_total`` and the samples with it
+        yield _counter(
+            "paddler_requests", "Finished requests by outcome.", "outcome", metrics["requests"]
+        )
+        yield _counter(
+            "paddler_agent_requests",
+            "Requests an agent ended.",
+            "agent",
+            metrics["requests_by_agent"],
+        )
+        yield _counter(
+            "paddler_generated_tokens",
+            "Tokens generated, per agent.",
+            "agent",
+            metrics["tokens_by_agent"],
+        )
+        yield CounterMetricFamily(
+            "paddler_dropped_frames",
+            "Malformed frames the broker dropped.",
+            value=metrics.get("dropped_frames", 0),
+        )
+        for name, key, help_text in HISTOGRAMS:
+            yield _histogram(name, help_text, metrics[key])
+
+    def _per_agent(
+        self, name: str, help_text: str, value: Callable[[AgentSnapshot], float]
+    ) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(name, help_text, labels=("agent", "id"))
+        for agent in self.agents:
+            family.add_metric((agent.label, agent.id), value(agent))
+        return family
+
+
+def _counter(name: str, help_text: str, label: str, counts: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, help_text, labels=(label,))
+    for key, count in sorted(counts.items()):
+        family.add_metric((key,), count)
+    return family
+
+
+def _histogram(name: str, help_text: str, histogram: dict[str, Any]) -> HistogramMetricFamily:
+    """``histogram`` as ``paddler.broker.metrics.Histogram.snapshot`` gives it: bounds, and
+    cumulative counts with one more for ``+Inf``."""
+    cumulative = histogram["cumulative"]
+    # bounds as ``%g`` ("1", "0.025"): the ``le`` labels paddler has always exposed
+    buckets = [
+        (f"{bound:g}", count)
+        for bound, count in zip(histogram["buckets"], cumulative, strict=False)
+    ]
+    buckets.append(("+Inf", cumulative[-1]))
+    return HistogramMetricFamily(name, help_text, buckets=buckets, sum_value=histogram["sum"])
 
 
 def render_metrics(snapshot: dict[str, Any]) -> str:
-    """Prometheus text exposition (format 0.0.4) of a broker metrics snapshot."""
-    agents = snapshot["agents"]
-    metrics = snapshot["metrics"]
-    lines: list[str] = []
-
-    def family(name: str, kind: str, help_text: str) -> None:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-
-    family("paddler_slots_processing", "gauge", "Slots serving a request, all agents.")
-    lines.append(f"paddler_slots_processing {sum(a['slots_processing'] for a in agents)}")
-    family("paddler_slots_total", "gauge", "Slots of all agents.")
-    lines.append(f"paddler_slots_total {sum(a['slots_total'] for a in agents)}")
-    family("paddler_requests_buffered", "gauge", "Requests waiting for a free slot.")
-    lines.append(f"paddler_requests_buffered {snapshot['buffered']}")
-    family("paddler_agents", "gauge", "Registered agents.")
-    lines.append(f"paddler_agents {len(agents)}")
-    family("paddler_agent_slots_processing", "gauge", "Slots serving a request, per agent.")
-    for agent in agents:
-        labels = f'agent="{_label(agent["name"] or agent["id"])}",id="{_label(agent["id"])}"'
-        lines.append(f"paddler_agent_slots_processing{{{labels}}} {agent['slots_processing']}")
-    family("paddler_agent_slots_total", "gauge", "Slots per agent.")
-    for agent in agents:
-        labels = f'agent="{_label(agent["name"] or agent["id"])}",id="{_label(agent["id"])}"'
-        lines.append(f"paddler_agent_slots_total{{{labels}}} {agent['slots_total']}")
-    family("paddler_agent_ready", "gauge", "1 when the agent has a model and takes requests.")
-    for agent in agents:
-        labels = f'agent="{_label(agent["name"] or agent["id"])}",id="{_label(agent["id"])}"'
-        lines.append(f"paddler_agent_ready{{{labels}}} {1 if agent.get('ready') else 0}")
-    family("paddler_requests_total", "counter", "Finished requests by outcome.")
-    for outcome, count in sorted(metrics["requests"].items()):
-        lines.append(f'paddler_requests_total{{outcome="{_label(outcome)}"}} {count}')
-    family("paddler_agent_requests_total", "counter", "Requests an agent ended.")
-    for agent, count in sorted(metrics["requests_by_agent"].items()):
-        lines.append(f'paddler_agent_requests_total{{agent="{_label(agent)}"}} {count}')
-    family("paddler_generated_tokens_total", "counter", "Tokens generated, per agent.")
-    for agent, count in sorted(metrics["tokens_by_agent"].items()):
-        lines.append(f'paddler_generated_tokens_total{{agent="{_label(agent)}"}} {count}')
-    family("paddler_dropped_frames_total", "counter", "Malformed frames the broker dropped.")
-    lines.append(f"paddler_dropped_frames_total {metrics.get('dropped_frames', 0)}")
-    for name, key, help_text in (
-        (
-            "paddler_queue_wait_seconds",
-            "queue_wait_seconds",
-            "Time from submission to dispatch to an agent.",
-        ),
-        (
-            "paddler_time_to_first_token_seconds",
-            "time_to_first_token_seconds",
-            "Time from submission to the first token.",
-        ),
-        (
-            "paddler_inter_token_latency_seconds",
-            "inter_token_seconds",
-            "Time between two token frames of a request.",
-        ),
-    ):
-        histogram = metrics[key]
-        family(name, "histogram", help_text)
-        for bound, count in zip(histogram["buckets"], histogram["cumulative"], strict=False):
-            lines.append(f'{name}_bucket{{le="{bound:g}"}} {count}')
-        lines.append(f'{name}_bucket{{le="+Inf"}} {histogram["cumulative"][-1]}')
-        lines.append(f"{name}_sum {histogram['sum']}")
-        lines.append(f"{name}_count {histogram['count']}")
-    return "\n".join(lines) + "\n"
+    """The Prometheus text exposition of a broker metrics snapshot, through a registry
+    of its own (nothing process-wide: every scrape says what the broker says now)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(snapshot))
+    return generate_latest(registry).decode()
 
 
 class Metrics(_Base):
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         snapshot = await self.call(lambda c: c.metrics())
-        resp.content_type = "text/plain; version=0.0.4; charset=utf-8"
+        resp.content_type = METRICS_CONTENT_TYPE
         resp.text = render_metrics(snapshot)
 
 
