@@ -11,5 +11,7 @@ setup_venv() {
     fi
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet -e ".[$extras]"
+    # cython is a build tool, not a run-time dependency: the in-place build needs it here
+    "$VENV/bin/python" -m pip install --quiet "cython>=3.0"
     "$VENV/bin/python" setup.py --quiet build_ext --inplace
 }

@@ -14,11 +14,11 @@ from typing import Any
 import zmq
 
 from paddler.agent.engine import Engine
-from paddler.errors import InvalidRequest, ProtocolError
+from paddler.errors import ProtocolError
 from paddler.protocol.codec import HEADER, encode, pack_body, unpack_body
 from paddler.protocol.kinds import Kind
 from paddler.protocol.messages import ErrorBody
-from paddler.protocol.requests import validate_request
+from paddler.protocol.requests import dispatched_request
 
 log = logging.getLogger("paddler.agent")
 
@@ -65,8 +65,8 @@ class EngineWorker(threading.Thread):
         engine = self.engine
         if kind == Kind.DISPATCH:
             try:
-                request = validate_request(unpack_body(frames[1]))
-            except (InvalidRequest, ProtocolError) as exc:
+                request = dispatched_request(unpack_body(frames[1]))
+            except ProtocolError as exc:
                 sink.error(request_id, 400, "InvalidRequest", str(exc))
                 return True
             engine.admit(request_id, request)

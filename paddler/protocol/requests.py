@@ -19,7 +19,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Discriminator, Field
 
-from paddler.errors import InvalidRequest
+from paddler.errors import InvalidRequest, ProtocolError
 from paddler.protocol.shapes import Says, Shape, check, member_tag
 
 MAX_TOKENS_LIMIT = 1_000_000
@@ -151,6 +151,17 @@ def _defaults(shape: type[Shape]) -> list[tuple[str, Any, Callable[[], Any] | No
     return defaults
 
 
+def trusted_wire(shape: type[Shape], values: dict[str, Any]) -> dict[str, Any]:
+    """The wire form of ``values`` with ``shape``'s defaults filled in, without
+    validating them: for values already validated by fields of the same types
+    (the OpenAI bodies use this request's field types)."""
+    data = dict(values)
+    for key, default, factory in _defaults(shape):
+        if key not in data:
+            data[key] = default if factory is None else factory()
+    return data
+
+
 class GenerationParameters(Shape):
     """What every generation request may say besides its prompt."""
 
@@ -173,11 +184,7 @@ class GenerationParameters(Shape):
     def wire(self) -> dict[str, Any]:
         """The normalized map sent to the broker and the agents: every field, with
         defaults, but nested objects only with what they were given."""
-        data = self.model_dump(exclude_unset=True)
-        for key, default, factory in _defaults(type(self)):
-            if key not in data:
-                data[key] = default if factory is None else factory()
-        return data
+        return trusted_wire(type(self), self.model_dump(exclude_unset=True))
 
 
 class RawPromptRequest(GenerationParameters):
@@ -253,9 +260,10 @@ class EmbeddingRequest(Shape):
         return self.model_dump()
 
 
-GENERATION_FIELDS = frozenset(RawPromptRequest.model_fields) | {"conversation_history"}
-KNOWN_FIELDS = GENERATION_FIELDS
-EMBEDDING_FIELDS = frozenset(EmbeddingRequest.model_fields)
+_RAW_KEYS = frozenset(RawPromptRequest.model_fields)
+_CONVERSATION_KEYS = frozenset(ConversationRequest.model_fields)
+_EMBEDDING_KEYS = frozenset(EmbeddingRequest.model_fields)
+GENERATION_FIELDS = _RAW_KEYS | _CONVERSATION_KEYS
 
 
 def is_embedding_request(request: dict[str, Any]) -> bool:
@@ -279,6 +287,17 @@ def parse_request(request: Any) -> RawPromptRequest | ConversationRequest | Embe
     if has_raw:
         return check(RawPromptRequest, request, InvalidRequest)
     return check(ConversationRequest, request, InvalidRequest)
+
+
+def dispatched_request(body: Any) -> dict[str, Any]:
+    """A request as the broker dispatches it to an agent: validated where it entered,
+    so only its shape is checked here (a map with exactly the keys of one request
+    kind's wire form), cheaply; ``ProtocolError`` otherwise."""
+    if isinstance(body, dict):
+        keys = body.keys()
+        if keys in (_RAW_KEYS, _CONVERSATION_KEYS, _EMBEDDING_KEYS):
+            return body
+    raise ProtocolError("Dispatch: body must be a request in its wire form")
 
 
 def validate_request(request: Any) -> dict[str, Any]:
@@ -305,7 +324,9 @@ __all__ = [
     "Stop",
     "Temperature",
     "TopK",
+    "dispatched_request",
     "is_embedding_request",
     "parse_request",
+    "trusted_wire",
     "validate_request",
 ]

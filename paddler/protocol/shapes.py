@@ -216,6 +216,13 @@ def _sentence(error: Any, node: _Node | None) -> str:
     return str(error["msg"])
 
 
+def _is_key(table: dict[tuple[str, ...], _Node], pattern: tuple[str, ...]) -> bool:
+    """Whether the next part of a path under ``pattern`` is an object's key (one the
+    shape does not declare: unknown, or an extra of an object that takes extras)."""
+    node = table.get(pattern)
+    return node is not None and node.model is not None
+
+
 def first_problem(shape: Any, exc: ValidationError, root: str) -> tuple[str, str]:
     """``(field path, sentence)`` of the first error of ``exc`` against ``shape``."""
     error = exc.errors(include_url=False)[0]
@@ -230,11 +237,18 @@ def first_problem(shape: Any, exc: ValidationError, root: str) -> tuple[str, str
             "union_tag_invalid",
         )
     )
-    parts: list[str | int] = [
-        p for p in error["loc"] if not (isinstance(p, str) and p.startswith("~"))
-    ]
     table = _table(shape)
-    pattern = tuple("[]" if isinstance(p, int) else str(p) for p in parts)
+    parts: list[str | int] = []
+    pattern: tuple[str, ...] = ()
+    loc = error["loc"]
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(part)
+            pattern = (*pattern, "[]")
+        elif not part.startswith("~") and ((*pattern, part) in table or _is_key(table, pattern)):
+            # anything else names the member of a union pydantic tried
+            parts.append(part)
+            pattern = (*pattern, part)
     # the outermost field or object that reports everything below it
     for depth in range(len(pattern)):
         node = table.get(pattern[:depth])

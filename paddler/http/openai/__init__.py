@@ -1,0 +1,38 @@
+"""The OpenAI-compatible service: ``/v1/chat/completions``, ``/v1/completions``,
+``/v1/embeddings`` and ``/v1/models``, in OpenAI's shapes, so that the official
+``openai`` package works unchanged against ``base_url=http://host:port/v1``.
+
+- ``errors``: OpenAI's error envelope and the mapping of paddler's errors to it;
+- ``schemas``: the request bodies as shapes, and their broker requests;
+- ``streaming``: the status-deciding wait, usage and SSE chunks of generations;
+- ``chat``, ``completions``, ``embeddings``, ``models``: one endpoint each.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import falcon.asgi
+
+from paddler.http.common import HttpDeps, make_app
+from paddler.http.openai.chat import ChatCompletions
+from paddler.http.openai.completions import Completions
+from paddler.http.openai.embeddings import Embeddings
+from paddler.http.openai.errors import OpenAIError, add_openai_error_handlers
+from paddler.http.openai.models import Model, Models, model_id
+
+
+def create_app(deps: HttpDeps) -> falcon.asgi.App[Any, Any]:
+    app = make_app(deps)
+    add_openai_error_handlers(app)
+    created = int(time.time())
+    app.add_route("/v1/chat/completions", ChatCompletions(deps))
+    app.add_route("/v1/completions", Completions(deps))
+    app.add_route("/v1/embeddings", Embeddings(deps))
+    app.add_route("/v1/models", Models(deps, created))
+    app.add_route("/v1/models/{model:path}", Model(deps, created))
+    return app
+
+
+__all__ = ["OpenAIError", "create_app", "model_id"]

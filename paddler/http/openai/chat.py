@@ -1,0 +1,46 @@
+"""``POST /v1/chat/completions``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from paddler.http.openai.errors import invalid_body
+from paddler.http.openai.schemas import ChatCompletionBody, Options
+from paddler.http.openai.streaming import Generation
+from paddler.protocol.shapes import check
+
+
+class ChatCompletions(Generation):
+    object_name = "chat.completion"
+    chunk_object_name = "chat.completion.chunk"
+    id_prefix = "chatcmpl-"
+
+    def parse(self, body: Any) -> tuple[dict[str, Any], Options]:
+        chat = check(ChatCompletionBody, body, invalid_body)
+        return chat.to_request(), chat.options()
+
+    def choice(self, text: str, reason: str) -> dict[str, Any]:
+        return {
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "refusal": None},
+            "finish_reason": reason,
+            "logprobs": None,
+        }
+
+    def opening(self, options: Options) -> list[dict[str, Any]]:
+        return [
+            {
+                "index": 0,
+                "delta": {"role": "assistant", "content": ""},
+                "finish_reason": None,
+                "logprobs": None,
+            }
+        ]
+
+    def chunk_choice(self, piece: str | None, reason: str | None) -> dict[str, Any]:
+        return {
+            "index": 0,
+            "delta": {} if piece is None else {"content": piece},
+            "finish_reason": reason,
+            "logprobs": None,
+        }

@@ -1,0 +1,388 @@
+"""The OpenAI request bodies as shapes, and what they become for the broker.
+
+Fields the native API also has use its field types (``MaxTokens``, ``Stop``,
+``Probability``...), so a body that validates here is a valid broker request:
+``to_request`` builds the wire form without validating it again. Unknown fields
+are ignored, as OpenAI's SDKs send some that do not concern a server
+(``user``, ``metadata``, ``store``...).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import AfterValidator, BeforeValidator, Discriminator, Field, ValidationInfo
+from pydantic import field_validator as validates
+from pydantic_core import PydanticCustomError
+
+from paddler.http.common import dumps
+from paddler.protocol.requests import (
+    MAX_DOCUMENTS,
+    ConversationRequest,
+    MaxTokens,
+    Probability,
+    RawPromptRequest,
+    Stop,
+    TopK,
+    trusted_wire,
+)
+from paddler.protocol.shapes import Says, Shape, member_tag
+
+CHAT_ROLES = {
+    "system": "system",
+    "developer": "system",  # OpenAI's newer name for the system message
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+    "function": "tool",
+}
+MESSAGE_EXTRAS = ("name", "tool_calls", "tool_call_id")
+"""Message fields passed to the chat template as they are."""
+
+SEED_MASK = 0xFFFFFFFF
+"""OpenAI takes any 64-bit seed; llama.cpp's is 32 bits."""
+
+
+class OpenAIShape(Shape):
+    """Strict types, unknown fields ignored."""
+
+    model_config = Shape.model_config | {"extra": "ignore"}
+
+
+# ------------------------------------------------------------------ field types
+
+OpenAITemperature = Annotated[float, Field(ge=0, le=2), Says("must be a number from 0 to 2")]
+Penalty = Annotated[float, Field(ge=-2, le=2), Says("must be a number from -2 to 2")]
+AnySeed = Annotated[int, Says("must be an integer")]
+Flag = Annotated[bool, Says("must be true or false")]
+OnlyOne = Annotated[int, Field(ge=1, le=1), Says("only 1 is supported")]
+ModelName = Annotated[str, Says("must be a string")]
+
+
+class StreamOptions(OpenAIShape):
+    include_usage: Flag | None = None
+
+
+# ------------------------------------------------------------------- messages
+
+
+class TextPart(OpenAIShape):
+    type: Literal["text"]
+    text: Annotated[str, Says("must be a string")]
+
+    def native(self) -> dict[str, Any]:
+        return {"type": "text", "text": self.text}
+
+
+class RefusalPart(OpenAIShape):
+    type: Literal["refusal"]
+    refusal: Annotated[str, Says("must be a string")]
+
+    def native(self) -> dict[str, Any]:
+        return {"type": "text", "text": self.refusal}
+
+
+class ImageUrl(OpenAIShape):
+    url: Annotated[str, Field(min_length=1), Says("must be a non-empty string")]
+
+
+class ImagePart(OpenAIShape):
+    type: Literal["image_url"]
+    image_url: Annotated[
+        ImageUrl, BeforeValidator(lambda v: {"url": v} if isinstance(v, str) else v)
+    ]
+
+    def native(self) -> dict[str, Any]:
+        return {"type": "image_url", "image_url": {"url": self.image_url.url}}
+
+
+def _unsupported(kind: str) -> str:
+    raise PydanticCustomError(
+        "unsupported_part",
+        "{kind} parts are not supported; use 'text' or 'image_url'",
+        {"kind": repr(kind)},
+    )
+
+
+class UnsupportedPart(OpenAIShape):
+    """Never valid: names the ``type`` that is not supported."""
+
+    type: Annotated[str, AfterValidator(_unsupported)]
+
+    def native(self) -> dict[str, Any]:
+        raise AssertionError("an unsupported part never validates")
+
+
+PART_KINDS = {"text": TextPart, "refusal": RefusalPart, "image_url": ImagePart}
+
+
+def _part_tag(value: Any) -> str | None:
+    if isinstance(value, OpenAIShape):
+        return f"~{getattr(value, 'type', '')}"
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        return None
+    return f"~{value['type']}" if value["type"] in PART_KINDS else "~unsupported"
+
+
+ContentPart = Annotated[
+    Annotated[TextPart, member_tag("~text")]
+    | Annotated[RefusalPart, member_tag("~refusal")]
+    | Annotated[ImagePart, member_tag("~image_url")]
+    | Annotated[UnsupportedPart, member_tag("~unsupported")],
+    Discriminator(_part_tag),
+    Says("must be an object with a 'type'"),
+]
+
+
+def _text_or_parts(value: Any) -> str | None:
+    return "~text" if isinstance(value, str) else "~parts" if isinstance(value, list) else None
+
+
+def _text_or_list(value: Any) -> str | None:
+    return "~text" if isinstance(value, str) else "~list" if isinstance(value, list) else None
+
+
+class ChatMessage(OpenAIShape):
+    model_config = OpenAIShape.model_config | {"extra": "allow"}
+    SAYS: ClassVar[str] = "must be an object with 'role' and 'content'"
+
+    role: Annotated[
+        Literal["system", "developer", "user", "assistant", "tool", "function"],
+        Says(f"must be one of {', '.join(CHAT_ROLES)}"),
+    ]
+    content: (
+        Annotated[
+            Annotated[str, member_tag("~text")]
+            | Annotated[list[ContentPart], member_tag("~parts")],
+            Discriminator(_text_or_parts),
+            Says("must be a string or a list of content parts"),
+        ]
+        | None
+    ) = Field(default=None, validate_default=True)
+
+    @validates("content")
+    @classmethod
+    def _only_assistants_say_nothing(cls, content: Any, info: ValidationInfo) -> Any:
+        if content is None and info.data.get("role") != "assistant":
+            raise PydanticCustomError("content", "must be a string or a list of content parts")
+        return content
+
+    def native(self) -> dict[str, Any]:
+        """The message as the chat template sees it."""
+        out: dict[str, Any] = {"role": CHAT_ROLES[self.role]}
+        if isinstance(self.content, str):
+            out["content"] = self.content
+        elif self.content is None:
+            out["content"] = ""  # an assistant turn that only called tools
+        else:
+            out["content"] = [part.native() for part in self.content]
+        extras = self.model_extra or {}
+        for name in MESSAGE_EXTRAS:
+            if extras.get(name) is not None:
+                out[name] = extras[name]
+        return out
+
+
+# -------------------------------------------------------------- response format
+
+
+FORMAT_TYPES = "must be 'text', 'json_object' or 'json_schema'"
+
+
+class TextFormat(OpenAIShape):
+    type: Annotated[Literal["text"], Says(FORMAT_TYPES)]
+
+
+class JsonObjectFormat(OpenAIShape):
+    type: Annotated[Literal["json_object"], Says(FORMAT_TYPES)]
+
+
+class JsonSchemaSpec(OpenAIShape):
+    SAYS: ClassVar[str] = "must be an object with a 'schema'"
+
+    schema_: Annotated[dict[str, Any] | bool, Says("must be a JSON Schema object")] = Field(
+        default_factory=lambda: {"type": "object"}, alias="schema"
+    )
+
+
+class JsonSchemaFormat(OpenAIShape):
+    type: Annotated[Literal["json_schema"], Says(FORMAT_TYPES)]
+    json_schema: Annotated[JsonSchemaSpec, Says(JsonSchemaSpec.SAYS)]
+
+
+def _format_tag(value: Any) -> str | None:
+    if isinstance(value, OpenAIShape):
+        return f"~{getattr(value, 'type', '')}"
+    if not isinstance(value, dict):
+        return None
+    kind = value.get("type")
+    return f"~{kind}" if kind in ("text", "json_object", "json_schema") else "~text"
+
+
+ResponseFormat = Annotated[
+    Annotated[TextFormat, member_tag("~text")]
+    | Annotated[JsonObjectFormat, member_tag("~json_object")]
+    | Annotated[JsonSchemaFormat, member_tag("~json_schema")],
+    Discriminator(_format_tag),
+    Says("must be an object with a 'type'"),
+]
+
+
+def grammar_of(response_format: Any) -> dict[str, Any] | None:
+    """The broker's grammar for OpenAI's ``response_format``."""
+    if isinstance(response_format, JsonObjectFormat):
+        return {"type": "json_schema", "schema": dumps({"type": "object"})}
+    if isinstance(response_format, JsonSchemaFormat):
+        return {"type": "json_schema", "schema": dumps(response_format.json_schema.schema_)}
+    return None
+
+
+# ------------------------------------------------------------------------ bodies
+
+
+@dataclass
+class Options:
+    """What the response needs to know about the request."""
+
+    model: str | None
+    stream: bool
+    include_usage: bool
+    echo: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class SamplingBody(OpenAIShape):
+    """The options both generation endpoints take."""
+
+    ROOT: ClassVar[str] = "body"
+    SAYS: ClassVar[str] = "the request body must be a JSON object"
+
+    model: ModelName | None = None
+    max_tokens: MaxTokens | None = None
+    temperature: OpenAITemperature | None = None
+    top_p: Probability | None = None
+    min_p: Probability | None = None  # not OpenAI's; llama.cpp servers take it
+    top_k: TopK | None = None
+    seed: AnySeed | None = None
+    stop: Stop | None = None
+    frequency_penalty: Penalty | None = None  # accepted, not applied per request
+    presence_penalty: Penalty | None = None  # accepted, not applied per request
+    n: OnlyOne | None = None
+    logit_bias: Annotated[dict[str, Any], Says("must be an object")] | None = None
+    stream: Flag | None = None
+    stream_options: StreamOptions | None = None
+
+    def sampling(self, max_tokens: int | None) -> dict[str, Any]:
+        """The broker request fields of the sampling options that were given."""
+        request: dict[str, Any] = {}
+        if max_tokens is not None:
+            request["max_tokens"] = max_tokens
+        for name in ("temperature", "top_p", "min_p", "top_k"):
+            value = getattr(self, name)
+            if value is not None:
+                request[name] = value
+        if self.seed is not None:
+            request["seed"] = self.seed & SEED_MASK
+        if self.stop:
+            request["stop"] = self.stop
+        return request
+
+    def options(self) -> Options:
+        include_usage = bool(self.stream_options and self.stream_options.include_usage)
+        return Options(self.model, bool(self.stream), include_usage)
+
+
+Tools = Annotated[list[dict[str, Any]], Says("must be a list of tool objects", whole=True)]
+
+
+class ChatCompletionBody(SamplingBody):
+    """``POST /v1/chat/completions``."""
+
+    messages: Annotated[
+        list[ChatMessage], Field(min_length=1), Says("must be a non-empty list of messages")
+    ]
+    max_completion_tokens: MaxTokens | None = None
+    response_format: ResponseFormat | None = None
+    tools: (
+        Annotated[list[dict[str, Any]], Says("must be a list of tool objects", whole=True)] | None
+    ) = None
+    tool_choice: Any = None
+
+    def to_request(self) -> dict[str, Any]:
+        """The broker's conversation request (wire form)."""
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        request = {
+            "conversation_history": [m.native() for m in self.messages],
+            **self.sampling(max_tokens),
+        }
+        grammar = grammar_of(self.response_format)
+        if grammar is not None:
+            request["grammar"] = grammar
+        if self.tools and self.tool_choice != "none":
+            request["tools"] = self.tools  # the chat template shows them to the model
+        return trusted_wire(ConversationRequest, request)
+
+
+PROMPT_MESSAGE = "must be a string (or a list of one string; token arrays are not supported)"
+
+
+class CompletionBody(SamplingBody):
+    """``POST /v1/completions`` (the legacy API)."""
+
+    prompt: Annotated[
+        Annotated[str, member_tag("~text")]
+        | Annotated[list[str], Field(min_length=1, max_length=1), member_tag("~list")],
+        Discriminator(_text_or_list),
+        Says(PROMPT_MESSAGE, whole=True),
+    ]
+    best_of: OnlyOne | None = None
+    echo: Flag | None = None
+
+    @property
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def to_request(self) -> dict[str, Any]:
+        request = {"raw_prompt": self.prompt_text, **self.sampling(self.max_tokens)}
+        return trusted_wire(RawPromptRequest, request)
+
+    def options(self) -> Options:
+        options = super().options()
+        if self.echo:
+            options.echo = self.prompt_text
+        return options
+
+
+INPUT_MESSAGE = (
+    f"must be a string or a non-empty list of at most {MAX_DOCUMENTS} non-empty strings "
+    "(token arrays are not supported; send the text)"
+)
+
+
+class EmbeddingsBody(OpenAIShape):
+    """``POST /v1/embeddings``."""
+
+    ROOT: ClassVar[str] = "body"
+    SAYS: ClassVar[str] = "the request body must be a JSON object"
+
+    input: Annotated[
+        Annotated[str, Field(min_length=1), member_tag("~text")]
+        | Annotated[
+            list[Annotated[str, Field(min_length=1)]],
+            Field(min_length=1, max_length=MAX_DOCUMENTS),
+            member_tag("~list"),
+        ],
+        Discriminator(_text_or_list),
+        Says(INPUT_MESSAGE, whole=True),
+    ]
+    model: ModelName | None = None
+    encoding_format: (
+        Annotated[Literal["float", "base64"], Says("must be 'float' or 'base64'")] | None
+    ) = None
+    dimensions: Annotated[int, Field(ge=1), Says("must be a positive integer")] | None = None
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)

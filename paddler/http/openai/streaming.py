@@ -1,0 +1,220 @@
+"""What both generation endpoints share: calls to the broker, the wait for the
+event that decides the HTTP status, OpenAI's usage, and the SSE chunks.
+
+A generation waits for the broker's first answer that decides the outcome (the
+first token, the end, or an error: buffer overflow, timeout, a chat template or
+grammar the agent refused) before it sends the HTTP status, so a full buffer is a
+503 with ``Retry-After`` rather than a 200 with an error inside. An error after
+streaming began comes in-band as a last ``data: {"error": {...}}`` event followed
+by ``data: [DONE]``. A client that goes away cancels its broker request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import falcon
+import falcon.asgi
+
+from paddler.client import AsyncClient, AsyncStream, Dispatched, Done, Event, Failed, Tokens
+from paddler.errors import BrokerUnreachable
+from paddler.http import sse
+from paddler.http.common import ClosingStream, HttpDeps, dumps, read_json, until_disconnect
+from paddler.http.openai.errors import failure
+from paddler.http.openai.models import served_model_id
+from paddler.http.openai.schemas import Options
+from paddler.protocol.messages import Usage
+
+T = TypeVar("T")
+
+
+async def broker_call(deps: HttpDeps, call: Callable[[AsyncClient], Awaitable[T]]) -> T:
+    """``call`` with the worker's client; the link is reset if the broker is away."""
+    try:
+        return await call(await deps.link.client())
+    except BrokerUnreachable:
+        await deps.link.reset()
+        raise
+
+
+async def guarded(
+    deps: HttpDeps, req: falcon.asgi.Request, stream: AsyncStream
+) -> AsyncGenerator[Event, None]:
+    """The events of ``stream`` until it ends or the client goes away (which cancels
+    it); a broker that stops answering becomes a ``Failed`` 503."""
+    try:
+        async for event in until_disconnect(req, aiter(stream), stream.cancel):
+            yield event
+    except BrokerUnreachable as exc:
+        await deps.link.reset()
+        yield Failed(503, "BrokerUnreachable", f"the balancer stopped answering: {exc}")
+    finally:
+        stream.cancel()
+
+
+async def chain(lead: list[Event], events: AsyncIterator[Event]) -> AsyncGenerator[Event, None]:
+    """The events already read, then the rest."""
+    for event in lead:
+        yield event
+    async for event in events:
+        yield event
+
+
+def usage_body(usage: Usage) -> dict[str, Any]:
+    completion = (
+        usage.content_tokens
+        + usage.reasoning_tokens
+        + usage.tool_call_tokens
+        + usage.undeterminable_tokens
+    )
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": usage.prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+    }
+
+
+def finish_reason(usage: Usage, max_tokens: int) -> str:
+    return "length" if usage_body(usage)["completion_tokens"] >= max_tokens else "stop"
+
+
+def head(ident: str, object_name: str, options: Options) -> dict[str, Any]:
+    """The fields every completion and chunk starts with."""
+    return {"id": ident, "object": object_name, "created": options.created, "model": options.model}
+
+
+class Generation:
+    """A POST responder of a generation endpoint, streamed or not; subclasses say
+    how a body is read and how choices look."""
+
+    object_name = ""
+    chunk_object_name = ""
+    id_prefix = ""
+
+    def __init__(self, deps: HttpDeps) -> None:
+        self.deps = deps
+
+    def parse(self, body: Any) -> tuple[dict[str, Any], Options]:
+        raise NotImplementedError
+
+    def choice(self, text: str, reason: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def chunk_choice(self, piece: str | None, reason: str | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def opening(self, options: Options) -> list[dict[str, Any]]:
+        """Choices sent before the first piece."""
+        return []
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        request, options = self.parse(await read_json(req, self.deps.max_body_bytes))
+        if options.model is None:
+            options.model = await served_model_id(self.deps)
+        stream = await broker_call(self.deps, lambda client: client.submit(request))
+        events = guarded(self.deps, req, stream)
+        try:
+            lead = await self._lead(events)
+        except BaseException:
+            await events.aclose()
+            raise
+        if lead is None:  # the client went away while its request waited
+            await events.aclose()
+            resp.status = 499
+            return
+        if isinstance(lead[-1], Failed):
+            await events.aclose()
+            raise failure(lead[-1])
+        ident = f"{self.id_prefix}{uuid.uuid4().hex}"
+        if options.stream:
+            sse.set_headers(resp)
+            resp.stream = ClosingStream(self._chunks(ident, options, request, lead, events), events)
+            return
+        try:
+            text, usage = await self._collect(lead, events)
+        finally:
+            await events.aclose()
+        if usage is None:
+            resp.status = 499
+            return
+        resp.content_type = falcon.MEDIA_JSON
+        resp.text = dumps(
+            {
+                **head(ident, self.object_name, options),
+                "choices": [
+                    self.choice(options.echo + text, finish_reason(usage, request["max_tokens"]))
+                ],
+                "usage": usage_body(usage),
+            }
+        )
+
+    @staticmethod
+    async def _lead(events: AsyncGenerator[Event, None]) -> list[Event] | None:
+        """The events up to the first that decides the status (not ``Dispatched``);
+        ``None`` if the client went away first."""
+        lead: list[Event] = []
+        async for event in events:
+            lead.append(event)
+            if not isinstance(event, Dispatched):
+                return lead
+        return None
+
+    @staticmethod
+    async def _collect(
+        lead: list[Event], events: AsyncGenerator[Event, None]
+    ) -> tuple[str, Usage | None]:
+        pieces: list[str] = []
+        async with contextlib.aclosing(chain(lead, events)) as everything:
+            async for event in everything:
+                if isinstance(event, Tokens):
+                    pieces.extend(event.pieces)
+                elif isinstance(event, Done):
+                    return "".join(pieces), event.usage
+                elif isinstance(event, Failed):
+                    raise failure(event)
+        return "".join(pieces), None
+
+    async def _chunks(
+        self,
+        ident: str,
+        options: Options,
+        request: dict[str, Any],
+        lead: list[Event],
+        events: AsyncGenerator[Event, None],
+    ) -> AsyncGenerator[bytes, None]:
+        base = head(ident, self.chunk_object_name or self.object_name, options)
+        if options.include_usage:
+            base["usage"] = None
+
+        def chunk(choice: dict[str, Any]) -> bytes:
+            return sse.event({**base, "choices": [choice]})
+
+        try:
+            for choice in self.opening(options):
+                yield chunk(choice)
+            async with contextlib.aclosing(chain(lead, events)) as everything:
+                async for event in everything:
+                    if isinstance(event, Tokens):
+                        for piece in event.pieces:
+                            if piece:
+                                yield chunk(self.chunk_choice(piece, None))
+                    elif isinstance(event, Done):
+                        reason = finish_reason(event.usage, request["max_tokens"])
+                        yield chunk(self.chunk_choice(None, reason))
+                        if options.include_usage:
+                            yield sse.event(
+                                {**base, "choices": [], "usage": usage_body(event.usage)}
+                            )
+                        yield sse.DONE
+                        return
+                    elif isinstance(event, Failed):
+                        yield sse.event(failure(event).body())
+                        yield sse.DONE
+                        return
+        finally:
+            await events.aclose()  # cancels the broker request, wherever it is
