@@ -1,9 +1,10 @@
-"""The asyncio ZeroMQ client of the broker (``zmq.asyncio``).
+"""The asyncio ZeroMQ client of the broker: a ``zmq.asyncio`` driver of ``ClientCore``.
 
-A reader task routes frames to per-request queues, so any number of streams can
-be read concurrently from one ``AsyncClient``. While anyone waits, the client
-pings a silent broker and fails every waiter with ``BrokerUnreachable`` after
-``timeout_s`` of silence.
+A reader task hands every received message to the core and wakes the tasks waiting
+for that request, so any number of streams can be read concurrently from one
+``AsyncClient``. A watchdog task ticks the core's timers: while anyone waits it
+pings a silent broker, and fails every waiting task with ``BrokerUnreachable`` after
+``timeout_s`` of silence. What the client decides lives in ``paddler.client.core``.
 """
 
 from __future__ import annotations
@@ -11,28 +12,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import weakref
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 import zmq.asyncio
 
-from paddler.client.events import TERMINAL, Event, Failed, Tokens, decode_event
+from paddler.client import queries
+from paddler.client.core import DEFAULT_TIMEOUT_S, ClientCore, Message, StreamState, add_text
+from paddler.client.dealer import configure_dealer
+from paddler.client.events import Event
+from paddler.client.queries import Query
 from paddler.client.requests import (
     conversation_request,
     embedding_request,
     raw_prompt_request,
 )
-from paddler.client.sync import DEFAULT_TIMEOUT_S, PING_AFTER_S, configure_dealer, query_failure
 from paddler.errors import BrokerUnreachable
-from paddler.protocol.codec import HEADER, encode, pack_body, unpack_body
-from paddler.protocol.kinds import PROTOCOL_VERSION, Kind
 
-_Item = tuple[int, bytes] | BaseException
+T = TypeVar("T")
+
+_Waiter = asyncio.Future[BaseException | None]
+"""Resolved when its request may have a message: None, or the error to raise."""
 
 
-class AsyncStream:
+class AsyncStream(StreamState):
     """The events of one request: ``async for event in stream`` (the stream is its
     own iterator). The request is cancelled when the stream is left unfinished:
     ``cancel()``, the end of an ``async with`` block, or the stream being dropped.
@@ -40,10 +44,7 @@ class AsyncStream:
 
     def __init__(self, client: AsyncClient, request_id: int) -> None:
         self.client = client
-        self.request_id = request_id
-        self.finished = False
-        # no reference cycle: dropping the stream runs this at once, not at a GC pass
-        self._cancel_when_dropped = weakref.finalize(self, client._cancel, request_id)
+        super().__init__(client._core, request_id, client._cancel)
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self
@@ -51,26 +52,13 @@ class AsyncStream:
     async def __anext__(self) -> Event:
         if self.finished:
             raise StopAsyncIteration
-        kind, body = await self.client._wait(self.request_id)
-        event = decode_event(kind, body)
-        if isinstance(event, TERMINAL):
-            self.finished = True
-            self.client._queues.pop(self.request_id, None)
-            self._cancel_when_dropped.detach()
-        return event
-
-    def cancel(self) -> None:
-        if not self.finished:
-            self.finished = True
-            self._cancel_when_dropped()
+        return self._take(await self.client._wait(self.request_id))
 
     async def text(self) -> str:
+        """All text of the request; ``RequestFailed`` if it ends with an error."""
         parts: list[str] = []
         async for event in self:
-            if isinstance(event, Tokens):
-                parts.extend(event.pieces)
-            elif isinstance(event, Failed):
-                raise event.exception()
+            add_text(parts, event)
         return "".join(parts)
 
     async def __aenter__(self) -> AsyncStream:
@@ -90,20 +78,16 @@ class AsyncClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         context: zmq.asyncio.Context | None = None,
     ) -> None:
-        self.address = address
-        self.timeout_s = timeout_s
+        self._core = ClientCore(address, timeout_s, now=time.monotonic())
         self._own_context = context is None
         self.context = context or zmq.asyncio.Context()
         self.socket = self.context.socket(zmq.DEALER)
         configure_dealer(self.socket)
         self.socket.connect(address)
-        self._next_id = 1
-        self._queues: dict[int, asyncio.Queue[_Item]] = {}
-        self._last_heard = time.monotonic()
-        self._waiting = 0
+        self._waiters: dict[int, list[_Waiter]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
-        self._closed = False
 
     @classmethod
     async def connect(cls, address: str, **options: Any) -> AsyncClient:
@@ -116,95 +100,142 @@ class AsyncClient:
             raise
         return client
 
+    @property
+    def address(self) -> str:
+        return self._core.address
+
+    @property
+    def timeout_s(self) -> float:
+        return self._core.timeout_s
+
+    @timeout_s.setter
+    def timeout_s(self, value: float) -> None:
+        self._core.timeout_s = value
+
     def start(self) -> None:
+        """Start the reader and the watchdog on the running loop (``connect`` does)."""
         if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read())
-            self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+            self._loop = asyncio.get_running_loop()
+            self._reader = self._loop.create_task(self._read())
+            self._watchdog = self._loop.create_task(self._watch())
+
+    # ---------------------------------------------------------------- plumbing
 
     async def _read(self) -> None:
         socket = self.socket
-        queues = self._queues
+        core = self._core
         while True:
             frames = await socket.recv_multipart()
-            self._last_heard = time.monotonic()
-            if len(frames) != 2 or len(frames[0]) != 9:
-                continue
-            kind, request_id = HEADER.unpack(frames[0])
-            queue = queues.get(request_id)
-            if queue is not None:
-                queue.put_nowait((kind, frames[1]))
+            request_id = core.receive(frames, time.monotonic())
+            if request_id is not None:
+                self._wake(request_id)
 
     async def _watch(self) -> None:
-        """Ping a silent broker while someone waits; fail the waiters if it stays silent."""
-        ping_sent = 0.0
+        core = self._core
         while True:
-            await asyncio.sleep(min(PING_AFTER_S, self.timeout_s) / 2)
-            if not self._waiting:
-                self._last_heard = time.monotonic()
-                continue
-            now = time.monotonic()
-            silent = now - self._last_heard
-            if silent >= self.timeout_s:
-                error = BrokerUnreachable(
-                    f"the balancer at {self.address} did not answer for {silent:.1f} s"
-                )
-                for queue in self._queues.values():
-                    queue.put_nowait(error)
-                self._last_heard = now
-            elif silent >= PING_AFTER_S and now - ping_sent >= PING_AFTER_S:
-                ping_sent = now
-                with contextlib.suppress(zmq.ZMQError):
-                    await self.socket.send_multipart(
-                        encode(Kind.PING, 0, {"version": PROTOCOL_VERSION}), zmq.NOBLOCK
-                    )
+            await asyncio.sleep(core.tick_s)
+            try:
+                ping = core.tick(time.monotonic())
+                if ping is not None:
+                    await self._send(ping)
+            except BrokerUnreachable as error:
+                for request_id in list(self._waiters):
+                    self._wake(request_id, error)
+            except zmq.ZMQError:  # the socket is closing
+                pass
 
-    def _new_id(self) -> int:
-        request_id = self._next_id
-        self._next_id += 1
-        self._queues[request_id] = asyncio.Queue()
-        return request_id
+    def _wake(self, request_id: int, error: BaseException | None = None) -> None:
+        for waiter in self._waiters.pop(request_id, ()):
+            if not waiter.done():
+                waiter.set_result(error)
 
     async def _send(self, frames: list[bytes]) -> None:
+        self.start()
         try:
             await self.socket.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again as exc:
-            raise BrokerUnreachable(f"cannot send to the balancer at {self.address}") from exc
+            raise self._core.cannot_send() from exc
 
-    async def _wait(self, request_id: int) -> tuple[int, bytes]:
-        queue = self._queues[request_id]
-        if queue.empty() and not self._waiting:
-            self._last_heard = time.monotonic()
-        self._waiting += 1
+    def _send_now(self, frames: list[bytes]) -> None:
+        """Send without waiting, and without an error: for CANCEL frames."""
+        if self.socket.closed:
+            return
+        with contextlib.suppress(zmq.ZMQError):
+            sent = asyncio.ensure_future(self.socket.send_multipart(frames, zmq.NOBLOCK))
+            # a lost CANCEL is not worth an error: take it, so nobody logs it unretrieved
+            sent.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+    async def _wait(self, request_id: int) -> Message:
+        """The next message of ``request_id``; ``BrokerUnreachable`` if the broker is silent."""
+        core = self._core
+        message = core.next_message(request_id)
+        if message is not None:
+            return message
+        self.start()
+        core.begin_wait(time.monotonic())
         try:
-            item = await queue.get()
+            while True:
+                waiter: _Waiter = asyncio.get_running_loop().create_future()
+                waiting = self._waiters.setdefault(request_id, [])
+                waiting.append(waiter)
+                try:
+                    error = await waiter
+                finally:
+                    if waiter in waiting:
+                        waiting.remove(waiter)
+                        if not waiting and self._waiters.get(request_id) is waiting:
+                            del self._waiters[request_id]
+                if error is not None:
+                    raise error.with_traceback(None)
+                message = core.next_message(request_id)
+                if message is not None:
+                    return message
         finally:
-            self._waiting -= 1
-        if isinstance(item, BaseException):
-            raise item
-        return item
+            core.end_wait()
 
     def _cancel(self, request_id: int) -> None:
-        if self._queues.pop(request_id, None) is not None and not self._closed:
-            with contextlib.suppress(zmq.ZMQError):
-                self.socket.send_multipart(encode(Kind.CANCEL, request_id, {}), zmq.NOBLOCK)
-
-    async def _query(self, kind: Kind, body: dict[str, Any], expected: Kind) -> Any:
-        request_id = self._new_id()
+        frames = self._core.cancel(request_id)
+        loop = self._loop
+        if frames is None or loop is None:
+            return
         try:
-            await self._send(encode(kind, request_id, body))
-            reply_kind, reply = await self._wait(request_id)
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._cancelled(request_id, frames)
+        else:
+            # dropped outside the client's loop (a finalizer): the socket belongs to it
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(self._cancelled, request_id, frames)
+
+    def _cancelled(self, request_id: int, frames: list[bytes]) -> None:
+        self._wake(request_id)  # a task still reading it gets RequestFailed 499
+        self._send_now(frames)
+
+    async def _query(self, query: Query[T]) -> T:
+        request_id, frames = self._core.query(query)
+        try:
+            await self._send(frames)
+            message = await self._wait(request_id)
         finally:
-            self._queues.pop(request_id, None)
-        if reply_kind != expected:
-            raise query_failure(reply_kind, reply, expected)
-        return unpack_body(reply)
+            self._core.forget(request_id)
+        return query.answer(message)
+
+    # ------------------------------------------------------------------- public
 
     async def ping(self) -> None:
-        await self._query(Kind.PING, {"version": PROTOCOL_VERSION}, Kind.PONG)
+        """Check the broker answers (and speaks this protocol version)."""
+        await self._query(queries.PING)
 
     async def submit(self, request: dict[str, Any]) -> AsyncStream:
-        request_id = self._new_id()
-        await self._send([HEADER.pack(Kind.SUBMIT, request_id), pack_body(request)])
+        """Send a request (see ``paddler.protocol.requests``) and return its stream."""
+        request_id, frames = self._core.submit(request)
+        try:
+            await self._send(frames)
+        except BaseException:
+            self._core.forget(request_id)
+            raise
         return AsyncStream(self, request_id)
 
     async def continue_from_raw_prompt(self, prompt: str, **options: Any) -> AsyncStream:
@@ -222,39 +253,37 @@ class AsyncClient:
         return await self.submit(embedding_request(documents, normalization_method))
 
     async def agents(self) -> list[dict[str, Any]]:
-        return (await self._query(Kind.GET_AGENTS, {}, Kind.AGENTS))["agents"]  # type: ignore[no-any-return]
+        return await self._query(queries.AGENTS)
 
     async def buffered_requests(self) -> int:
-        return (await self._query(Kind.GET_BUFFERED, {}, Kind.BUFFERED))["count"]  # type: ignore[no-any-return]
+        return await self._query(queries.BUFFERED_REQUESTS)
 
     async def desired_state(self) -> dict[str, Any]:
-        return (await self._query(Kind.GET_DESIRED_STATE, {}, Kind.STATE))["state"]  # type: ignore[no-any-return]
+        return await self._query(queries.DESIRED_STATE)
 
     async def applicable_state(self) -> dict[str, Any] | None:
-        return (await self._query(Kind.GET_APPLICABLE_STATE, {}, Kind.STATE))["state"]  # type: ignore[no-any-return]
+        return await self._query(queries.APPLICABLE_STATE)
 
     async def agent_info(self, agent_id: str, what: str) -> Any:
         """``model_metadata`` or ``chat_template_override`` of an agent (``None`` if it
         has none); ``RequestFailed`` 404 for an unknown agent, 504 if it does not answer."""
-        return (
-            await self._query(
-                Kind.GET_AGENT_INFO, {"agent_id": agent_id, "what": what}, Kind.AGENT_INFO
-            )
-        )["value"]
+        return await self._query(queries.agent_info(agent_id, what))
 
     async def metrics(self) -> dict[str, Any]:
         """Counters and histograms of the broker, with the agents and the buffered count."""
-        return await self._query(Kind.GET_METRICS, {}, Kind.METRICS)  # type: ignore[no-any-return]
+        return await self._query(queries.METRICS)
 
     async def put_desired_state(self, state: dict[str, Any]) -> None:
-        await self._query(Kind.PUT_DESIRED_STATE, {"state": state}, Kind.ACK)
+        """Store and apply a desired state; ``ConfigurationError`` names a bad field."""
+        await self._query(queries.put_desired_state(state))
 
     async def close(self) -> None:
-        if self._closed:
+        if self._core.closed:
             return
-        for request_id in list(self._queues):
-            self._cancel(request_id)
-        self._closed = True
+        for frames in self._core.close():
+            self._send_now(frames)
+        for request_id in list(self._waiters):
+            self._wake(request_id)  # they get RequestFailed 499
         for task in (self._reader, self._watchdog):
             if task is not None:
                 task.cancel()
@@ -271,4 +300,4 @@ class AsyncClient:
         await self.close()
 
     def __repr__(self) -> str:
-        return f"<AsyncClient {self.address} open_requests={len(self._queues)}>"
+        return self._core.describe("AsyncClient")

@@ -1,57 +1,53 @@
-"""The synchronous ZeroMQ client of the broker.
+"""The synchronous ZeroMQ client of the broker: a blocking driver of ``ClientCore``.
 
 One DEALER socket; many requests may be open at once (frames for other requests
 are kept until their stream reads them). Not thread-safe: use one ``Client`` per
 thread. A broker that stops answering raises ``BrokerUnreachable`` after
-``timeout_s`` instead of hanging: while a call waits, the client pings.
+``timeout_s`` instead of hanging: while a call waits, the client pings. What the
+client decides lives in ``paddler.client.core``; this module only sends, polls and
+receives.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-import weakref
-from collections import deque
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 
-from paddler.client.events import TERMINAL, Event, Failed, Tokens, decode_event
+from paddler.client import queries
+from paddler.client.core import (
+    DEFAULT_TIMEOUT_S,
+    PING_AFTER_S,
+    ClientCore,
+    Message,
+    StreamState,
+    add_text,
+)
+from paddler.client.dealer import configure_dealer
+from paddler.client.events import Event
+from paddler.client.queries import Query, query_failure
 from paddler.client.requests import (
     conversation_request,
     embedding_request,
     raw_prompt_request,
 )
-from paddler.errors import BrokerUnreachable, ConfigurationError, PaddlerError, RequestFailed
-from paddler.protocol.codec import HEADER, MAX_BODY_BYTES, encode, pack_body, unpack_body
-from paddler.protocol.kinds import PROTOCOL_VERSION, Kind
-from paddler.protocol.messages import ErrorBody
 
-DEFAULT_TIMEOUT_S = 5.0
-PING_AFTER_S = 1.0
-_TOKENS = int(Kind.TOKENS)
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "PING_AFTER_S",
+    "Client",
+    "Stream",
+    "configure_dealer",
+    "query_failure",
+]
 
-
-def configure_dealer(socket: zmq.Socket[Any]) -> None:
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.SNDHWM, 100_000)
-    socket.setsockopt(zmq.RCVHWM, 100_000)
-    socket.setsockopt(zmq.MAXMSGSIZE, MAX_BODY_BYTES + 4096)
+T = TypeVar("T")
 
 
-def query_failure(kind: int, body: bytes, expected: Kind) -> PaddlerError:
-    """The exception for a query answered with something else than ``expected``."""
-    if kind == Kind.ERROR:
-        error = ErrorBody.from_body(unpack_body(body))
-        if error.kind == "InvalidDesiredState":
-            field, _, message = error.description.partition(": ")
-            return ConfigurationError(field, message)
-        return RequestFailed(error.code, error.kind, error.description)
-    return RequestFailed(502, "ProtocolError", f"expected {expected.name}, got kind {kind}")
-
-
-class Stream:
+class Stream(StreamState):
     """The events of one request; the stream is its own iterator.
 
     Iterating it more than once continues where the last loop stopped. The request
@@ -62,10 +58,7 @@ class Stream:
 
     def __init__(self, client: Client, request_id: int) -> None:
         self.client = client
-        self.request_id = request_id
-        self.finished = False
-        # no reference cycle: dropping the stream runs this at once, not at a GC pass
-        self._cancel_when_dropped = weakref.finalize(self, client._cancel, request_id)
+        super().__init__(client._core, request_id, client._cancel)
 
     def __iter__(self) -> Iterator[Event]:
         return self
@@ -73,28 +66,13 @@ class Stream:
     def __next__(self) -> Event:
         if self.finished:
             raise StopIteration
-        kind, body = self.client._wait(self.request_id)
-        event = decode_event(kind, body)
-        if isinstance(event, TERMINAL):
-            self.finished = True
-            self.client._pending.pop(self.request_id, None)
-            self._cancel_when_dropped.detach()
-        return event
-
-    def cancel(self) -> None:
-        """Stop the request wherever it is (buffered or generating)."""
-        if not self.finished:
-            self.finished = True
-            self._cancel_when_dropped()
+        return self._take(self.client._wait(self.request_id))
 
     def text(self) -> str:
         """All text of the request; ``RequestFailed`` if it ends with an error."""
         parts: list[str] = []
         for event in self:
-            if isinstance(event, Tokens):
-                parts.extend(event.pieces)
-            elif isinstance(event, Failed):
-                raise event.exception()
+            add_text(parts, event)
         return "".join(parts)
 
     def __enter__(self) -> Stream:
@@ -112,105 +90,98 @@ class Client:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         context: zmq.Context[Any] | None = None,
     ) -> None:
-        self.address = address
-        self.timeout_s = timeout_s
+        self._core = ClientCore(address, timeout_s, now=time.monotonic())
         self._own_context = context is None
         self.context = context or zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         configure_dealer(self.socket)
         self.socket.connect(address)
-        self._next_id = 1
-        self._pending: dict[int, deque[tuple[int, bytes]]] = {}
-        self._last_heard = time.monotonic()
-        self._ping_sent = 0.0
-        self._closed = False
         try:
             self.ping()
         except BaseException:
             self.close()
             raise
 
-    # ---------------------------------------------------------------- plumbing
+    @property
+    def address(self) -> str:
+        return self._core.address
 
-    def _new_id(self) -> int:
-        request_id = self._next_id
-        self._next_id += 1
-        self._pending[request_id] = deque()
-        return request_id
+    @property
+    def timeout_s(self) -> float:
+        return self._core.timeout_s
+
+    @timeout_s.setter
+    def timeout_s(self, value: float) -> None:
+        self._core.timeout_s = value
+
+    # ---------------------------------------------------------------- plumbing
 
     def _send(self, frames: list[bytes]) -> None:
         try:
             self.socket.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again as exc:
-            raise BrokerUnreachable(f"cannot send to the balancer at {self.address}") from exc
+            raise self._core.cannot_send() from exc
 
-    def _receive(self, timeout_ms: float) -> None:
-        """Route everything available (waiting up to ``timeout_ms`` for the first)."""
+    def _receive(self, timeout_s: float) -> None:
+        """Hand everything available to the core (waiting up to ``timeout_s`` for the first)."""
         socket = self.socket
-        if not socket.poll(int(timeout_ms)):
+        if not socket.poll(int(timeout_s * 1000.0)):
             return
-        pending = self._pending
         while True:
             try:
                 frames = socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._last_heard = time.monotonic()
-            if len(frames) != 2 or len(frames[0]) != 9:
-                continue
-            kind, request_id = HEADER.unpack(frames[0])
-            queue = pending.get(request_id)
-            if queue is not None:
-                queue.append((kind, frames[1]))
+            self._core.receive(frames, time.monotonic())
 
-    def _wait(self, request_id: int) -> tuple[int, bytes]:
+    def _wait(self, request_id: int) -> Message:
         """The next message of ``request_id``; ``BrokerUnreachable`` if the broker is silent."""
-        queue = self._pending.get(request_id)
-        if queue is None:
-            raise RequestFailed(499, "Cancelled", "the request was cancelled")
-        if queue:
-            return queue.popleft()
-        while True:
-            self._receive(min(PING_AFTER_S, self.timeout_s) * 1000.0)
-            if queue:
-                return queue.popleft()
-            now = time.monotonic()
-            silent = now - self._last_heard
-            if silent >= self.timeout_s:
-                raise BrokerUnreachable(
-                    f"the balancer at {self.address} did not answer for {silent:.1f} s"
-                )
-            if silent >= PING_AFTER_S and now - self._ping_sent >= PING_AFTER_S:
-                self._ping_sent = now
-                self._send(encode(Kind.PING, 0, {"version": PROTOCOL_VERSION}))
+        core = self._core
+        message = core.next_message(request_id)
+        if message is not None:
+            return message
+        core.begin_wait(time.monotonic())
+        try:
+            while True:
+                self._receive(core.tick_s)
+                message = core.next_message(request_id)
+                if message is not None:
+                    return message
+                ping = core.tick(time.monotonic())
+                if ping is not None:
+                    self._send(ping)
+        finally:
+            core.end_wait()
 
     def _cancel(self, request_id: int) -> None:
-        if self._pending.pop(request_id, None) is not None and not self._closed:
+        frames = self._core.cancel(request_id)
+        if frames is not None:
             with contextlib.suppress(zmq.ZMQError):
-                self.socket.send_multipart(encode(Kind.CANCEL, request_id, {}), zmq.NOBLOCK)
+                self.socket.send_multipart(frames, zmq.NOBLOCK)
 
-    def _query(self, kind: Kind, body: dict[str, Any], expected: Kind) -> Any:
-        request_id = self._new_id()
+    def _query(self, query: Query[T]) -> T:
+        request_id, frames = self._core.query(query)
         try:
-            self._send(encode(kind, request_id, body))
-            reply_kind, reply = self._wait(request_id)
+            self._send(frames)
+            message = self._wait(request_id)
         finally:
-            self._pending.pop(request_id, None)
-        if reply_kind != expected:
-            raise query_failure(reply_kind, reply, expected)
-        return unpack_body(reply)
+            self._core.forget(request_id)
+        return query.answer(message)
 
     # ------------------------------------------------------------------- public
 
     def ping(self) -> None:
         """Check the broker answers (and speaks this protocol version)."""
-        self._last_heard = time.monotonic()
-        self._query(Kind.PING, {"version": PROTOCOL_VERSION}, Kind.PONG)
+        self._query(queries.PING)
 
     def submit(self, request: dict[str, Any]) -> Stream:
         """Send a request (see ``paddler.protocol.requests``) and return its stream."""
-        request_id = self._new_id()
-        self._send([HEADER.pack(Kind.SUBMIT, request_id), pack_body(request)])
+        request_id, frames = self._core.submit(request)
+        try:
+            self._send(frames)
+        except BaseException:
+            self._core.forget(request_id)
+            raise
         return Stream(self, request_id)
 
     def continue_from_raw_prompt(self, prompt: str, **options: Any) -> Stream:
@@ -228,38 +199,36 @@ class Client:
         return self.submit(embedding_request(documents, normalization_method))
 
     def agents(self) -> list[dict[str, Any]]:
-        return self._query(Kind.GET_AGENTS, {}, Kind.AGENTS)["agents"]  # type: ignore[no-any-return]
+        return self._query(queries.AGENTS)
 
     def buffered_requests(self) -> int:
-        return self._query(Kind.GET_BUFFERED, {}, Kind.BUFFERED)["count"]  # type: ignore[no-any-return]
+        return self._query(queries.BUFFERED_REQUESTS)
 
     def desired_state(self) -> dict[str, Any]:
-        return self._query(Kind.GET_DESIRED_STATE, {}, Kind.STATE)["state"]  # type: ignore[no-any-return]
+        return self._query(queries.DESIRED_STATE)
 
     def applicable_state(self) -> dict[str, Any] | None:
-        return self._query(Kind.GET_APPLICABLE_STATE, {}, Kind.STATE)["state"]  # type: ignore[no-any-return]
+        return self._query(queries.APPLICABLE_STATE)
 
     def agent_info(self, agent_id: str, what: str) -> Any:
         """``model_metadata`` or ``chat_template_override`` of an agent (``None`` if it
         has none); ``RequestFailed`` 404 for an unknown agent, 504 if it does not answer."""
-        return (
-            self._query(Kind.GET_AGENT_INFO, {"agent_id": agent_id, "what": what}, Kind.AGENT_INFO)
-        )["value"]
+        return self._query(queries.agent_info(agent_id, what))
 
     def metrics(self) -> dict[str, Any]:
         """Counters and histograms of the broker, with the agents and the buffered count."""
-        return self._query(Kind.GET_METRICS, {}, Kind.METRICS)  # type: ignore[no-any-return]
+        return self._query(queries.METRICS)
 
     def put_desired_state(self, state: dict[str, Any]) -> None:
         """Store and apply a desired state; ``ConfigurationError`` names a bad field."""
-        self._query(Kind.PUT_DESIRED_STATE, {"state": state}, Kind.ACK)
+        self._query(queries.put_desired_state(state))
 
     def close(self) -> None:
-        if self._closed:
+        if self._core.closed:
             return
-        for request_id in list(self._pending):
-            self._cancel(request_id)
-        self._closed = True
+        for frames in self._core.close():
+            with contextlib.suppress(zmq.ZMQError):
+                self.socket.send_multipart(frames, zmq.NOBLOCK)
         self.socket.close(linger=100)
         if self._own_context:
             self.context.term()
@@ -271,4 +240,4 @@ class Client:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<Client {self.address} open_requests={len(self._pending)}>"
+        return self._core.describe("Client")
