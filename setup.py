@@ -48,11 +48,18 @@ def extensions() -> list:  # type: ignore[type-arg]
 
     sources = [f"paddler/_core/_{name}_c.py" for name in CORE_MODULES]
     sources += [f"paddler/_core/_{name}_c.pyx" for name in PYX_MODULES]
-    return cythonize(
-        sources,
-        compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
-        quiet=True,
-    )
+    directives = {
+        "language_level": "3",
+        # The twins' annotations are for mypy; C types come from the augmenting .pxd
+        # only (``x: int`` would make Cython demand an exact Python int).
+        "annotation_typing": False,
+        # Bounds checks and negative indices stay on (Cython's defaults): a compiled
+        # module raises IndexError exactly where its twin does and never reads past
+        # the end of a list or buffer. Indexing raw C pointers is not checked anyway.
+        "boundscheck": True,
+        "wraparound": True,
+    }
+    return cythonize(sources, compiler_directives=directives, quiet=True)
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})

@@ -1,6 +1,9 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: language_level=3, boundscheck=True, wraparound=True
 """Compiled twin of ``_batch_py.py``: the same ``BatchBuilder``, writing the
-``llama_batch`` arrays through raw pointers."""
+``llama_batch`` arrays through raw pointers.
+
+``tokens`` is read with bounds checks and negative indices as in Python, so a span
+past its end raises ``IndexError`` here exactly where the twin raises it."""
 
 import ctypes
 

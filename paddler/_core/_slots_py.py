@@ -23,13 +23,31 @@ class SlotError(Exception):
 
 
 class _Agent:
-    __slots__ = ("in_flight", "ready", "slots_total", "stamp")
+    __slots__ = ("agent_id", "in_flight", "index", "ready", "slots_total", "stamp")
 
-    def __init__(self, slots_total: int, ready: bool, stamp: int) -> None:
+    def __init__(self, agent_id: bytes, slots_total: int, ready: bool, stamp: int) -> None:
+        self.agent_id = agent_id
         self.slots_total = slots_total
         self.ready = ready
         self.in_flight = 0
         self.stamp = stamp
+        self.index = -1  # position in ``Registry._eligible``; -1 while no slot is free
+
+
+def _has_free_slot(agent: _Agent) -> bool:
+    return agent.ready and agent.in_flight < agent.slots_total
+
+
+def _free_slots_of(agent: _Agent) -> int:
+    return agent.slots_total - agent.in_flight if _has_free_slot(agent) else 0
+
+
+def _goes_first(a: _Agent, b: _Agent) -> bool:
+    """Whether ``a`` is chosen before ``b``: fewer in flight, then the older stamp.
+
+    Stamps are unique (one clock tick each), so this is a strict total order.
+    """
+    return a.in_flight < b.in_flight or (a.in_flight == b.in_flight and a.stamp < b.stamp)
 
 
 class Registry:
@@ -38,10 +56,17 @@ class Registry:
     ``choose`` picks, among ready agents with a free slot, the one with the fewest
     requests in flight; ties go to the agent idle longest (the oldest stamp, where
     a stamp is taken at registration, at each acquire and at each release).
+
+    The agents with a free slot are kept in a binary min-heap ordered by
+    ``_goes_first``, each agent knowing its position in it, so ``choose`` reads the
+    root in O(1) and every change of an agent moves it in O(log n). The free slots
+    are a running total, kept by every change.
     """
 
     def __init__(self) -> None:
         self._agents: dict[bytes, _Agent] = {}
+        self._eligible: list[_Agent] = []
+        self._free_slots = 0
         self._clock = 0
         self._rotation = 0
 
@@ -49,16 +74,90 @@ class Registry:
         self._clock += 1
         return self._clock
 
+    # -- the heap of agents with a free slot -------------------------------------
+
+    def _sift_up(self, index: int) -> int:
+        """Move the agent at ``index`` towards the root while it goes first; its new index."""
+        heap = self._eligible
+        agent = heap[index]
+        while index > 0:
+            parent_index = (index - 1) // 2
+            parent = heap[parent_index]
+            if not _goes_first(agent, parent):
+                break
+            heap[index] = parent
+            parent.index = index
+            index = parent_index
+        heap[index] = agent
+        agent.index = index
+        return index
+
+    def _sift_down(self, index: int) -> None:
+        """Move the agent at ``index`` towards the leaves while a child goes first."""
+        heap = self._eligible
+        size = len(heap)
+        agent = heap[index]
+        while True:
+            child_index = 2 * index + 1
+            if child_index >= size:
+                break
+            child = heap[child_index]
+            if child_index + 1 < size:
+                right = heap[child_index + 1]
+                if _goes_first(right, child):
+                    child_index += 1
+                    child = right
+            if not _goes_first(child, agent):
+                break
+            heap[index] = child
+            child.index = index
+            index = child_index
+        heap[index] = agent
+        agent.index = index
+
+    def _insert(self, agent: _Agent) -> None:
+        heap = self._eligible
+        agent.index = len(heap)
+        heap.append(agent)
+        self._sift_up(agent.index)
+
+    def _remove(self, agent: _Agent) -> None:
+        heap = self._eligible
+        index = agent.index
+        agent.index = -1
+        last = heap.pop()
+        if last is not agent:  # the last agent fills the hole, then finds its place
+            heap[index] = last
+            last.index = index
+            self._sift_down(self._sift_up(index))
+
+    def _reposition(self, agent: _Agent) -> None:
+        """After any change of ``agent``: in the heap at its place if it has a free
+        slot, out of the heap if not."""
+        if _has_free_slot(agent):
+            if agent.index < 0:
+                self._insert(agent)
+            else:
+                self._sift_down(self._sift_up(agent.index))
+        elif agent.index >= 0:
+            self._remove(agent)
+
+    # -- registration ------------------------------------------------------------
+
     def add(self, agent_id: bytes, slots_total: int, ready: bool) -> None:
         """Register an agent, or update it if known (its in-flight count is kept)."""
         if slots_total < 0:
             raise SlotError(f"slots_total must be >= 0, got {slots_total}")
         agent = self._agents.get(agent_id)
         if agent is None:
-            self._agents[agent_id] = _Agent(slots_total, ready, self._tick())
+            agent = self._agents[agent_id] = _Agent(agent_id, slots_total, ready, self._tick())
         else:
+            before = _free_slots_of(agent)
             agent.slots_total = slots_total
             agent.ready = ready
+            self._free_slots -= before
+        self._free_slots += _free_slots_of(agent)
+        self._reposition(agent)
 
     def update(self, agent_id: bytes, slots_total: int, ready: bool) -> None:
         if agent_id not in self._agents:
@@ -66,7 +165,13 @@ class Registry:
         self.add(agent_id, slots_total, ready)
 
     def remove(self, agent_id: bytes) -> bool:
-        return self._agents.pop(agent_id, None) is not None
+        agent = self._agents.pop(agent_id, None)
+        if agent is None:
+            return False
+        if agent.index >= 0:
+            self._free_slots -= agent.slots_total - agent.in_flight
+            self._remove(agent)
+        return True
 
     def __contains__(self, agent_id: object) -> bool:
         return agent_id in self._agents
@@ -88,29 +193,16 @@ class Registry:
 
     def free_slots(self) -> int:
         """Free slots summed over ready agents."""
-        total = 0
-        for agent in self._agents.values():
-            if agent.ready and agent.in_flight < agent.slots_total:
-                total += agent.slots_total - agent.in_flight
-        return total
+        return self._free_slots
+
+    # -- choice and slots --------------------------------------------------------
 
     def choose(self) -> bytes | None:
         """The agent the next request should go to, or ``None`` if no slot is free."""
-        best_id: bytes | None = None
-        best_in_flight = 0
-        best_stamp = 0
-        for agent_id, agent in self._agents.items():
-            if not agent.ready or agent.in_flight >= agent.slots_total:
-                continue
-            if (
-                best_id is None
-                or agent.in_flight < best_in_flight
-                or (agent.in_flight == best_in_flight and agent.stamp < best_stamp)
-            ):
-                best_id = agent_id
-                best_in_flight = agent.in_flight
-                best_stamp = agent.stamp
-        return best_id
+        if not self._eligible:
+            return None
+        agent: _Agent = self._eligible[0]
+        return agent.agent_id
 
     def next_in_rotation(self) -> bytes | None:
         """Round robin over ready agents, free slot or not (only for comparison
@@ -124,10 +216,18 @@ class Registry:
     def acquire(self, agent_id: bytes, force: bool = False) -> None:
         """Take a slot; ``force`` takes one even past ``slots_total`` (round robin)."""
         agent = self._agents[agent_id]
-        if not force and (not agent.ready or agent.in_flight >= agent.slots_total):
+        had_free_slot = agent.index >= 0  # the heap holds exactly the agents with a free slot
+        if not force and not had_free_slot:
             raise SlotError(f"agent {agent_id!r} has no free slot")
         agent.in_flight += 1
         agent.stamp = self._tick()
+        if had_free_slot:
+            self._free_slots -= 1
+            if agent.in_flight < agent.slots_total:
+                # more in flight, newer stamp: it can only move away from the root
+                self._sift_down(agent.index)
+            else:
+                self._remove(agent)
 
     def release(self, agent_id: bytes) -> bool:
         """Free one slot; ``False`` if the agent is gone (its slots left with it)."""
@@ -138,6 +238,14 @@ class Registry:
             raise SlotError(f"agent {agent_id!r} has no slot in use")
         agent.in_flight -= 1
         agent.stamp = self._tick()
+        if agent.index >= 0:
+            self._free_slots += 1
+            # fewer in flight: it can only move towards the root
+            self._sift_up(agent.index)
+        elif _has_free_slot(agent):
+            # it had none free, so it was at slots_total exactly: now one is free
+            self._free_slots += 1
+            self._insert(agent)
         return True
 
     def choose_and_acquire(self) -> bytes | None:

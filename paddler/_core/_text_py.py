@@ -2,8 +2,9 @@
 boundaries and stop strings.
 
 Pure-Python specification; the same file is compiled by Cython as
-``paddler._core._text_c`` (a symlink). A token's bytes may end inside a UTF-8
-character (byte-fallback tokens): the incomplete tail waits for the next token.
+``paddler._core._text_c`` (a symlink), with the C types of ``_text_c.pxd``.
+A token's bytes may end inside a UTF-8 character (byte-fallback tokens): the
+incomplete tail waits for the next token.
 Text that could be the beginning of a stop string is held back until it is
 known not to be one, so a stop string never reaches the client, even when it
 spans several tokens.
