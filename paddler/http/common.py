@@ -12,6 +12,7 @@ from typing import Any
 
 import falcon
 import falcon.asgi
+from pydantic import BaseModel
 
 from paddler.errors import (
     BrokerUnreachable,
@@ -22,6 +23,7 @@ from paddler.errors import (
 )
 from paddler.http.asgi import DISCONNECTED
 from paddler.http.link import BrokerLink
+from paddler.http.openapi import HEALTH, JSON, Reply
 
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 
@@ -121,10 +123,22 @@ class ClosingStream:
             await generator.aclose()
 
 
+class ErrorBody(BaseModel):
+    """Paddler's error answer: what is wrong, and the request field at fault (if one is)."""
+
+    error: str
+    field: str | None
+
+
+ERROR_REPLY = Reply(
+    "An error: 4xx for bad input, 5xx when the balancer cannot serve", JSON, ErrorBody
+)
+
+
 def _json_error(resp: falcon.asgi.Response, status: int, message: str, field: str | None) -> None:
     resp.status = status
     resp.content_type = falcon.MEDIA_JSON
-    resp.text = dumps({"error": message, "field": field})
+    resp.text = dumps(ErrorBody(error=message, field=field).model_dump())
 
 
 async def _invalid_request(req: Any, resp: Any, ex: InvalidRequest, params: Any) -> None:
@@ -157,6 +171,8 @@ def add_error_handlers(app: falcon.asgi.App[Any, Any]) -> None:
 
 
 class Health:
+    OPERATIONS = {"get": HEALTH}
+
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         resp.content_type = falcon.MEDIA_TEXT
         resp.text = "OK"

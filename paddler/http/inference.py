@@ -17,6 +17,7 @@ from falcon import WebSocketDisconnected
 from paddler.client import Dispatched, Done
 from paddler.errors import BrokerUnreachable, InvalidRequest
 from paddler.http.common import (
+    ERROR_REPLY,
     ClosingStream,
     HttpDeps,
     dumps,
@@ -26,7 +27,14 @@ from paddler.http.common import (
 )
 from paddler.http.envelopes import embedding_messages, error, generation_messages, line, response
 from paddler.http.fanout import embed_fanned_out
-from paddler.protocol.requests import validate_request
+from paddler.http.openapi import OpenApiDocument, Operation, Reply
+from paddler.protocol.requests import (
+    ConversationRequest,
+    EmbeddingRequest,
+    GenerationParameters,
+    RawPromptRequest,
+)
+from paddler.protocol.shapes import check
 
 log = logging.getLogger("paddler.http")
 
@@ -34,15 +42,15 @@ NDJSON_CONTENT_TYPE = "application/json"
 EMBEDDING_PART_MIN_DOCUMENTS = 1
 
 
-def generation_request(body: Any, variant: str) -> dict[str, Any]:
-    """Validate the body of a generation endpoint (``raw_prompt`` or
-    ``conversation_history``, as the endpoint says)."""
-    required = "raw_prompt" if variant == "ContinueFromRawPrompt" else "conversation_history"
+def generation_request(body: Any, shape: type[GenerationParameters]) -> dict[str, Any]:
+    """The wire form of the body of a generation endpoint, validated as ``shape``
+    (``raw_prompt`` or ``conversation_history``, as the endpoint says)."""
     if not isinstance(body, dict):
         raise InvalidRequest("body", "must be a JSON object")
+    required = "raw_prompt" if shape is RawPromptRequest else "conversation_history"
     if required not in body:
         raise InvalidRequest(required, "is required")
-    return validate_request(body)
+    return check(shape, body, InvalidRequest).wire()
 
 
 async def generation_events(
@@ -93,16 +101,24 @@ async def embedding_events(
     yield [response(request_id, last_agent, {"Embedding": "Done"})]
 
 
+STREAM_REPLY = Reply(
+    "Paddler's envelopes, one JSON object per line (NDJSON), until the request ends; "
+    "errors after this status come in-band as an Error envelope",
+    NDJSON_CONTENT_TYPE,
+    {"type": "object"},
+)
+
+
 class _Stream:
     """POST responders that answer with an NDJSON stream."""
 
-    variant = ""
+    shape: type[GenerationParameters] = RawPromptRequest
 
     def __init__(self, deps: HttpDeps) -> None:
         self.deps = deps
 
     def request(self, body: Any) -> dict[str, Any]:
-        return generation_request(body, self.variant)
+        return generation_request(body, self.shape)
 
     def events(
         self, request: dict[str, Any], request_id: str
@@ -128,18 +144,38 @@ class _Stream:
 
 
 class ContinueFromRawPrompt(_Stream):
-    variant = "ContinueFromRawPrompt"
+    shape = RawPromptRequest
+    OPERATIONS = {
+        "post": Operation(
+            "Continue a raw prompt (no chat template)", RawPromptRequest, {200: STREAM_REPLY}
+        )
+    }
 
 
 class ContinueFromConversationHistory(_Stream):
-    variant = "ContinueFromConversationHistory"
+    shape = ConversationRequest
+    OPERATIONS = {
+        "post": Operation(
+            "Continue a conversation rendered with the model's chat template",
+            ConversationRequest,
+            {200: STREAM_REPLY},
+        )
+    }
 
 
 class GenerateEmbeddingBatch(_Stream):
+    OPERATIONS = {
+        "post": Operation(
+            "Embed a batch of documents (spread over the ready agents)",
+            EmbeddingRequest,
+            {200: STREAM_REPLY},
+        )
+    }
+
     def request(self, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict) or "input_batch" not in body:
             raise InvalidRequest("input_batch", "is required")
-        return validate_request(body)
+        return check(EmbeddingRequest, body, InvalidRequest).wire()
 
     def events(
         self, request: dict[str, Any], request_id: str
@@ -151,7 +187,22 @@ class InferenceSocket:
     """``/api/v1/inference_socket``: many requests on one WebSocket, keyed by the
     client's ids, which are scoped to the connection."""
 
-    VARIANTS = ("ContinueFromRawPrompt", "ContinueFromConversationHistory")
+    OPERATIONS = {
+        "get": Operation(
+            "A WebSocket for many requests at once",
+            description=(
+                'Send {"Request": {"id": ..., "request": {"ContinueFromRawPrompt": {...}}}} or '
+                '{"Notification": {"StopRespondingTo": "<id>"}}; answers are the envelopes of '
+                "the NDJSON endpoints, one per WebSocket message."
+            ),
+            replies={101: Reply("Switching Protocols: the WebSocket is open")},
+        )
+    }
+
+    VARIANTS: dict[str, type[GenerationParameters]] = {
+        "ContinueFromRawPrompt": RawPromptRequest,
+        "ContinueFromConversationHistory": ConversationRequest,
+    }
 
     def __init__(self, deps: HttpDeps) -> None:
         self.deps = deps
@@ -228,7 +279,7 @@ class InferenceSocket:
             raise InvalidRequest(
                 "Request.request", f"unknown variant {variant!r}; use {', '.join(self.VARIANTS)}"
             )
-        return envelope["id"], generation_request(body, variant)
+        return envelope["id"], generation_request(body, self.VARIANTS[variant])
 
 
 def _client_id_of(text: str) -> str:
@@ -247,4 +298,5 @@ def create_app(deps: HttpDeps) -> falcon.asgi.App[Any, Any]:
     )
     app.add_route("/api/v1/generate_embedding_batch", GenerateEmbeddingBatch(deps))
     app.add_route("/api/v1/inference_socket", InferenceSocket(deps))
+    app.add_route("/openapi.json", OpenApiDocument(app, "paddler inference", ERROR_REPLY))
     return app

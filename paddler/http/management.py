@@ -4,26 +4,20 @@ details, and Prometheus metrics. Keep it on a private address."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import falcon
 import falcon.asgi
-from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector
 
+from paddler.broker.desired_state import DesiredState as Desired
 from paddler.broker.snapshot import AgentSnapshot
 from paddler.client import AsyncClient
 from paddler.errors import BrokerUnreachable, ConfigurationError
 from paddler.http import sse
 from paddler.http.agents_json import agents_body
 from paddler.http.common import (
+    ERROR_REPLY,
     ClosingStream,
     HttpDeps,
     dumps,
@@ -31,6 +25,8 @@ from paddler.http.common import (
     read_json,
     until_disconnect,
 )
+from paddler.http.metrics import METRICS_CONTENT_TYPE, render_metrics
+from paddler.http.openapi import JSON, OpenApiDocument, Operation, Reply
 
 STREAM_POLL_S = 0.1
 """How often a stream asks the broker for a fresh snapshot (sent only on change)."""
@@ -104,23 +100,53 @@ class _SnapshotStream(_Base):
         resp.stream = ClosingStream(until_disconnect(req, chunks, lambda: None), chunks)
 
 
+AGENTS_JSON = Reply(
+    'Paddler\'s agents list: {"agents": [AgentSnapshot, ...]}', JSON, {"type": "object"}
+)
+BUFFERED_JSON = Reply(
+    'Requests waiting for a free slot: {"buffered_requests_current": n}',
+    JSON,
+    {"type": "object"},
+)
+EVENT_STREAM = Reply(
+    "Server-sent events: the value at once, then on every change (keep-alive comments)",
+    sse.CONTENT_TYPE,
+    {"type": "string"},
+)
+
+
 class Agents(_Snapshot):
     value = staticmethod(_agents_value)
+    OPERATIONS = {"get": Operation("Every registered agent", replies={200: AGENTS_JSON})}
 
 
 class AgentsStream(_SnapshotStream):
     value = staticmethod(_agents_value)
+    OPERATIONS = {"get": Operation("The agents list as it changes", replies={200: EVENT_STREAM})}
 
 
 class Buffered(_Snapshot):
     value = staticmethod(_buffered_value)
+    OPERATIONS = {"get": Operation("How many requests wait", replies={200: BUFFERED_JSON})}
 
 
 class BufferedStream(_SnapshotStream):
     value = staticmethod(_buffered_value)
+    OPERATIONS = {"get": Operation("The buffered count as it changes", replies={200: EVENT_STREAM})}
 
 
 class DesiredState(_Base):
+    OPERATIONS = {
+        "get": Operation(
+            "What every agent should run", replies={200: Reply("The desired state", JSON, Desired)}
+        ),
+        "put": Operation(
+            "Store and apply a desired state (missing fields take their defaults)",
+            Desired,
+            {204: Reply("Stored and pushed to every agent")},
+        ),
+    }
+
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         resp.media = await self.call(lambda c: c.desired_state())
 
@@ -133,6 +159,13 @@ class DesiredState(_Base):
 
 
 class ApplicableState(_Base):
+    OPERATIONS = {
+        "get": Operation(
+            "The desired state agents apply (null until one was put)",
+            replies={200: Reply("The desired state, or null", JSON, {"type": ["object", "null"]})},
+        )
+    }
+
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         resp.media = await self.call(lambda c: c.applicable_state())
 
@@ -144,6 +177,14 @@ class AgentInfo(_Base):
     def __init__(self, deps: HttpDeps, what: str) -> None:
         super().__init__(deps)
         self.what = what
+        self.OPERATIONS = {
+            "get": Operation(
+                f"The agent's {what.replace('_', ' ')}, asked through the balancer",
+                replies={
+                    200: Reply(f"The {what.replace('_', ' ')} (null: none)", JSON, {}),
+                },
+            )
+        }
 
     async def on_get(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: str
@@ -151,133 +192,14 @@ class AgentInfo(_Base):
         resp.media = await self.call(lambda c: c.agent_info(agent_id, self.what))
 
 
-METRICS_CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
-"""What ``generate_latest`` writes. Not ``CONTENT_TYPE_LATEST``: since prometheus_client
-0.23 that names text format 1.0.0, which prometheus_client's own server only pairs
-with output escaped for a scraper that asked for it (``choose_encoder``)."""
-
-HISTOGRAMS = (
-    (
-        "paddler_queue_wait_seconds",
-        "queue_wait_seconds",
-        "Time from submission to dispatch to an agent.",
-    ),
-    (
-        "paddler_time_to_first_token_seconds",
-        "time_to_first_token_seconds",
-        "Time from submission to the first token.",
-    ),
-    (
-        "paddler_inter_token_latency_seconds",
-        "inter_token_seconds",
-        "Time between two token frames of a request.",
-    ),
-)
-"""Exposed name, key in the broker's metrics snapshot, help text."""
-
-
-class SnapshotCollector(Collector):
-    """The Prometheus families of one broker metrics snapshot (``AsyncClient.metrics()``:
-    ``agents``, ``buffered`` and the broker's ``metrics``). Built per scrape: the
-    broker holds the counts, this only says them."""
-
-    def __init__(self, snapshot: dict[str, Any]) -> None:
-        self.agents = [AgentSnapshot.from_body(agent) for agent in snapshot["agents"]]
-        self.buffered: int = snapshot["buffered"]
-        self.metrics: dict[str, Any] = snapshot["metrics"]
-
-    def collect(self) -> Iterator[Metric]:
-        agents = self.agents
-        metrics = self.metrics
-        yield GaugeMetricFamily(
-            "paddler_slots_processing",
-            "Slots serving a request, all agents.",
-            value=sum(agent.slots_processing for agent in agents),
-        )
-        yield GaugeMetricFamily(
-            "paddler_slots_total",
-            "Slots of all agents.",
-            value=sum(agent.slots_total for agent in agents),
-        )
-        yield GaugeMetricFamily(
-            "paddler_requests_buffered", "Requests waiting for a free slot.", value=self.buffered
-        )
-        yield GaugeMetricFamily("paddler_agents", "Registered agents.", value=len(agents))
-        yield self._per_agent(
-            "paddler_agent_slots_processing",
-            "Slots serving a request, per agent.",
-            lambda agent: agent.slots_processing,
-        )
-        yield self._per_agent(
-            "paddler_agent_slots_total", "Slots per agent.", lambda agent: agent.slots_total
-        )
-        yield self._per_agent(
-            "paddler_agent_ready",
-            "1 when the agent has a model and takes requests.",
-            lambda agent: 1 if agent.ready else 0,
-        )
-        # CounterMetricFamily names the family without ``_total`` and the samples with it
-        yield _counter(
-            "paddler_requests", "Finished requests by outcome.", "outcome", metrics["requests"]
-        )
-        yield _counter(
-            "paddler_agent_requests",
-            "Requests an agent ended.",
-            "agent",
-            metrics["requests_by_agent"],
-        )
-        yield _counter(
-            "paddler_generated_tokens",
-            "Tokens generated, per agent.",
-            "agent",
-            metrics["tokens_by_agent"],
-        )
-        yield CounterMetricFamily(
-            "paddler_dropped_frames",
-            "Malformed frames the broker dropped.",
-            value=metrics.get("dropped_frames", 0),
-        )
-        for name, key, help_text in HISTOGRAMS:
-            yield _histogram(name, help_text, metrics[key])
-
-    def _per_agent(
-        self, name: str, help_text: str, value: Callable[[AgentSnapshot], float]
-    ) -> GaugeMetricFamily:
-        family = GaugeMetricFamily(name, help_text, labels=("agent", "id"))
-        for agent in self.agents:
-            family.add_metric((agent.label, agent.id), value(agent))
-        return family
-
-
-def _counter(name: str, help_text: str, label: str, counts: dict[str, int]) -> CounterMetricFamily:
-    family = CounterMetricFamily(name, help_text, labels=(label,))
-    for key, count in sorted(counts.items()):
-        family.add_metric((key,), count)
-    return family
-
-
-def _histogram(name: str, help_text: str, histogram: dict[str, Any]) -> HistogramMetricFamily:
-    """``histogram`` as ``paddler.broker.metrics.Histogram.snapshot`` gives it: bounds, and
-    cumulative counts with one more for ``+Inf``."""
-    cumulative = histogram["cumulative"]
-    # bounds as ``%g`` ("1", "0.025"): the ``le`` labels paddler has always exposed
-    buckets = [
-        (f"{bound:g}", count)
-        for bound, count in zip(histogram["buckets"], cumulative, strict=False)
-    ]
-    buckets.append(("+Inf", cumulative[-1]))
-    return HistogramMetricFamily(name, help_text, buckets=buckets, sum_value=histogram["sum"])
-
-
-def render_metrics(snapshot: dict[str, Any]) -> str:
-    """The Prometheus text exposition of a broker metrics snapshot, through a registry
-    of its own (nothing process-wide: every scrape says what the broker says now)."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(snapshot))
-    return generate_latest(registry).decode()
-
-
 class Metrics(_Base):
+    OPERATIONS = {
+        "get": Operation(
+            "Prometheus metrics (text format 0.0.4)",
+            replies={200: Reply("The exposition", METRICS_CONTENT_TYPE, {"type": "string"})},
+        )
+    }
+
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         snapshot = await self.call(lambda c: c.metrics())
         resp.content_type = METRICS_CONTENT_TYPE
@@ -298,4 +220,5 @@ def create_app(deps: HttpDeps) -> falcon.asgi.App[Any, Any]:
         AgentInfo(deps, "chat_template_override"),
     )
     app.add_route("/metrics", Metrics(deps))
+    app.add_route("/openapi.json", OpenApiDocument(app, "paddler management", ERROR_REPLY))
     return app

@@ -19,8 +19,9 @@ from paddler.http.common import HttpDeps, make_app
 from paddler.http.openai.chat import ChatCompletions
 from paddler.http.openai.completions import Completions
 from paddler.http.openai.embeddings import Embeddings
-from paddler.http.openai.errors import OpenAIError, add_openai_error_handlers
+from paddler.http.openai.errors import ERROR_REPLY, OpenAIError, add_openai_error_handlers
 from paddler.http.openai.models import Model, Models, model_id
+from paddler.http.openapi import OpenApiDocument
 
 
 def create_app(deps: HttpDeps) -> falcon.asgi.App[Any, Any]:
@@ -32,6 +33,7 @@ def create_app(deps: HttpDeps) -> falcon.asgi.App[Any, Any]:
     app.add_route("/v1/embeddings", Embeddings(deps))
     app.add_route("/v1/models", Models(deps, created))
     app.add_route("/v1/models/{model:path}", Model(deps, created))
+    app.add_route("/openapi.json", OpenApiDocument(app, "paddler OpenAI-compatible", ERROR_REPLY))
     return app
 
 

@@ -7,6 +7,7 @@ from typing import Any
 from paddler.http.openai.errors import invalid_body
 from paddler.http.openai.schemas import ChatCompletionBody, Options
 from paddler.http.openai.streaming import Generation
+from paddler.http.openapi import JSON, Operation, Reply
 from paddler.protocol.shapes import check
 
 
@@ -14,6 +15,20 @@ class ChatCompletions(Generation):
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
+    OPERATIONS = {
+        "post": Operation(
+            "Create a chat completion",
+            ChatCompletionBody,
+            {
+                200: Reply(
+                    "A chat.completion object; with stream: true, server-sent "
+                    "chat.completion.chunk events ending with data: [DONE]",
+                    JSON,
+                    {"type": "object"},
+                )
+            },
+        )
+    }
 
     def parse(self, body: Any) -> tuple[dict[str, Any], Options]:
         chat = check(ChatCompletionBody, body, invalid_body)

@@ -7,12 +7,27 @@ from typing import Any
 from paddler.http.openai.errors import invalid_body
 from paddler.http.openai.schemas import CompletionBody, Options
 from paddler.http.openai.streaming import Generation
+from paddler.http.openapi import JSON, Operation, Reply
 from paddler.protocol.shapes import check
 
 
 class Completions(Generation):
     object_name = "text_completion"
     id_prefix = "cmpl-"
+    OPERATIONS = {
+        "post": Operation(
+            "Create a text completion (legacy)",
+            CompletionBody,
+            {
+                200: Reply(
+                    "A text_completion object; with stream: true, server-sent events "
+                    "ending with data: [DONE]",
+                    JSON,
+                    {"type": "object"},
+                )
+            },
+        )
+    }
 
     def parse(self, body: Any) -> tuple[dict[str, Any], Options]:
         completion = check(CompletionBody, body, invalid_body)

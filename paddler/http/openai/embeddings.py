@@ -17,6 +17,7 @@ from paddler.http.fanout import embed_fanned_out
 from paddler.http.openai.errors import OpenAIError, failure, invalid, invalid_body
 from paddler.http.openai.models import served_model_id
 from paddler.http.openai.schemas import EmbeddingsBody
+from paddler.http.openapi import JSON, Operation, Reply
 from paddler.protocol.shapes import check
 
 EMBEDDING_NORMALIZATION = "L2"
@@ -29,6 +30,14 @@ def encode_base64(vector: list[float]) -> str:
 
 
 class Embeddings:
+    OPERATIONS = {
+        "post": Operation(
+            "Embed one or more texts",
+            EmbeddingsBody,
+            {200: Reply("A list of embedding objects", JSON, {"type": "object"})},
+        )
+    }
+
     def __init__(self, deps: HttpDeps) -> None:
         self.deps = deps
 

@@ -7,14 +7,34 @@ from typing import Any
 
 import falcon
 import falcon.asgi
+from pydantic import BaseModel
 
 from paddler.client import Failed
 from paddler.errors import BrokerUnreachable, ConfigurationError, InvalidRequest, RequestFailed
 from paddler.http.common import BodyTooLarge, dumps
+from paddler.http.openapi import JSON, Reply
 
 RETRY_AFTER_S = "1"
 ERROR_CODES = {"PromptTooLong": "context_length_exceeded"}
 """OpenAI's codes where it has one; otherwise the snake_case of the broker's kind."""
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    """``invalid_request_error`` (4xx) or ``server_error`` (5xx)."""
+    param: str | None
+    """The request field at fault, if one is."""
+    code: str | None
+
+
+class OpenAIErrorBody(BaseModel):
+    """OpenAI's error envelope."""
+
+    error: OpenAIErrorDetail
+
+
+ERROR_REPLY = Reply("An error in OpenAI's envelope", JSON, OpenAIErrorBody)
 
 
 class OpenAIError(Exception):
@@ -39,14 +59,10 @@ class OpenAIError(Exception):
         self.retry_after = retry_after
 
     def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.kind,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        detail = OpenAIErrorDetail(
+            message=self.message, type=self.kind, param=self.param, code=self.code
+        )
+        return OpenAIErrorBody(error=detail).model_dump()
 
 
 def invalid(param: str | None, message: str) -> OpenAIError:

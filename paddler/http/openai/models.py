@@ -11,6 +11,7 @@ import falcon.asgi
 from paddler.errors import BrokerUnreachable
 from paddler.http.common import HttpDeps, dumps
 from paddler.http.openai.errors import OpenAIError
+from paddler.http.openapi import JSON, Operation, Reply
 
 OWNED_BY = "paddler"
 FALLBACK_MODEL_ID = "paddler"
@@ -59,6 +60,13 @@ async def served_model_id(deps: HttpDeps) -> str:
 
 
 class Models:
+    OPERATIONS = {
+        "get": Operation(
+            "The model this balancer serves",
+            replies={200: Reply("A list of model objects", JSON, {"type": "object"})},
+        )
+    }
+
     def __init__(self, deps: HttpDeps, created: int) -> None:
         self.deps = deps
         self.created = created
@@ -69,6 +77,13 @@ class Models:
 
 
 class Model:
+    OPERATIONS = {
+        "get": Operation(
+            "One model, by id",
+            replies={200: Reply("A model object", JSON, {"type": "object"})},
+        )
+    }
+
     def __init__(self, deps: HttpDeps, created: int) -> None:
         self.deps = deps
         self.created = created

@@ -1,0 +1,172 @@
+"""OpenAPI 3.1 documents of the HTTP services, generated from what they serve.
+
+Every route an app serves is found in its Falcon router; every ``on_<method>``
+responder of its resource is one operation. A resource describes its operations
+in ``OPERATIONS`` (summary, request body shape, responses); the schemas are the
+JSON Schemas pydantic derives from the same shapes that validate the requests,
+so the document cannot say something the service does not do. Each service
+serves its own document at ``GET /openapi.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import falcon
+import falcon.asgi
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from paddler import __version__
+
+OPENAPI_VERSION = "3.1.0"
+METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
+_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::[^}]*)?\}")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One response of an operation: a description and, if it has a body, its media
+    type with a shape (or a JSON Schema written out where no shape exists)."""
+
+    description: str
+    media_type: str | None = None
+    shape: type[BaseModel] | dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Operation:
+    summary: str
+    body: type[BaseModel] | None = None
+    replies: dict[int, Reply] = field(default_factory=dict)
+    description: str | None = None
+
+
+JSON = "application/json"
+HEALTH = Operation("Liveness: always OK", replies={200: Reply("OK", "text/plain")})
+OPENAPI = Operation(
+    "This document", replies={200: Reply("The OpenAPI 3.1 document of this service", JSON)}
+)
+
+
+def routes(app: falcon.asgi.App[Any, Any]) -> Iterator[tuple[str, Any]]:
+    """``(uri template, resource)`` of every route ``app`` serves."""
+    nodes: list[Any] = list(app._router._roots)
+    while nodes:
+        node = nodes.pop(0)
+        if node.resource is not None:
+            yield str(node.uri_template), node.resource
+        nodes.extend(node.children)
+
+
+def served_methods(resource: Any) -> list[str]:
+    return [m for m in METHODS if callable(getattr(resource, f"on_{m}", None))] + (
+        ["get"] if callable(getattr(resource, "on_websocket", None)) else []
+    )
+
+
+def openapi_path(template: str) -> tuple[str, list[str]]:
+    """OpenAPI's path for a Falcon URI template (converters dropped), and its fields."""
+    names = _FIELD.findall(template)
+    return _FIELD.sub(lambda m: "{" + m.group(1) + "}", template), names
+
+
+def _operation_of(resource: Any, method: str) -> Operation:
+    declared = getattr(resource, "OPERATIONS", {})
+    if method in declared:
+        return declared[method]  # type: ignore[no-any-return]
+    doc = (type(resource).__doc__ or type(resource).__name__).strip().split("\n")[0]
+    return Operation(doc, replies={200: Reply("Success")})
+
+
+def document(
+    app: falcon.asgi.App[Any, Any], title: str, error: Reply, description: str = ""
+) -> dict[str, Any]:
+    """The OpenAPI document of ``app``; ``error`` is the body of its 4xx/5xx answers."""
+    shapes: list[type[BaseModel]] = []
+    plan: list[tuple[str, list[str], str, Operation]] = []
+    for template, resource in routes(app):
+        path, names = openapi_path(template)
+        for method in served_methods(resource):
+            operation = _operation_of(resource, method)
+            plan.append((path, names, method, operation))
+            if operation.body is not None:
+                shapes.append(operation.body)
+            shapes.extend(
+                r.shape
+                for r in operation.replies.values()
+                if isinstance(r.shape, type) and issubclass(r.shape, BaseModel)
+            )
+    if isinstance(error.shape, type):
+        shapes.append(error.shape)
+    unique = list(dict.fromkeys(shapes))
+    refs, definitions = models_json_schema(
+        [(shape, "validation") for shape in unique],
+        ref_template="#/components/schemas/{model}",
+    )
+
+    def content(media_type: str, shape: Any) -> dict[str, Any]:
+        if isinstance(shape, type):
+            return {media_type: {"schema": refs[(shape, "validation")]}}
+        return {media_type: {"schema": shape if shape is not None else {}}}
+
+    paths: dict[str, dict[str, Any]] = {}
+    for path, names, method, operation in sorted(plan, key=lambda p: (p[0], p[2])):
+        entry: dict[str, Any] = {
+            "summary": operation.summary,
+            "operationId": _operation_id(method, path),
+            "responses": {},
+        }
+        if operation.description:
+            entry["description"] = operation.description
+        if names:
+            entry["parameters"] = [
+                {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                for name in names
+            ]
+        if operation.body is not None:
+            entry["requestBody"] = {"required": True, "content": content(JSON, operation.body)}
+        for status, reply in sorted(operation.replies.items()):
+            answer: dict[str, Any] = {"description": reply.description}
+            if reply.media_type is not None:
+                answer["content"] = content(reply.media_type, reply.shape)
+            entry["responses"][str(status)] = answer
+        failure: dict[str, Any] = {"description": error.description}
+        if error.media_type is not None:
+            failure["content"] = content(error.media_type, error.shape)
+        entry["responses"].setdefault("default", failure)
+        paths.setdefault(path, {})[method] = entry
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {"title": title, "version": __version__, "description": description},
+        "paths": paths,
+        "components": {"schemas": definitions.get("$defs", {})},
+    }
+
+
+def _operation_id(method: str, path: str) -> str:
+    words = re.sub(r"[^A-Za-z0-9]+", "_", path).strip("_")
+    return f"{method}_{words or 'root'}"
+
+
+class OpenApiDocument:
+    """``GET /openapi.json``: the document of the app this resource is routed in,
+    built on the first request (when every route exists) and kept."""
+
+    OPERATIONS = {"get": OPENAPI}
+
+    def __init__(self, app: falcon.asgi.App[Any, Any], title: str, error: Reply) -> None:
+        self.app = app
+        self.title = title
+        self.error = error
+        self._text: str | None = None
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        if self._text is None:
+            self._text = json.dumps(document(self.app, self.title, self.error))
+        resp.content_type = falcon.MEDIA_JSON
+        resp.text = self._text
