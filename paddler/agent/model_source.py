@@ -1,6 +1,6 @@
 """Resolve the ``model`` of a desired state to a GGUF file on this agent.
 
-The balancer names a model in one of four shapes (see ``paddler.broker.desired_state``)::
+The balancer names a model in one of four shapes (see ``paddler.protocol.desired_state``)::
 
     "None"
     {"LocalToAgent": "/models/x.gguf"}
@@ -29,7 +29,7 @@ from paddler.agent.download import display_name, download_url
 from paddler.agent.download_progress import ProgressCallback, ProgressReporter
 from paddler.agent.hugging_face import download_hugging_face
 from paddler.agent.source_errors import ModelSourceError
-from paddler.errors import ConfigurationError
+from paddler.protocol.desired_state import LocalToAgent, Url, parse_model_source
 
 __all__ = [
     "CHUNK_SIZE",
@@ -83,23 +83,14 @@ def resolve_model(
     source cannot become a file and ``ConfigurationError`` when ``source`` is not a model
     source at all.
     """
-    if source is None or source == "None":
-        return None
-    if not isinstance(source, dict) or len(source) != 1:
-        raise ConfigurationError(
-            "model",
-            'must be "None" or one of {"LocalToAgent": ...}, {"Url": ...}, {"HuggingFace": ...}',
-        )
-    ((variant, data),) = source.items()
+    parsed = parse_model_source(source)
     root = _default_cache_dir() if cache_dir is None else Path(cache_dir)
-    if variant == "LocalToAgent":
-        if not isinstance(data, str) or not data:
-            raise ConfigurationError("model.LocalToAgent", "must be a non-empty string")
-        return _resolve_local(data)
-    if variant == "Url":
-        url = data.get("url") if isinstance(data, dict) else data
-        if not isinstance(url, str) or not url:
-            raise ConfigurationError("model.Url.url", "must be a non-empty string")
+    if parsed is None:
+        return None
+    if isinstance(parsed, LocalToAgent):
+        return _resolve_local(parsed.LocalToAgent)
+    if isinstance(parsed, Url):
+        url = parsed.Url.url
         return download_url(
             url,
             root / "models",
@@ -108,27 +99,16 @@ def resolve_model(
             timeout_s=timeout_s,
             chunk_size=CHUNK_SIZE,
         )
-    if variant == "HuggingFace":
-        if not isinstance(data, dict):
-            raise ConfigurationError("model.HuggingFace", "must be an object")
-        fields: dict[str, str] = {}
-        for name, default in (("repo_id", None), ("revision", "main"), ("filename", None)):
-            value = data.get(name, default)
-            if not isinstance(value, str) or not value:
-                raise ConfigurationError(f"model.HuggingFace.{name}", "must be a non-empty string")
-            fields[name] = value
-        return download_hugging_face(
-            fields["repo_id"],
-            fields["revision"],
-            fields["filename"],
-            root / "hf",
-            reporter=_reporter(progress, fields["filename"]),
-            show_progress=show_progress,
-            endpoint=hf_endpoint or os.environ.get("HF_ENDPOINT") or None,
-            timeout_s=timeout_s,
-        )
-    raise ConfigurationError(
-        "model", f"unknown variant {variant!r}; use LocalToAgent, Url or HuggingFace"
+    hub = parsed.HuggingFace
+    return download_hugging_face(
+        hub.repo_id,
+        hub.revision,
+        hub.filename,
+        root / "hf",
+        reporter=_reporter(progress, hub.filename),
+        show_progress=show_progress,
+        endpoint=hf_endpoint or os.environ.get("HF_ENDPOINT") or None,
+        timeout_s=timeout_s,
     )
 
 

@@ -17,15 +17,14 @@ from enum import IntEnum
 from typing import Any
 
 from paddler._core import InFlight, Registry, RequestBuffer
-from paddler.broker.desired_state import validate_desired_state
 from paddler.broker.metrics import BrokerMetrics
 from paddler.broker.settings import BrokerSettings
-from paddler.broker.snapshot import AgentSnapshot
 from paddler.broker.store import StateStore
 from paddler.errors import ConfigurationError, InvalidRequest, ProtocolError
 from paddler.protocol.codec import HEADER, encode, make_header, pack_body, unpack_body
+from paddler.protocol.desired_state import validate_desired_state
 from paddler.protocol.kinds import KNOWN_KINDS, PROTOCOL_VERSION, Kind
-from paddler.protocol.messages import AgentStatus, ErrorBody, Register, body_value
+from paddler.protocol.messages import AgentSnapshot, AgentStatus, ErrorBody, Register, body_value
 from paddler.protocol.requests import validate_request
 
 log = logging.getLogger("paddler.broker")

@@ -1,6 +1,6 @@
 """Paddler's ``AgentSnapshot`` JSON, built from the broker's record.
 
-The broker says what it knows (``paddler.broker.snapshot.AgentSnapshot``); the
+The broker says what it knows (``paddler.protocol.messages.AgentSnapshot``); the
 shape Paddler's clients expect, and the two values Paddler derives, live here.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from paddler.broker.snapshot import AgentSnapshot
+from paddler.protocol.messages import AgentSnapshot
 
 
 def paddler_agent(agent: AgentSnapshot) -> dict[str, Any]:

@@ -10,8 +10,6 @@ from typing import Any
 import falcon
 import falcon.asgi
 
-from paddler.broker.desired_state import DesiredState as Desired
-from paddler.broker.snapshot import AgentSnapshot
 from paddler.client import AsyncClient
 from paddler.errors import BrokerUnreachable, ConfigurationError
 from paddler.http import sse
@@ -27,6 +25,8 @@ from paddler.http.common import (
 )
 from paddler.http.metrics import METRICS_CONTENT_TYPE, render_metrics
 from paddler.http.openapi import JSON, OpenApiDocument, Operation, Reply
+from paddler.protocol.desired_state import DesiredState as Desired
+from paddler.protocol.messages import AgentSnapshot
 
 STREAM_POLL_S = 0.1
 """How often a stream asks the broker for a fresh snapshot (sent only on change)."""

@@ -21,7 +21,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from paddler.broker.snapshot import AgentSnapshot
+from paddler.protocol.messages import AgentSnapshot
 
 METRICS_CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 """What ``generate_latest`` writes. Not ``CONTENT_TYPE_LATEST``: since prometheus_client

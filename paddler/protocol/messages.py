@@ -64,6 +64,7 @@ class Record:
     """Base of message records (dataclasses). ``SPEC`` (field -> runtime types) is
     derived from the annotations when a subclass is defined."""
 
+    __slots__ = ()
     SPEC: ClassVar[dict[str, tuple[type, ...]]] = {}
     BODY: ClassVar[type[BaseModel]]
     """The pydantic model of the body, derived from the dataclass fields."""
@@ -193,6 +194,41 @@ class Usage(Record):
 
 
 USAGE_FIELDS = tuple(Usage.SPEC)
+
+
+@record(frozen=True, slots=True)
+class AgentSnapshot(Record):
+    """What the broker tells about one agent: its last status with the broker's own
+    count of requests in flight. Views derive their shapes from it: Paddler's JSON
+    (``paddler.http.agents_json``) and the Prometheus families (``paddler.http.metrics``)."""
+
+    id: str
+    """The id the broker gave the agent."""
+    name: str | None
+    """The agent's ``--name``, if it has one."""
+    slots_total: int
+    slots_processing: int
+    """Requests in flight on the agent, by the broker's own count."""
+    desired_slots_total: int = 0
+    """As the agent reports it: 0 when it did not say."""
+    model_path: str | None = None
+    issues: list[Any] = field(default_factory=list)
+    state_application_status: str = "Fresh"
+    uses_chat_template_override: bool = False
+    download_current: int = 0
+    download_total: int = 0
+    download_filename: str | None = None
+    ready: bool = False
+    """A model is loaded and the agent accepts new requests."""
+
+    @property
+    def label(self) -> str:
+        """How operators know the agent: its name, else its id."""
+        return self.name or self.id
+
+    def sort_key(self) -> tuple[str, str]:
+        """Agents are listed by name, then id."""
+        return (self.name or "", self.id)
 
 
 def body_value(body: Any, name: str, types: tuple[type, ...], where: str) -> Any:

@@ -72,6 +72,13 @@ class Says:
     too_long: str | None = None
     """For a list or string longer than allowed, if not ``out_of_range``."""
 
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> Any:
+        """The sentence documents the field: it becomes the schema's description."""
+        schema = handler(core_schema)
+        if isinstance(schema, dict) and "$ref" not in schema:
+            schema.setdefault("description", f"Value: {self.message}.")
+        return schema
+
     def sentence(self, error_type: str) -> str:
         if self.too_long is not None and error_type in ("too_long", "string_too_long"):
             return self.too_long
@@ -282,12 +289,18 @@ class ShapeError(PaddlerError):
         self.message = message
 
 
-def check(shape: type[S], value: Any, error: Callable[[str, str], Exception] = ShapeError) -> S:
-    """``value`` validated as ``shape``; ``error(field, sentence)`` raised if it is not."""
+def check(
+    shape: type[S],
+    value: Any,
+    error: Callable[[str, str], Exception] = ShapeError,
+    context: dict[str, Any] | None = None,
+) -> S:
+    """``value`` validated as ``shape``; ``error(field, sentence)`` raised if it is not.
+    ``context`` reaches validators that take one (pydantic's validation context)."""
     if not isinstance(value, dict):
         raise error(shape.ROOT, shape.SAYS)
     try:
-        return shape.model_validate(value)
+        return shape.model_validate(value, context=context)
     except ValidationError as exc:
         field, message = first_problem(shape, exc, shape.ROOT)
         raise error(field, message) from None

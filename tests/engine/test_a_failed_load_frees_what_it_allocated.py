@@ -16,8 +16,8 @@ import pytest
 from paddler.agent.llama import loading, native
 from paddler.agent.llama.embedder import Embedder
 from paddler.agent.llama_engine import LlamaEngine
-from paddler.broker.desired_state import DEFAULT_INFERENCE_PARAMETERS
 from paddler.errors import EngineError
+from paddler.protocol.desired_state import DEFAULT_INFERENCE_PARAMETERS
 from tests.engine.conftest import local_resolver, run, state_for
 
 

@@ -8,12 +8,12 @@ import dataclasses
 import pytest
 
 from paddler.broker.settings import BrokerSettings
-from paddler.broker.snapshot import AgentSnapshot
 from paddler.broker.state import Broker, Target
 from paddler.errors import ProtocolError
 from paddler.http.agents_json import agents_body, paddler_agent
 from paddler.protocol.codec import decode, encode
 from paddler.protocol.kinds import PROTOCOL_VERSION, Kind
+from paddler.protocol.messages import AgentSnapshot
 
 FULL = AgentSnapshot(
     id="agent-x",

@@ -10,9 +10,9 @@ import prometheus_client
 from prometheus_client.parser import text_string_to_metric_families
 
 from paddler.broker.metrics import BrokerMetrics
-from paddler.broker.snapshot import AgentSnapshot
 from paddler.http import management
 from paddler.http.common import HttpDeps
+from paddler.protocol.messages import AgentSnapshot
 from tests.unit.fake_broker import FakeClient, FakeLink
 
 ODD_NAME = 'quote " backslash \\ newline \n end'

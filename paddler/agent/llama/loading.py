@@ -25,8 +25,8 @@ from paddler.agent.llama.native import (
     LlamaContext,
     LlamaModel,
 )
-from paddler.broker.desired_state import DEFAULT_INFERENCE_PARAMETERS
 from paddler.errors import EngineError
+from paddler.protocol.desired_state import DEFAULT_INFERENCE_PARAMETERS
 
 log = logging.getLogger("paddler.agent")
 

@@ -64,10 +64,17 @@ def _non_blank(value: str) -> str:
 NonEmpty = Annotated[str, AfterValidator(_non_blank), Says("must be a non-empty string")]
 
 
-def _http_url(value: str) -> str:
+def _http_url(value: str, info: ValidationInfo) -> str:
+    if info.context and info.context.get(ANY_URL_SCHEME):
+        return value
     if not value.startswith(("http://", "https://")):
         raise PydanticCustomError("url_scheme", "must start with http:// or https://")
     return value
+
+
+ANY_URL_SCHEME = "any_url_scheme"
+"""Validation context: take any URL scheme (an agent's downloader refuses what it
+cannot fetch, as an issue in the agents list)."""
 
 
 class UrlSpec(Shape):
@@ -144,6 +151,24 @@ ModelSource = Annotated[
 ]
 """Where agents get a model: ``"None"``, ``{"LocalToAgent": path}``,
 ``{"Url": {"url"}}`` or ``{"HuggingFace": {"repo_id", "revision", "filename"}}``."""
+
+
+class ModelSourceField(Shape):
+    """One model source alone, as ``model``: for code that gets a source outside a
+    desired state (an agent resolving it to a file)."""
+
+    ROOT: ClassVar[str] = "model"
+
+    model: ModelSource
+
+
+def parse_model_source(source: Any) -> LocalToAgent | Url | HuggingFace | None:
+    """The record of a model source (``None`` for ``"None"``); ``ConfigurationError``
+    names the field when ``source`` is not one. Any URL scheme passes: the
+    downloader refuses what it cannot fetch, as an issue the operator sees."""
+    context = {ANY_URL_SCHEME: True}
+    parsed = check(ModelSourceField, {"model": source}, ConfigurationError, context).model
+    return None if parsed == "None" else parsed
 
 
 class ChatTemplate(Shape):
