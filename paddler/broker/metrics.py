@@ -10,6 +10,10 @@ from bisect import bisect_left
 from collections import Counter
 from typing import Any
 
+from paddler.errors import ProtocolError
+from paddler.protocol.codec import unpack_body
+from paddler.protocol.kinds import Kind
+
 LATENCY_BUCKETS_S = (
     0.001,
     0.0025,
@@ -67,6 +71,27 @@ class BrokerMetrics:
         self.requests_by_agent: Counter[str] = Counter()
         self.dropped_frames = 0
         """Malformed or unexpected frames logged and dropped."""
+
+    def count_end(self, agent: str, kind: int, body: bytes) -> None:
+        """Count a request ``agent`` ended with a DONE or ERROR frame (bodies of ends
+        are small: decoding them costs little)."""
+        self.requests_by_agent[agent] += 1
+        try:
+            value = unpack_body(body)
+        except ProtocolError:
+            return
+        if not isinstance(value, dict):
+            return
+        if kind == Kind.DONE:
+            self.requests["done"] += 1
+            usage = value.get("usage")
+            if isinstance(usage, dict):
+                tokens = usage.get("content_tokens", 0)
+                if isinstance(tokens, int):
+                    self.tokens_by_agent[agent] += tokens
+        else:
+            error_kind = value.get("kind")
+            self.requests[error_kind if isinstance(error_kind, str) else "Error"] += 1
 
     def snapshot(self) -> dict[str, Any]:
         return {

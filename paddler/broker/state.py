@@ -12,12 +12,11 @@ header is rewritten with the client's own request id.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from enum import IntEnum
 from typing import Any
 
 from paddler._core import InFlight, Registry, RequestBuffer
 from paddler.broker.metrics import BrokerMetrics
+from paddler.broker.records import AgentInfo, Outgoing, RequestRecord, Target, error_frames
 from paddler.broker.settings import BrokerSettings
 from paddler.broker.store import StateStore
 from paddler.errors import ConfigurationError, InvalidRequest, ProtocolError
@@ -25,6 +24,8 @@ from paddler.protocol.codec import HEADER, encode, make_header, pack_body, unpac
 from paddler.protocol.desired_state import validate_desired_state
 from paddler.protocol.kinds import KNOWN_KINDS, PROTOCOL_VERSION, Kind
 from paddler.protocol.messages import AgentSnapshot, AgentStatus, ErrorBody, Register, body_value
+
+__all__ = ["Broker", "Outgoing", "Target"]
 from paddler.protocol.requests import validate_request
 
 log = logging.getLogger("paddler.broker")
@@ -40,44 +41,6 @@ _EMBEDDING = int(Kind.EMBEDDING)
 _DONE = int(Kind.DONE)
 _ERROR = int(Kind.ERROR)
 _TERMINAL = (_DONE, _ERROR)
-
-
-class Target(IntEnum):
-    AGENTS = 0
-    CLIENTS = 1
-
-
-Outgoing = tuple[Target, bytes, list[bytes]]
-
-
-def error_frames(request_id: int, code: int, kind: str, description: str) -> list[bytes]:
-    return encode(Kind.ERROR, request_id, ErrorBody(code, kind, description).to_body())
-
-
-@dataclass(slots=True)
-class AgentInfo:
-    identity: bytes
-    agent_id: str
-    name: str | None
-    status: AgentStatus
-    last_heard: float
-
-
-@dataclass(slots=True)
-class RequestRecord:
-    request_id: int
-    client: bytes
-    client_request_id: int
-    body: bytes
-    """The normalized request, packed once; sent again on re-dispatch."""
-    agent: bytes | None = None
-    started: bool = False
-    """At least one token frame reached the client: the request cannot be re-dispatched."""
-    cancelled: bool = False
-    """The client is gone or was answered; waiting for the agent to confirm the end."""
-    last_activity: float = 0.0
-    buffered_at: float = 0.0
-    submitted_at: float = 0.0
 
 
 class Broker:
@@ -290,26 +253,8 @@ class Broker:
         self.dispatch_buffered(now)
 
     def _count_end(self, identity: bytes, kind: int, body: bytes) -> None:
-        """Metrics of a request an agent ended (bodies of ends are small: decode them)."""
         info = self.agents.get(identity)
-        agent = (info.name or info.agent_id) if info is not None else "unknown"
-        self.metrics.requests_by_agent[agent] += 1
-        try:
-            value = unpack_body(body)
-        except ProtocolError:
-            return
-        if not isinstance(value, dict):
-            return
-        if kind == _DONE:
-            self.metrics.requests["done"] += 1
-            usage = value.get("usage")
-            if isinstance(usage, dict):
-                tokens = usage.get("content_tokens", 0)
-                if isinstance(tokens, int):
-                    self.metrics.tokens_by_agent[agent] += tokens
-        else:
-            error_kind = value.get("kind")
-            self.metrics.requests[error_kind if isinstance(error_kind, str) else "Error"] += 1
+        self.metrics.count_end((info.name or info.agent_id) if info else "unknown", kind, body)
 
     def _release(self, record: RequestRecord) -> None:
         agent = self.in_flight.remove(record.request_id)
