@@ -32,6 +32,7 @@ from benchmarks.common import machine, summary_ms, write_result
 from paddler.client import Client, Done, Failed, Tokens
 from paddler.protocol.codec import HEADER, encode, pack_body
 from paddler.protocol.kinds import Kind
+from paddler.protocol.requests import validate_request
 from paddler.testing.cluster import LocalCluster, free_port, wait_until
 
 TARGET_TOKENS_PER_S = 500_000
@@ -128,7 +129,8 @@ def ttft_direct(
                 ),
             ]
         )
-        request = pack_body({"raw_prompt": "x", "max_tokens": 1})
+        # the wire form a broker dispatches (every field present)
+        request = pack_body(validate_request({"raw_prompt": "x", "max_tokens": 1}))
         next_id = 1
         for _ in range(max(1, samples // concurrency)):
             started = time.perf_counter()

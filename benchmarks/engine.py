@@ -198,6 +198,9 @@ def through_broker(path: Path, n: int, tokens: int, log_dir: Path) -> dict[str, 
         wait_until(
             lambda: (a := control.agents()) and a[0]["ready"], timeout_s=60, what="agent ready"
         )
+        # the balancer's HTTP workers boot beside it: measure after they are up, not
+        # while their imports take a core from the agent
+        cluster.wait_for_http()
 
         async def run() -> tuple[float, list[float], int]:
             async with await AsyncClient.connect(cluster.clients_addr, timeout_s=60) as client:

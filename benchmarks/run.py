@@ -15,7 +15,7 @@ from typing import Any
 
 from benchmarks.common import RESULTS, machine
 
-BENCHMARKS = ("broker", "engine", "http", "cluster")
+BENCHMARKS = ("core", "broker", "engine", "http", "cluster")
 
 
 def run_all(quick: bool, only: list[str]) -> dict[str, float]:

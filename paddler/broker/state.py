@@ -556,19 +556,10 @@ class Broker:
         is the broker's own count."""
         snapshots = [
             AgentSnapshot(
+                **{**info.status.to_body(), "issues": list(info.status.issues)},
                 id=info.agent_id,
                 name=info.name,
-                slots_total=info.status.slots_total,
                 slots_processing=self.registry.in_flight(identity),
-                desired_slots_total=info.status.desired_slots_total,
-                model_path=info.status.model_path,
-                issues=list(info.status.issues),
-                state_application_status=info.status.state_application_status,
-                uses_chat_template_override=info.status.uses_chat_template_override,
-                download_current=info.status.download_current,
-                download_total=info.status.download_total,
-                download_filename=info.status.download_filename,
-                ready=info.status.ready,
             )
             for identity, info in self.agents.items()
         ]

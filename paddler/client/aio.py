@@ -19,7 +19,14 @@ import zmq
 import zmq.asyncio
 
 from paddler.client import queries
-from paddler.client.core import DEFAULT_TIMEOUT_S, ClientCore, Message, StreamState, add_text
+from paddler.client.core import (
+    DEFAULT_TIMEOUT_S,
+    ClientCore,
+    CoreDriver,
+    Message,
+    StreamState,
+    add_text,
+)
 from paddler.client.dealer import configure_dealer
 from paddler.client.events import Event
 from paddler.client.queries import Query
@@ -68,7 +75,7 @@ class AsyncStream(StreamState):
         self.cancel()
 
 
-class AsyncClient:
+class AsyncClient(CoreDriver):
     """Create with ``await AsyncClient.connect(address)``."""
 
     def __init__(
@@ -99,18 +106,6 @@ class AsyncClient:
             await client.close()
             raise
         return client
-
-    @property
-    def address(self) -> str:
-        return self._core.address
-
-    @property
-    def timeout_s(self) -> float:
-        return self._core.timeout_s
-
-    @timeout_s.setter
-    def timeout_s(self, value: float) -> None:
-        self._core.timeout_s = value
 
     def start(self) -> None:
         """Start the reader and the watchdog on the running loop (``connect`` does)."""

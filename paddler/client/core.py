@@ -168,6 +168,24 @@ class ClientCore:
         return f"<{name} {self.address} open_requests={len(self._pending)}>"
 
 
+class CoreDriver:
+    """What both clients read from their core: the address and the timeout."""
+
+    _core: ClientCore
+
+    @property
+    def address(self) -> str:
+        return self._core.address
+
+    @property
+    def timeout_s(self) -> float:
+        return self._core.timeout_s
+
+    @timeout_s.setter
+    def timeout_s(self, value: float) -> None:
+        self._core.timeout_s = value
+
+
 class StreamState:
     """The events of one request, as far as no I/O is needed: the request id, whether
     the stream finished, and the cancel that runs when an unfinished stream is

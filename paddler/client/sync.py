@@ -22,6 +22,7 @@ from paddler.client.core import (
     DEFAULT_TIMEOUT_S,
     PING_AFTER_S,
     ClientCore,
+    CoreDriver,
     Message,
     StreamState,
     add_text,
@@ -82,7 +83,7 @@ class Stream(StreamState):
         self.cancel()
 
 
-class Client:
+class Client(CoreDriver):
     def __init__(
         self,
         address: str,
@@ -101,18 +102,6 @@ class Client:
         except BaseException:
             self.close()
             raise
-
-    @property
-    def address(self) -> str:
-        return self._core.address
-
-    @property
-    def timeout_s(self) -> float:
-        return self._core.timeout_s
-
-    @timeout_s.setter
-    def timeout_s(self, value: float) -> None:
-        self._core.timeout_s = value
 
     # ---------------------------------------------------------------- plumbing
 

@@ -64,7 +64,6 @@ class Record:
     """Base of message records (dataclasses). ``SPEC`` (field -> runtime types) is
     derived from the annotations when a subclass is defined."""
 
-    __slots__ = ()
     SPEC: ClassVar[dict[str, tuple[type, ...]]] = {}
     BODY: ClassVar[type[BaseModel]]
     """The pydantic model of the body, derived from the dataclass fields."""
@@ -126,13 +125,14 @@ def _problem(record: type[Record], exc: ValidationError) -> str:
 
 
 @dataclass_transform(field_specifiers=(field,))
-def record(*, frozen: bool = False, slots: bool = False) -> Callable[[type[T]], type[T]]:
+def record(
+    *, frozen: bool = False, slots: bool = False, kw_only: bool = False
+) -> Callable[[type[T]], type[T]]:
     """Make a ``Record`` subclass a dataclass and derive its ``SPEC``."""
 
     def make(cls: type[T]) -> type[T]:
-        made = dataclass(frozen=frozen, slots=slots)(cls)
-        made.SPEC = made.spec()
-        made.BODY = made._body_model()
+        made = dataclass(frozen=frozen, slots=slots, kw_only=kw_only)(cls)
+        made.SPEC = made.spec()  # the pydantic model of the body is built on first use
         return made
 
     return make
@@ -196,8 +196,8 @@ class Usage(Record):
 USAGE_FIELDS = tuple(Usage.SPEC)
 
 
-@record(frozen=True, slots=True)
-class AgentSnapshot(Record):
+@record(kw_only=True)
+class AgentSnapshot(AgentStatus):
     """What the broker tells about one agent: its last status with the broker's own
     count of requests in flight. Views derive their shapes from it: Paddler's JSON
     (``paddler.http.agents_json``) and the Prometheus families (``paddler.http.metrics``)."""
@@ -206,20 +206,8 @@ class AgentSnapshot(Record):
     """The id the broker gave the agent."""
     name: str | None
     """The agent's ``--name``, if it has one."""
-    slots_total: int
     slots_processing: int
     """Requests in flight on the agent, by the broker's own count."""
-    desired_slots_total: int = 0
-    """As the agent reports it: 0 when it did not say."""
-    model_path: str | None = None
-    issues: list[Any] = field(default_factory=list)
-    state_application_status: str = "Fresh"
-    uses_chat_template_override: bool = False
-    download_current: int = 0
-    download_total: int = 0
-    download_filename: str | None = None
-    ready: bool = False
-    """A model is loaded and the agent accepts new requests."""
 
     @property
     def label(self) -> str:
