@@ -50,7 +50,8 @@ def generation_request(body: Any, shape: type[GenerationParameters]) -> dict[str
     required = "raw_prompt" if shape is RawPromptRequest else "conversation_history"
     if required not in body:
         raise InvalidRequest(required, "is required")
-    return check(shape, body, InvalidRequest).wire()
+    check(shape, body, InvalidRequest)
+    return shape.wire_of(body)
 
 
 async def generation_events(

@@ -110,7 +110,7 @@ class ContentPart(Shape):
     """One part of a message's content: ``{"type": "text", "text": ...}``,
     ``{"type": "image_url", ...}``; other keys are kept for the chat template."""
 
-    model_config = Shape.model_config | {"extra": "allow"}
+    model_config = Shape.model_config | {"extra": "ignore"}  # extras pass on in the map
     SAYS: ClassVar[str] = "must be an object with a 'type'"
     WHOLE: ClassVar[bool] = True
 
@@ -125,7 +125,7 @@ class Message(Shape):
     """One message of a conversation; other keys (``name``, ``tool_calls``,
     ``tool_call_id``...) are passed to the chat template as they are."""
 
-    model_config = Shape.model_config | {"extra": "allow"}
+    model_config = Shape.model_config | {"extra": "ignore"}  # extras pass on in the map
     SAYS: ClassVar[str] = "must be an object with 'role' and 'content'"
 
     role: Annotated[str, Field(min_length=1), Says("must be a non-empty string")]
@@ -181,10 +181,17 @@ class GenerationParameters(Shape):
     seed: Seed | None = None
     stop: Stop = Field(default_factory=list)
 
-    def wire(self) -> dict[str, Any]:
-        """The normalized map sent to the broker and the agents: every field, with
-        defaults, but nested objects only with what they were given."""
-        return trusted_wire(type(self), self.model_dump(exclude_unset=True))
+    @classmethod
+    def wire_of(cls, request: dict[str, Any]) -> dict[str, Any]:
+        """The normalized map sent to the broker and the agents, from a ``request``
+        map that validated as this shape: a fresh map with every field (defaults
+        filled, ``stop`` always a list), nested objects as they were given. Built
+        from the map itself rather than dumped from the record: the dump would cost
+        more than the validation."""
+        data = trusted_wire(cls, request)
+        if isinstance(data["stop"], str):
+            data["stop"] = [data["stop"]]
+        return data
 
 
 class RawPromptRequest(GenerationParameters):
@@ -303,7 +310,10 @@ def dispatched_request(body: Any) -> dict[str, Any]:
 def validate_request(request: Any) -> dict[str, Any]:
     """The normalized wire form of a request (generation or embedding); a fresh map,
     never the one given. ``InvalidRequest`` names the bad field."""
-    return parse_request(request).wire()
+    record = parse_request(request)
+    if isinstance(record, EmbeddingRequest):
+        return record.wire()
+    return type(record).wire_of(request)
 
 
 __all__ = [
