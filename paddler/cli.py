@@ -12,7 +12,8 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import MISSING, fields
-from typing import Any, get_type_hints
+from pathlib import Path
+from typing import Annotated, Any, get_type_hints
 
 import typer
 
@@ -125,19 +126,32 @@ def run_balancer(settings: BrokerSettings, http: HttpSettings, log_level: str = 
     import zmq
 
     from paddler.broker.server import BrokerServer
+    from paddler.curve import WorkerKeys, load_keypair
     from paddler.http.server import HttpServer, http_config
 
     http_config(http, settings.clients_addr)  # check the addresses before binding anything
+    worker_keys = None
+    if settings.curve_secret_key:  # the HTTP workers get a keypair of their own
+        broker_keys = load_keypair(settings.curve_secret_key, "--curve-secret-key")
+        worker_keys = WorkerKeys(broker_keys.public)
     try:
-        server = BrokerServer(settings)
-    except zmq.ZMQError as exc:
-        raise ConfigurationError("--agents-addr/--clients-addr", f"cannot bind: {exc}") from exc
-    server.install_signal_handlers()
-    web = HttpServer(http, settings.clients_addr, log_level)
-    try:
-        server.run(watch=web.alive)
+        try:
+            server = BrokerServer(
+                settings, extra_client_keys=[worker_keys.public] if worker_keys else []
+            )
+        except zmq.ZMQError as exc:
+            raise ConfigurationError("--agents-addr/--clients-addr", f"cannot bind: {exc}") from exc
+        server.install_signal_handlers()
+        web = HttpServer(
+            http, settings.clients_addr, log_level, worker_keys.files if worker_keys else None
+        )
+        try:
+            server.run(watch=web.alive)
+        finally:
+            web.stop()
     finally:
-        web.stop()
+        if worker_keys is not None:
+            worker_keys.close()
     return 1 if server.failed else 0
 
 
@@ -153,7 +167,14 @@ def run_agent(settings: AgentSettings, log_level: str = "info") -> int:
         from paddler.agent.llama_engine import LlamaEngine
     except ImportError as exc:
         raise PaddlerError(f"the llama.cpp engine is not available: {exc}") from exc
-    engine = LlamaEngine(settings.slots, n_threads=settings.threads or None)
+    from paddler.agent.llama.loading import model_resolver
+    from paddler.agent.source_rules import ModelSourceRules
+
+    engine = LlamaEngine(
+        settings.slots,
+        n_threads=settings.threads or None,
+        resolver=model_resolver(ModelSourceRules.from_settings(settings)),
+    )
     service = AgentService(settings, engine, identity=agent_identity(settings.name))
     service.install_signal_handlers()
     return service.run()
@@ -171,6 +192,28 @@ def run_cluster_command(
     from paddler.cluster import run_cluster
 
     return run_cluster(cluster, broker, http, log_level)
+
+
+keys_app = typer.Typer(help="CurveZMQ keys for the balancer, agents and clients.")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("generate")
+def generate_keys(
+    name: Annotated[str, typer.Argument(help="The keypair's name: NAME.key and NAME.key_secret.")],
+    out: Annotated[Path, typer.Option("--out", help="The folder to write the key files into.")],
+) -> None:
+    """Write a keypair: NAME.key (public: give it to the other side) and NAME.key_secret
+    (secret, mode 0600: keep it on this host)."""
+    from paddler.curve import fingerprint, generate, load_public
+
+    try:
+        public, secret = generate(out, name)
+    except (ConfigurationError, OSError) as exc:
+        typer.echo(f"paddler keys generate: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    key = fingerprint(load_public(public, "NAME"))
+    typer.echo(f"public key: {public}\nsecret key: {secret}\nfingerprint: {key}")
 
 
 def main() -> None:

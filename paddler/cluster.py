@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -13,9 +14,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from paddler.broker.settings import BrokerSettings
+from paddler.curve import PrivateKeys
 from paddler.errors import BrokerUnreachable, PaddlerError
 from paddler.http.settings import HttpSettings
-from paddler.settings import flag_name, option
+from paddler.settings import env_name, flag_name, option
 
 log = logging.getLogger("paddler.cluster")
 
@@ -59,19 +61,77 @@ def model_source(model: str | None) -> tuple[dict[str, Any], str | None]:
     return {"LocalToAgent": local}, None
 
 
+class ClusterKeys:
+    """Fresh CurveZMQ keys for one ``paddler cluster`` run, in a private folder
+    removed at exit: the broker's, one per agent (allowed on the agent socket) and
+    one for the cluster's own control client (allowed on the client socket)."""
+
+    def __init__(self, agents: int) -> None:
+        self.private = PrivateKeys("paddler-cluster-keys-")
+        root = self.private.path
+        self.broker_secret = self.private.make("broker")
+        self.agent_secrets = [
+            self.private.make(f"agent-{i + 1}", root / "agents") for i in range(agents)
+        ]
+        self.client_secret = self.private.make("client", root / "clients")
+        self.broker_public = str(root / "broker.key")
+
+    def broker_options(self) -> dict[str, Any]:
+        root = self.private.path
+        return {
+            "curve_secret_key": str(self.broker_secret),
+            "authorized_agent_keys": str(root / "agents"),
+            "authorized_client_keys": str(root / "clients"),
+        }
+
+    def agent_flags(self, index: int) -> list[str]:
+        return [
+            "--broker-public-key",
+            self.broker_public,
+            "--curve-secret-key",
+            str(self.agent_secrets[index]),
+        ]
+
+    def client_keys(self) -> tuple[str, str]:
+        """``(broker public key file, control client's secret key file)``."""
+        return self.broker_public, str(self.client_secret)
+
+    def close(self) -> None:
+        self.private.close()
+
+
 def _flags(settings: Any) -> list[str]:
     argv: list[str] = []
     for f in fields(settings):
         value = getattr(settings, f.name)
-        if value is None:
-            continue
+        if value is None or value is False or f.metadata.get("secret"):
+            continue  # secrets go in the environment (_secret_env): ps shows command lines
         flag = flag_name(f.name)
+        if value is True:
+            argv.append(flag)
+            continue
         if isinstance(value, list):
             for item in value:
                 argv += [flag, str(item)]
         else:
             argv += [flag, str(value)]
     return argv
+
+
+def _secret_env(http: HttpSettings) -> dict[str, str]:
+    """The balancer's environment: ours, with the API keys (read from their files here,
+    so a bad key stops the cluster before anything starts)."""
+    from paddler.http.api_keys import read_api_keys
+
+    env = dict(os.environ)
+    for f in fields(http):
+        if f.metadata.get("secret"):
+            keys = read_api_keys(getattr(http, f.name), flag_name(f.name))
+            if keys:
+                env[env_name(f.name)] = " ".join(keys)  # click splits a list's value on spaces
+            else:
+                env.pop(env_name(f.name), None)
+    return env
 
 
 def run_cluster(
@@ -84,6 +144,9 @@ def run_cluster(
     python = [sys.executable, "-m", "paddler"]
     children: list[subprocess.Popen[bytes]] = []
     stop = threading.Event()
+    keys = ClusterKeys(cluster.agents) if broker.curve_secret_key is None else None
+    if keys is not None:
+        broker = dataclasses.replace(broker, **keys.broker_options())
 
     def handler(signum: int, frame: object) -> None:
         stop.set()
@@ -94,6 +157,7 @@ def run_cluster(
         children.append(
             subprocess.Popen(
                 [*python, "balancer", *_flags(broker), *_flags(http), "--log-level", log_level],
+                env=_secret_env(http),
                 start_new_session=True,
             )
         )
@@ -113,11 +177,14 @@ def run_cluster(
                         str(threads),
                         "--log-level",
                         log_level,
+                        *(keys.agent_flags(index) if keys is not None else []),
                     ],
                     start_new_session=True,
                 )
             )
-        _apply_model(broker.clients_addr, source, children, stop)
+        _apply_model(
+            broker.clients_addr, source, children, stop, keys.client_keys() if keys else None
+        )
         if not stop.is_set():
             _announce(http, cluster)
         while not stop.is_set():
@@ -128,17 +195,29 @@ def run_cluster(
         return 0
     finally:
         _stop_all(children)
+        if keys is not None:
+            keys.close()
 
 
 def _apply_model(
-    clients_addr: str, source: dict[str, Any], children: list[Any], stop: threading.Event
+    clients_addr: str,
+    source: dict[str, Any],
+    children: list[Any],
+    stop: threading.Event,
+    client_keys: tuple[str, str] | None,
 ) -> None:
     from paddler.client import Client
 
     deadline = time.monotonic() + 30
     while not stop.is_set():
         try:
-            with Client(clients_addr, timeout_s=2) as client:
+            broker_key, secret_key = client_keys or (None, None)
+            with Client(
+                clients_addr,
+                timeout_s=2,
+                broker_public_key=broker_key,
+                curve_secret_key=secret_key,
+            ) as client:
                 state = client.desired_state()
                 state["model"] = source
                 client.put_desired_state(state)
@@ -150,17 +229,19 @@ def _apply_model(
 
 def _announce(http: HttpSettings, cluster: ClusterSettings) -> None:
     inference = http.inference_addr
+    scheme = "https" if http.tls_cert else "http"
+    key = ' -H "Authorization: Bearer $KEY"' if http.inference_api_key else ""
     print(
         f"\npaddler cluster: {cluster.agents} agents x {cluster.slots} slots\n"
-        f"  inference   http://{inference}\n"
-        f"  management  http://{http.management_addr}\n"
+        f"  inference   {scheme}://{inference}\n"
+        f"  management  {scheme}://{http.management_addr}\n"
         + (
-            f"  OpenAI      http://{http.compat_openai_addr}/v1\n"
+            f"  OpenAI      {scheme}://{http.compat_openai_addr}/v1\n"
             if http.compat_openai_addr
             else ""
         )
         + "Try:\n"
-        f"  curl -N http://{inference}/api/v1/continue_from_conversation_history \\\n"
+        f"  curl -N{key} {scheme}://{inference}/api/v1/continue_from_conversation_history \\\n"
         '    -d \'{"conversation_history": [{"role": "user", "content": "Hello!"}], '
         '"max_tokens": 32}\'\n',
         flush=True,

@@ -24,6 +24,7 @@ import zmq
 from paddler.agent.engine import Engine
 from paddler.agent.settings import AgentSettings
 from paddler.agent.worker import EngineWorker
+from paddler.curve import client_keys, secure_client
 from paddler.errors import ProtocolError
 from paddler.protocol.codec import HEADER, MAX_BODY_BYTES, encode, unpack_body
 from paddler.protocol.kinds import PROTOCOL_VERSION, Kind
@@ -48,6 +49,9 @@ class AgentService:
     ) -> None:
         self.settings = settings
         self.engine = engine
+        self.curve_keys = client_keys(
+            settings.broker_public_key, settings.curve_secret_key, "--curve-secret-key"
+        )
         self.identity = identity or f"agent-{uuid.uuid4().hex[:12]}".encode()
         self.context = zmq.Context()
         self._endpoint = f"inproc://engine-{id(self)}"
@@ -74,6 +78,8 @@ class AgentService:
         if self.dealer is not None:
             self.dealer.close(linger=0)
         dealer = self.context.socket(zmq.DEALER)
+        if self.curve_keys is not None:
+            secure_client(dealer, *self.curve_keys)
         dealer.setsockopt(zmq.IDENTITY, self.identity)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.SNDHWM, 100_000)

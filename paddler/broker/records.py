@@ -29,6 +29,8 @@ class AgentInfo:
     name: str | None
     status: AgentStatus
     last_heard: float
+    key_fingerprint: str | None = None
+    """With curve: the fingerprint of the public key the agent authenticated with."""
 
 
 @dataclass(slots=True)

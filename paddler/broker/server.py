@@ -7,16 +7,31 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import zmq
 
 from paddler.broker.settings import BrokerSettings
 from paddler.broker.state import Broker, Target
+from paddler.curve import (
+    AGENTS_DOMAIN,
+    CLIENTS_DOMAIN,
+    KEY_HELP,
+    CurveServer,
+    KeyFolder,
+    is_loopback_address,
+    load_keypair,
+)
+from paddler.errors import ConfigurationError
 from paddler.protocol.codec import MAX_BODY_BYTES
+from paddler.protocol.kinds import Kind
 
 log = logging.getLogger("paddler.broker")
+
+REGISTER_KIND = bytes([Kind.REGISTER])
 
 MAX_MESSAGE_BYTES = MAX_BODY_BYTES + 4096
 SEND_HWM = 100_000
@@ -30,35 +45,111 @@ BURST = 512
 """Messages taken from one socket before looking at the other and at the timers."""
 
 
+ZMQ_HEARTBEAT_IVL_MS = 1000
+ZMQ_HEARTBEAT_TIMEOUT_MS = 3000
+"""Connection-level heartbeats: a dead peer's connection closes within seconds, so
+the identity it held is free for the peer's next connection."""
+
+
 def configure_router(socket: zmq.Socket[bytes]) -> None:
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    # No ROUTER_HANDOVER: a second connection claiming an identity in use is refused,
+    # so nobody can take over an agent's (or a client's) requests by its id.
     socket.setsockopt(zmq.SNDHWM, SEND_HWM)
     socket.setsockopt(zmq.RCVHWM, RECV_HWM)
     socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    socket.setsockopt(zmq.HEARTBEAT_IVL, ZMQ_HEARTBEAT_IVL_MS)
+    socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMQ_HEARTBEAT_TIMEOUT_MS)
+
+
+def check_network_exposure(settings: BrokerSettings) -> None:
+    """Refuse a non-loopback address without curve, unless explicitly allowed."""
+    if settings.curve_secret_key or settings.allow_insecure_network:
+        return
+    for flag, address in (
+        ("--agents-addr", settings.agents_addr),
+        ("--clients-addr", settings.clients_addr),
+    ):
+        if not is_loopback_address(address):
+            raise ConfigurationError(
+                flag,
+                f"{address} may be reached from the network, and without curve anyone who "
+                "reaches it can register agents or submit requests; turn curve on "
+                f"(--curve-secret-key, --authorized-agent-keys; {KEY_HELP}) "
+                "or pass --allow-insecure-network",
+            )
+
+
+def curve_server(
+    settings: BrokerSettings, context: zmq.Context[Any], extra_client_keys: Iterable[bytes]
+) -> CurveServer | None:
+    """The authenticator of a balancer with ``--curve-secret-key`` (else ``None``)."""
+    if not settings.curve_secret_key:
+        if settings.authorized_agent_keys or settings.authorized_client_keys:
+            raise ConfigurationError(
+                "--curve-secret-key", "is needed for --authorized-agent-keys/-client-keys"
+            )
+        return None
+    keypair = load_keypair(settings.curve_secret_key, "--curve-secret-key")
+    if not settings.authorized_agent_keys:
+        raise ConfigurationError(
+            "--authorized-agent-keys",
+            "is needed with curve: a folder of the agents' public keys (no agent could join)",
+        )
+    folders = {}
+    for flag, value in (
+        ("--authorized-agent-keys", settings.authorized_agent_keys),
+        ("--authorized-client-keys", settings.authorized_client_keys),
+    ):
+        if value is not None and not Path(value).is_dir():
+            raise ConfigurationError(flag, f"{value} is not a folder")
+        folders[flag] = Path(value) if value else None
+    return CurveServer(
+        context,
+        keypair,
+        KeyFolder(folders["--authorized-agent-keys"]),
+        KeyFolder(folders["--authorized-client-keys"], extra_client_keys),
+    )
 
 
 class BrokerServer:
     """Binds the sockets and runs ``Broker`` until ``stop()`` or a signal."""
 
-    def __init__(self, settings: BrokerSettings, broker: Broker | None = None) -> None:
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        broker: Broker | None = None,
+        extra_client_keys: Iterable[bytes] = (),
+    ) -> None:
+        """``extra_client_keys``: public keys allowed on the client socket besides the
+        folder's (the balancer's own HTTP workers)."""
+        check_network_exposure(settings)
         self.settings = settings
-        self.broker = broker if broker is not None else Broker(settings)
         self._stop = threading.Event()
         self._linger_ms = 0
         self.failed = False
         self.context = zmq.Context()
+        self.curve = curve_server(settings, self.context, extra_client_keys)
+        self.broker = broker if broker is not None else Broker(settings)
         self.agents = self.context.socket(zmq.ROUTER)
         self.clients = self.context.socket(zmq.ROUTER)
         for socket in (self.agents, self.clients):
             configure_router(socket)
+        if self.curve is not None:
+            self.curve.secure(self.agents, AGENTS_DOMAIN)
+            self.curve.secure(self.clients, CLIENTS_DOMAIN)
         try:
             self.agents.bind(settings.agents_addr)
             self.clients.bind(settings.clients_addr)
         except zmq.ZMQError:
             self.close()
             raise
+
+    @property
+    def public_key(self) -> bytes | None:
+        """The broker's public key (Z85) when curve is on."""
+        return self.curve.keypair.public if self.curve is not None else None
 
     def stop(self, *_: object) -> None:
         self._stop.set()
@@ -71,20 +162,35 @@ class BrokerServer:
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
 
+    def _receive(self, socket: zmq.Socket[bytes], agents_side: bool) -> tuple[list[bytes], Any]:
+        """One message; with curve, a REGISTER from an agent also gives the public key
+        its connection authenticated with (ZeroMQ's ``User-Id`` of the frame)."""
+        if self.curve is None or not agents_side:
+            return socket.recv_multipart(zmq.NOBLOCK), None
+        parts = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+        frames = [part.bytes for part in parts]
+        key = None
+        if len(frames) > 1 and frames[1][:1] == REGISTER_KIND:
+            user = parts[1].get("User-Id")
+            key = user.encode() if isinstance(user, str) else None
+        return frames, key
+
     def _drain(self, socket: zmq.Socket[bytes], agents_side: bool) -> None:
         broker = self.broker
-        handle = broker.on_agent_message if agents_side else broker.on_client_message
         now = time.monotonic()
         for _ in range(BURST):
             try:
-                frames = socket.recv_multipart(zmq.NOBLOCK)
+                frames, key = self._receive(socket, agents_side)
             except zmq.Again:
                 return
             if len(frames) < 2:
                 broker._drop("peer", b"", "message without identity or content")
                 continue
             try:
-                handle(frames[0], frames[1:], now)
+                if agents_side:
+                    broker.on_agent_message(frames[0], frames[1:], now, key)
+                else:
+                    broker.on_client_message(frames[0], frames[1:], now)
             except Exception:  # a bug must not take the cluster down: log it and go on
                 log.exception("failed to handle a message from %s", frames[0].hex()[:16])
             if len(broker.outbox) > BURST:
@@ -151,5 +257,7 @@ class BrokerServer:
     def close(self) -> None:
         self.agents.close(linger=self._linger_ms)
         self.clients.close(linger=self._linger_ms)
+        if self.curve is not None:
+            self.curve.stop()
         self.context.term()
         self.broker.store.close()

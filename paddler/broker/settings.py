@@ -67,6 +67,35 @@ class BrokerSettings:
         ),
     )
 
+    curve_secret_key: str | None = field(
+        default=None,
+        metadata=option(
+            "The broker's CurveZMQ secret key file (NAME.key_secret from 'paddler keys "
+            "generate'): encrypts and authenticates both sockets."
+        ),
+    )
+    authorized_agent_keys: str | None = field(
+        default=None,
+        metadata=option(
+            "With curve: a folder of agents' public keys (*.key) allowed on the agent "
+            "socket; keys added to it take effect without a restart."
+        ),
+    )
+    authorized_client_keys: str | None = field(
+        default=None,
+        metadata=option(
+            "With curve: a folder of clients' public keys (*.key) allowed on the client "
+            "socket (the balancer's own HTTP workers are always allowed)."
+        ),
+    )
+    allow_insecure_network: bool = field(
+        default=False,
+        metadata=option(
+            "Bind a non-loopback address without curve (anyone who reaches it can "
+            "register agents and submit requests)."
+        ),
+    )
+
     @property
     def buffered_request_timeout_s(self) -> float:
         return self.buffered_request_timeout / 1000.0

@@ -19,6 +19,7 @@ from paddler.broker.metrics import BrokerMetrics
 from paddler.broker.records import AgentInfo, Outgoing, RequestRecord, Target, error_frames
 from paddler.broker.settings import BrokerSettings
 from paddler.broker.store import StateStore
+from paddler.curve import fingerprint
 from paddler.errors import ConfigurationError, InvalidRequest, ProtocolError
 from paddler.protocol.codec import HEADER, encode, make_header, pack_body, unpack_body
 from paddler.protocol.desired_state import validate_desired_state
@@ -130,9 +131,12 @@ class Broker:
 
     # ------------------------------------------------------------ from agents
 
-    def on_agent_message(self, identity: bytes, frames: list[bytes], now: float) -> None:
+    def on_agent_message(
+        self, identity: bytes, frames: list[bytes], now: float, peer_key: bytes | None = None
+    ) -> None:
         """One message from the agents socket (identity stripped). Never raises
-        for bad input: malformed frames are logged and dropped."""
+        for bad input: malformed frames are logged and dropped. ``peer_key``: with
+        curve, the public key the connection authenticated with (read for REGISTER)."""
         if len(frames) != 2 or len(frames[0]) != 9:
             self._drop("agent", identity, f"bad frame layout ({len(frames)} frames)")
             return
@@ -159,7 +163,7 @@ class Broker:
             if kind in _TERMINAL:
                 self._on_terminal(identity, kind, request_id, frames[1], now)
             elif kind == Kind.REGISTER:
-                self._on_register(identity, unpack_body(frames[1]), now)
+                self._on_register(identity, unpack_body(frames[1]), now, peer_key)
             elif info is None:
                 # a frame from an agent we do not know (we restarted, or declared it dead)
                 if kind in KNOWN_KINDS:
@@ -182,7 +186,9 @@ class Broker:
         self.metrics.dropped_frames += 1
         log.warning("dropped a frame from %s %s: %s", side, identity.hex()[:16], reason)
 
-    def _on_register(self, identity: bytes, body: Any, now: float) -> None:
+    def _on_register(
+        self, identity: bytes, body: Any, now: float, peer_key: bytes | None = None
+    ) -> None:
         register = Register.from_body(body)
         if register.version != PROTOCOL_VERSION:
             log.warning(
@@ -207,10 +213,15 @@ class Broker:
             # The agent reconnected: what it had in flight is gone with its old session.
             self.remove_agent(identity, now, reason="re-registered")
         agent_id = identity.hex() if not identity.isascii() else identity.decode()
-        self.agents[identity] = AgentInfo(identity, agent_id, register.name, status, now)
+        key = fingerprint(peer_key) if peer_key else None
+        self.agents[identity] = AgentInfo(identity, agent_id, register.name, status, now, key)
         self.registry.add(identity, status.slots_total, status.ready)
         log.info(
-            "agent %s (%s) registered with %d slots", agent_id, register.name, status.slots_total
+            "agent %s (%s) registered with %d slots%s",
+            agent_id,
+            register.name,
+            status.slots_total,
+            f", key {key}" if key else "",
         )
         self._send_agent(
             identity,
@@ -560,6 +571,7 @@ class Broker:
                 id=info.agent_id,
                 name=info.name,
                 slots_processing=self.registry.in_flight(identity),
+                key_fingerprint=info.key_fingerprint,
             )
             for identity, info in self.agents.items()
         ]

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import zmq
@@ -84,12 +85,22 @@ class AsyncClient(CoreDriver):
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         context: zmq.asyncio.Context | None = None,
+        broker_public_key: str | Path | None = None,
+        curve_secret_key: str | Path | None = None,
     ) -> None:
+        """With ``broker_public_key`` and ``curve_secret_key`` (key files, as from
+        ``paddler keys generate``), the connection uses CurveZMQ."""
         self._core = ClientCore(address, timeout_s, now=time.monotonic())
         self._own_context = context is None
         self.context = context or zmq.asyncio.Context()
         self.socket = self.context.socket(zmq.DEALER)
-        configure_dealer(self.socket)
+        try:
+            configure_dealer(self.socket, broker_public_key, curve_secret_key)
+        except BaseException:
+            self.socket.close(linger=0)
+            if self._own_context:
+                self.context.term()
+            raise
         self.socket.connect(address)
         self._waiters: dict[int, list[_Waiter]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import zmq
@@ -90,12 +91,22 @@ class Client(CoreDriver):
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         context: zmq.Context[Any] | None = None,
+        broker_public_key: str | Path | None = None,
+        curve_secret_key: str | Path | None = None,
     ) -> None:
+        """With ``broker_public_key`` and ``curve_secret_key`` (key files, as from
+        ``paddler keys generate``), the connection uses CurveZMQ."""
         self._core = ClientCore(address, timeout_s, now=time.monotonic())
         self._own_context = context is None
         self.context = context or zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
-        configure_dealer(self.socket)
+        try:
+            configure_dealer(self.socket, broker_public_key, curve_secret_key)
+        except BaseException:
+            self.socket.close(linger=0)
+            if self._own_context:
+                self.context.term()
+            raise
         self.socket.connect(address)
         try:
             self.ping()

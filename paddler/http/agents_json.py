@@ -12,8 +12,9 @@ from paddler.protocol.messages import AgentSnapshot
 
 
 def paddler_agent(agent: AgentSnapshot) -> dict[str, Any]:
-    """Exactly Paddler's fields, in its order (``ready`` is ours and stays out)."""
-    return {
+    """Paddler's fields, in its order (``ready`` is ours and stays out), and with
+    curve on, the fingerprint of the key the agent authenticated with."""
+    body = {
         "id": agent.id,
         "name": agent.name,
         "slots_total": agent.slots_total,
@@ -30,6 +31,9 @@ def paddler_agent(agent: AgentSnapshot) -> dict[str, Any]:
         # no size known (or nothing downloading): a progress bar cannot show a fraction
         "download_indeterminate": agent.download_total == 0,
     }
+    if agent.key_fingerprint is not None:
+        body["key_fingerprint"] = agent.key_fingerprint
+    return body
 
 
 def agents_body(agents: list[AgentSnapshot]) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 ``paddler balancer`` starts gunicorn with the ``PADDLER_HTTP_CONFIG`` environment
 variable (JSON, see ``HttpConfig``); every worker builds its apps from it and
-opens its own connection to the broker.
+opens its own connection to the broker. API keys travel in it only as SHA-256
+digests (``paddler.http.api_keys``): the environment of a worker holds no usable key.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from paddler.http.api_keys import ApiKeys
 from paddler.http.asgi import ASGIApp, PortRouter
 from paddler.http.common import DEFAULT_MAX_BODY_BYTES, HttpDeps
 from paddler.http.link import BrokerLink
@@ -28,6 +30,10 @@ class HttpConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     cors: dict[str, list[str]] = field(default_factory=dict)
     """App name -> allowed origins."""
+    api_keys: dict[str, list[str]] = field(default_factory=dict)
+    """App name -> SHA-256 digests (hex) of the keys it requires; none: open."""
+    curve_keys: list[str] | None = None
+    """With curve: the broker's public key file and the workers' secret key file."""
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -46,10 +52,15 @@ MODULES = {
 
 def build(config: HttpConfig) -> PortRouter:
     """One app per configured port, sharing the worker's broker link."""
-    link = BrokerLink(config.clients_addr)
+    link = BrokerLink(config.clients_addr, curve_keys=config.curve_keys)
     apps: dict[int, ASGIApp] = {}
     for port, name in config.apps.items():
-        deps = HttpDeps(link, config.max_body_bytes, list(config.cors.get(name, [])))
+        deps = HttpDeps(
+            link,
+            config.max_body_bytes,
+            list(config.cors.get(name, [])),
+            api_keys=ApiKeys.from_hex(config.api_keys.get(name, [])),
+        )
         app: Any = importlib.import_module(MODULES[name]).create_app(deps)
         apps[int(port)] = app
 

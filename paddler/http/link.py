@@ -12,9 +12,14 @@ log = logging.getLogger("paddler.http")
 
 
 class BrokerLink:
-    def __init__(self, address: str, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, address: str, timeout_s: float = 5.0, curve_keys: list[str] | None = None
+    ) -> None:
+        """``curve_keys``: the broker's public key file and this worker's secret key
+        file, when the broker speaks CurveZMQ."""
         self.address = address
         self.timeout_s = timeout_s
+        self.curve_keys = curve_keys
         self._client: AsyncClient | None = None
         self._lock: asyncio.Lock | None = None
 
@@ -25,7 +30,13 @@ class BrokerLink:
             self._lock = asyncio.Lock()
         async with self._lock:
             if self._client is None:
-                self._client = await AsyncClient.connect(self.address, timeout_s=self.timeout_s)
+                broker_key, secret_key = self.curve_keys or (None, None)
+                self._client = await AsyncClient.connect(
+                    self.address,
+                    timeout_s=self.timeout_s,
+                    broker_public_key=broker_key,
+                    curve_secret_key=secret_key,
+                )
         return self._client
 
     async def reset(self) -> None:

@@ -208,6 +208,8 @@ class AgentSnapshot(AgentStatus):
     """The agent's ``--name``, if it has one."""
     slots_processing: int
     """Requests in flight on the agent, by the broker's own count."""
+    key_fingerprint: str | None = None
+    """With curve: the fingerprint of the public key the agent authenticated with."""
 
     @property
     def label(self) -> str:

@@ -159,7 +159,13 @@ class LocalCluster:
     def start_real_agent(
         self, name: str, slots: int = 2, threads: int = 1, **options: Any
     ) -> Process:
-        """``paddler agent``: the real llama.cpp engine (the model comes with the desired state)."""
+        """``paddler agent``: the real llama.cpp engine (the model comes with the desired state).
+
+        Test agents download from local servers: they are started with
+        ``--allow-model-host 127.0.0.1`` unless ``allow_model_host`` says otherwise (a list
+        repeats the flag; ``None`` or an empty list leaves it out). An option whose value
+        is a list is repeated the same way."""
+        options.setdefault("allow_model_host", "127.0.0.1")
         argv = [
             sys.executable,
             "-m",
@@ -175,13 +181,16 @@ class LocalCluster:
             str(threads),
         ]
         for key, value in options.items():
-            argv += ["--" + key.replace("_", "-"), str(value)]
+            for each in value if isinstance(value, list | tuple) else [value]:
+                if each is not None:
+                    argv += ["--" + key.replace("_", "-"), str(each)]
         process = Process(name, argv, self.log_dir, self.env)
         self.agents[name] = process
         return process
 
-    def client(self, timeout_s: float = 10.0) -> Client:
-        client = Client(self.clients_addr, timeout_s=timeout_s)
+    def client(self, timeout_s: float = 10.0, **options: Any) -> Client:
+        """A client of the balancer (``options``: the curve key files, if any)."""
+        client = Client(self.clients_addr, timeout_s=timeout_s, **options)
         self._clients.append(client)
         return client
 

@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-token-delay-ms", type=float, default=0.0)
     parser.add_argument("--shutdown-timeout", type=int, default=10_000)
     parser.add_argument("--identity", default=None)
+    parser.add_argument("--broker-public-key", default=None)
+    parser.add_argument("--curve-secret-key", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = AgentSettings(
@@ -31,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         slots=args.slots,
         name=args.name,
         shutdown_timeout=args.shutdown_timeout,
+        broker_public_key=args.broker_public_key,
+        curve_secret_key=args.curve_secret_key,
     )
     engine = FakeEngine(
         args.slots,

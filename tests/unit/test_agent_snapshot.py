@@ -35,7 +35,7 @@ FULL = AgentSnapshot(
 def test_a_snapshot_is_the_agent_status_with_what_the_broker_knows() -> None:
     assert isinstance(FULL, AgentStatus)
     extra = set(AgentSnapshot.SPEC) - set(AgentStatus.SPEC)
-    assert extra == {"id", "name", "slots_processing"}
+    assert extra == {"id", "name", "slots_processing", "key_fingerprint"}
 
 
 def test_the_body_round_trips_and_keeps_its_keys() -> None:

@@ -1,0 +1,147 @@
+"""CurveZMQ on the broker's sockets, with real processes: only agents and clients
+whose public keys are in the allow-lists get in; keys added to a list work without
+a restart; an identity in use cannot be taken over; a balancer will not face a
+network without curve unless told to."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import zmq
+
+from paddler.curve import fingerprint, generate, load_public
+from paddler.errors import BrokerUnreachable
+from paddler.protocol.codec import encode
+from paddler.protocol.kinds import Kind
+from paddler.testing.cluster import LocalCluster, free_port, wait_until
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> dict[str, Any]:
+    root = tmp_path / "keys"
+    agents, clients = root / "agents", root / "clients"
+    agents.mkdir(parents=True)
+    clients.mkdir()
+    made: dict[str, Any] = {"root": root, "agents": agents, "clients": clients}
+    for name in ("broker", "agent", "stranger", "client", "late"):
+        made[name] = generate(root, name)  # (public, secret)
+    shutil.copy(made["agent"][0], agents)
+    shutil.copy(made["client"][0], clients)
+    return made
+
+
+def _curve_cluster(make_cluster, keys: dict[str, Any]) -> LocalCluster:
+    cluster = make_cluster(
+        curve_secret_key=keys["broker"][1],
+        authorized_agent_keys=keys["agents"],
+        authorized_client_keys=keys["clients"],
+    )
+    cluster.start_balancer()
+    cluster.wait_for_http()
+    return cluster
+
+
+def _agent_keys(keys: dict[str, Any], name: str) -> dict[str, Any]:
+    return {"broker_public_key": keys["broker"][0], "curve_secret_key": keys[name][1]}
+
+
+def _names(cluster: LocalCluster) -> set[str]:
+    """The agents list through the management API (the HTTP workers' own keys)."""
+    agents = httpx.get(f"{cluster.management_url}/api/v1/agents").json()["agents"]
+    return {agent["name"] for agent in agents}
+
+
+def test_only_allowed_agents_register_and_show_their_key(make_cluster, keys) -> None:
+    cluster = _curve_cluster(make_cluster, keys)
+    cluster.start_agent("allowed", **_agent_keys(keys, "agent"))
+    cluster.start_agent("stranger", **_agent_keys(keys, "stranger"))
+    cluster.start_agent("plain")  # no curve at all
+    wait_until(lambda: "allowed" in _names(cluster), what="the allowed agent registers")
+    time.sleep(2.0)  # the others retry registering every second
+    assert _names(cluster) == {"allowed"}
+    (agent,) = httpx.get(f"{cluster.management_url}/api/v1/agents").json()["agents"]
+    assert agent["key_fingerprint"] == fingerprint(load_public(keys["agent"][0], "agent"))
+
+
+def test_a_key_added_to_the_folder_works_without_a_restart(make_cluster, keys) -> None:
+    cluster = _curve_cluster(make_cluster, keys)
+    cluster.start_agent("late", **_agent_keys(keys, "late"))
+    time.sleep(1.5)
+    assert _names(cluster) == set()
+    shutil.copy(keys["late"][0], keys["agents"])
+    wait_until(lambda: "late" in _names(cluster), timeout_s=15, what="the late key takes effect")
+
+
+def test_only_allowed_clients_can_submit(make_cluster, keys) -> None:
+    cluster = _curve_cluster(make_cluster, keys)
+    cluster.start_agent("allowed", **_agent_keys(keys, "agent"))
+    client = cluster.client(**_agent_keys(keys, "client"))
+    cluster.wait_for_agents(client, 1)
+    assert client.continue_from_raw_prompt("hi", max_tokens=3).text()
+    for options in ({}, _agent_keys(keys, "stranger")):
+        with pytest.raises(BrokerUnreachable):
+            cluster.client(timeout_s=1.5, **options)
+
+
+def test_an_identity_in_use_cannot_be_taken_over(make_cluster) -> None:
+    cluster = make_cluster()
+    cluster.start_balancer()
+    cluster.start_agent("victim", slots=2, identity="victim-agent")
+    client = cluster.client()
+    cluster.wait_for_agents(client, 1)
+    context = zmq.Context()
+    impostor = context.socket(zmq.DEALER)
+    impostor.setsockopt(zmq.LINGER, 0)
+    impostor.setsockopt(zmq.IDENTITY, b"victim-agent")
+    impostor.connect(cluster.agents_addr)
+    try:
+        impostor.send_multipart(encode(Kind.HEARTBEAT, 0, {}))
+        time.sleep(0.5)
+        for _ in range(3):
+            assert client.continue_from_raw_prompt("secret prompt", max_tokens=3).text()
+        assert not impostor.poll(1000), "the impostor received a frame"
+        assert [a["name"] for a in client.agents()] == ["victim"]
+    finally:
+        impostor.close()
+        context.term()
+
+
+def test_a_network_address_without_curve_is_refused(tmp_path: Path) -> None:
+    argv = [
+        sys.executable,
+        "-m",
+        "paddler",
+        "balancer",
+        "--agents-addr",
+        f"tcp://0.0.0.0:{free_port()}",
+        "--clients-addr",
+        f"tcp://127.0.0.1:{free_port()}",
+        "--inference-addr",
+        f"127.0.0.1:{free_port()}",
+        "--management-addr",
+        f"127.0.0.1:{free_port()}",
+    ]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert "paddler keys generate" in result.stderr
+    assert "--allow-insecure-network" in result.stderr
+
+
+def test_paddler_keys_generate_writes_a_private_secret(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "paddler", "keys", "generate", "--out", str(tmp_path), "box-1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert (tmp_path / "box-1.key").is_file()
+    assert (tmp_path / "box-1.key_secret").stat().st_mode & 0o777 == 0o600
+    assert fingerprint(load_public(tmp_path / "box-1.key", "key")) in result.stdout
