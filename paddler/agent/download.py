@@ -3,9 +3,14 @@
 A URL's file is ``<models_dir>/<stem>-<hash12>.<ext>`` where the hash is over the
 whole URL, so two URLs never share a file. Beside each file are ``<name>.part`` (the
 bytes received so far; resumed with ``Range`` on the next call), ``<name>.meta.json``
-(url, size, ETag, Last-Modified, complete) and ``<name>.lock`` (an advisory lock so
-two agents on one machine never write the same ``.part``). Every failure is a
-``ModelSourceError`` with a ``ModelDownloadFailed`` issue.
+(url, size, ETag, Last-Modified, complete, and the SHA-256 once one was asked for) and
+``<name>.lock`` (an advisory lock so two agents on one machine never write the same
+``.part``). Every failure is a ``ModelSourceError``: ``ModelDownloadFailed`` (a stall
+included), ``ModelHostNotAllowed``, ``ModelTooLarge`` or ``ModelChecksumMismatch``.
+
+Connections go through ``paddler.agent.model_hosts`` (the operator's host rule, checked
+on every redirect); the body is read with ``read1`` (what one ``recv`` brings), so the
+``StallGuard`` of ``paddler.agent.source_rules`` sees every byte as it arrives.
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ from typing import Any
 
 from paddler import __version__
 from paddler.agent.download_progress import ProgressReporter
-from paddler.agent.source_errors import download_failed, readable
+from paddler.agent.model_checksum import file_sha256, mismatch
+from paddler.agent.model_hosts import HostGate, opener
+from paddler.agent.source_errors import ModelSourceError, download_failed, readable
+from paddler.agent.source_rules import ModelSourceRules, StallGuard, too_large
 
 if sys.platform != "win32":
     import fcntl
@@ -148,11 +156,17 @@ def download_url(
     show_progress: bool,
     timeout_s: float,
     chunk_size: int,
+    rules: ModelSourceRules | None = None,
+    sha256: str | None = None,
 ) -> Path:
     """The file of ``url`` in ``models_dir``, downloaded (or its download completed)
     unless the cache holds it whole. ``reporter`` hears the bytes on disk;
     ``show_progress`` draws a tqdm bar on stderr; ``timeout_s`` bounds connecting and
-    every wait for data; ``chunk_size`` is the most bytes read per iteration."""
+    every wait for data; ``chunk_size`` is the most bytes read per iteration. ``rules``
+    (default: any host, no size limit) says which hosts, sizes and stalls are allowed;
+    ``sha256``, when given, must be the file's digest (checked on a cached file too;
+    a file that differs is deleted)."""
+    rules = ModelSourceRules() if rules is None else rules
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise download_failed(url, "only http:// and https:// URLs can be downloaded")
@@ -164,6 +178,7 @@ def download_url(
     if _is_complete(final, _read_meta(meta_path), url):
         size = final.stat().st_size
         log.debug("model %s is cached at %s", url, final)
+        _check_digest(url, final, meta_path, sha256)
         reporter.report(size, size, force=True)
         return final
 
@@ -178,16 +193,44 @@ def download_url(
         meta = _read_meta(meta_path)
         if _is_complete(final, meta, url):  # another process finished it meanwhile
             size = final.stat().st_size
+            _check_digest(url, final, meta_path, sha256)
             reporter.report(size, size, force=True)
             return final
-        job = _Job(url, part, meta_path, reporter, show_progress, timeout_s, chunk_size)
-        size = _fetch(job, meta)
+        with StallGuard(url, rules.stall_timeout_s, rules.stall_floor_bytes) as guard:
+            gate = HostGate(
+                url,
+                any_host=rules.any_host,
+                allowed_hosts=rules.allowed_hosts,
+                on_connect=guard.watch,
+            )
+            job = _Job(
+                url,
+                part,
+                meta_path,
+                reporter,
+                show_progress,
+                timeout_s,
+                chunk_size,
+                opener(gate),
+                guard,
+                rules,
+            )
+            size = _fetch(job, meta)
+        digest = None
+        if sha256 is not None:
+            digest = _digest(url, part)
+            if digest != sha256.lower():
+                part.unlink(missing_ok=True)
+                meta_path.unlink(missing_ok=True)
+                raise mismatch(url, sha256.lower(), digest)
         done = {**(_read_meta(meta_path) or {}), "url": url, "size": size, "complete": True}
         _write_meta(meta_path, done, url)
         try:
             os.replace(part, final)
         except OSError as exc:
             raise download_failed(url, f"cannot move {part} to {final}: {readable(exc)}") from exc
+        if digest is not None:
+            _record_digest(url, final, meta_path, digest)
     log.info("downloaded %s to %s (%d bytes)", url, final, size)
     reporter.report(size, size, force=True)
     return final
@@ -204,6 +247,53 @@ class _Job:
     show_progress: bool
     timeout_s: float
     chunk_size: int
+    opener: urllib.request.OpenerDirector
+    guard: StallGuard
+    rules: ModelSourceRules
+
+
+def _digest(url: str, path: Path) -> str:
+    try:
+        return file_sha256(path)
+    except OSError as exc:
+        raise download_failed(url, f"cannot read {path}: {readable(exc)}") from exc
+
+
+def _record_digest(url: str, final: Path, meta_path: Path, digest: str) -> None:
+    """Remember ``final``'s digest with its size and mtime, so an unchanged file is not
+    hashed again at every load."""
+    stat = final.stat()
+    meta = _read_meta(meta_path) or {}
+    meta["sha256"] = {"digest": digest, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    _write_meta(meta_path, meta, url)
+
+
+def _check_digest(url: str, final: Path, meta_path: Path, sha256: str | None) -> None:
+    """A cached file must have the declared digest (recorded, or computed now); one
+    that has not is deleted with its record, so the next attempt downloads again."""
+    if sha256 is None:
+        return
+    expected = sha256.lower()
+    recorded = (_read_meta(meta_path) or {}).get("sha256")
+    try:
+        stat = final.stat()
+    except OSError as exc:
+        raise download_failed(url, f"cannot read {final}: {readable(exc)}") from exc
+    if (
+        isinstance(recorded, dict)
+        and recorded.get("size") == stat.st_size
+        and recorded.get("mtime_ns") == stat.st_mtime_ns
+        and isinstance(recorded.get("digest"), str)
+    ):
+        digest = recorded["digest"]
+    else:
+        digest = _digest(url, final)
+    if digest != expected:
+        final.unlink(missing_ok=True)
+        meta_path.unlink(missing_ok=True)
+        raise mismatch(url, expected, digest)
+    if recorded is None or not isinstance(recorded, dict) or recorded.get("digest") != digest:
+        _record_digest(url, final, meta_path, digest)
 
 
 def _fetch(job: _Job, meta: dict[str, Any] | None) -> int:
@@ -238,8 +328,9 @@ def _fetch_once(job: _Job, meta: dict[str, Any] | None, offset: int) -> int | No
     else:
         log.info("downloading %s", url)
     request = urllib.request.Request(url, headers=headers)
+    job.guard.restart(offset)
     try:
-        response = urllib.request.urlopen(request, timeout=job.timeout_s)
+        response = job.opener.open(request, timeout=job.timeout_s)
     except urllib.error.HTTPError as exc:
         try:
             if exc.code == 416 and offset > 0:
@@ -255,6 +346,8 @@ def _fetch_once(job: _Job, meta: dict[str, Any] | None, offset: int) -> int | No
         finally:
             exc.close()
     except (OSError, http.client.HTTPException, ValueError) as exc:
+        if job.guard.stalled:
+            raise job.guard.error() from exc
         raise download_failed(url, readable(exc)) from exc
 
     with response:
@@ -279,6 +372,12 @@ def _fetch_once(job: _Job, meta: dict[str, Any] | None, offset: int) -> int | No
             offset, total = 0, length
         else:
             raise download_failed(url, f"unexpected HTTP status {status} {response.reason}")
+        if total is not None:
+            try:
+                job.rules.check_size(url, total)
+            except ModelSourceError:
+                part.unlink(missing_ok=True)
+                raise
 
         meta = {
             "url": url,
@@ -326,8 +425,10 @@ def _stream(job: _Job, response: http.client.HTTPResponse, offset: int, total: i
             reporter.report(written, total)
             while True:
                 try:
-                    chunk = response.read(job.chunk_size)
+                    chunk = response.read1(job.chunk_size)
                 except (OSError, http.client.HTTPException, ValueError) as exc:
+                    if job.guard.stalled:
+                        raise job.guard.error() from exc
                     raise download_failed(
                         url, f"connection lost after {written} bytes: {readable(exc)}"
                     ) from exc
@@ -340,9 +441,16 @@ def _stream(job: _Job, response: http.client.HTTPResponse, offset: int, total: i
                 written += len(chunk)
                 if total is not None and written > total:
                     break
+                if job.rules.max_bytes is not None and written > job.rules.max_bytes:
+                    file.close()
+                    part.unlink(missing_ok=True)
+                    raise too_large(url, job.rules.max_bytes, written)
+                job.guard.received(written)
                 if bar is not None:
                     bar.update(len(chunk))
                 reporter.report(written, total)
+            if job.guard.stalled:  # the watchdog cut the connection: not the end of the file
+                raise job.guard.error()
             try:
                 file.flush()
                 os.fsync(file.fileno())

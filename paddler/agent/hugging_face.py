@@ -3,30 +3,64 @@
 The Hub's errors become ``ModelSourceError`` issues (``HuggingFaceModelDoesNotExist``,
 ``HuggingFacePermissions``, ``ModelDownloadFailed``); its progress bar feeds the
 agent's progress reports.
+
+The operator's rules (``paddler.agent.source_rules``) apply as far as the Hub client
+lets them: the endpoint's host is checked before the first request, and every request
+the shared ``httpx`` client sends while the download runs (redirects to a CDN
+included) is checked by a request hook; the size limit and the stall rule are applied
+by the progress hook (a stall that sends no byte at all ends at the Hub client's own
+read timeout, ``HF_HUB_DOWNLOAD_TIMEOUT``). Files fetched by the Xet protocol (the
+``hf_xet`` package) bypass the ``httpx`` client: their host is not re-checked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import logging
 import sys
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from paddler.agent.download_progress import ProgressReporter
+from paddler.agent.model_checksum import verify
+from paddler.agent.model_hosts import HostGate
 from paddler.agent.source_errors import (
     MAX_ERROR_CHARS,
     ModelSourceError,
     download_failed,
     readable,
 )
+from paddler.agent.source_rules import ModelSourceRules, StallGuard, too_large
 
 log = logging.getLogger("paddler.agent")
 
 
-def _hub_progress_class(reporter: ProgressReporter, show_progress: bool) -> type[Any]:
+@dataclass(frozen=True)
+class _Limits:
+    """What the progress hook enforces: the size limit and the stall rule."""
+
+    url: str
+    max_bytes: int | None
+    guard: StallGuard | None
+
+    def check(self, current: int, total: int | None) -> None:
+        if self.max_bytes is not None:
+            if total is not None and total > self.max_bytes:
+                raise too_large(self.url, self.max_bytes, total)
+            if current > self.max_bytes:
+                raise too_large(self.url, self.max_bytes, current)
+        if self.guard is not None:
+            self.guard.received(current)
+
+
+def _hub_progress_class(
+    reporter: ProgressReporter, show_progress: bool, limits: _Limits | None = None
+) -> type[Any]:
     """A tqdm subclass for ``hf_hub_download(tqdm_class=...)`` feeding ``reporter``.
 
     It draws on stderr only when ``show_progress``. What it relies on, and why:
@@ -50,6 +84,8 @@ def _hub_progress_class(reporter: ProgressReporter, show_progress: bool) -> type
     def report(bar: Any) -> None:
         with lock:
             current = max(other.paddler_current for other in bars)
+        if limits is not None:
+            limits.check(current, _total_of(bar))
         reporter.report(current, _total_of(bar))
 
     class PaddlerHubProgress(base):  # type: ignore[misc]  # tqdm ships no type hints
@@ -143,6 +179,8 @@ def download_hugging_face(
     show_progress: bool,
     endpoint: str | None,
     timeout_s: float,
+    rules: ModelSourceRules | None = None,
+    sha256: str | None = None,
 ) -> Path:
     """``hf_hub_download`` into ``hf_cache``, its errors turned into ``ModelSourceError``.
 
@@ -151,18 +189,12 @@ def download_hugging_face(
     filename)`` are reported. ``timeout_s`` becomes ``etag_timeout`` (the metadata request);
     the body uses ``HF_HUB_DOWNLOAD_TIMEOUT``. When the Hub cannot be reached at all,
     ``huggingface_hub`` retries the metadata request with backoff (about 23 s in 2.x)
-    before this raises ``ModelDownloadFailed``.
+    before this raises ``ModelDownloadFailed``. ``rules`` (default: any host, no size
+    limit) are applied as the module says; ``sha256``, when given, must be the file's
+    digest (a file that differs is removed from the cache).
     """
     from huggingface_hub import hf_hub_download, hf_hub_url
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub.errors import HFValidationError
 
     if endpoint is not None:
         endpoint = endpoint.rstrip("/")
@@ -173,28 +205,140 @@ def download_hugging_face(
         url = model_path
     hooked = "tqdm_class" in inspect.signature(hf_hub_download).parameters
     log.info("resolving %s from Hugging Face (%s)", model_path, endpoint or "default endpoint")
-    if not hooked:
-        reporter.report(0, None, force=True)
+    rules = ModelSourceRules() if rules is None else rules
+    with contextlib.ExitStack() as scope:
+        gate = HostGate(url, any_host=rules.any_host, allowed_hosts=rules.allowed_hosts)
+        if not gate.any_host:
+            from huggingface_hub import constants
+
+            gate.check_url(endpoint or constants.ENDPOINT)
+            scope.enter_context(_checked_requests(gate))
+        guard = StallGuard(url, rules.stall_timeout_s, rules.stall_floor_bytes)
+        limits = _Limits(url, rules.max_bytes, guard)
+        path = _download(
+            repo_id,
+            revision,
+            filename,
+            hf_cache,
+            reporter=_hub_progress_class(reporter, show_progress, limits) if hooked else None,
+            plain_reporter=reporter,
+            endpoint=endpoint,
+            timeout_s=timeout_s,
+            url=url,
+            model_path=model_path,
+        )
     try:
-        if hooked:
-            result = hf_hub_download(
-                repo_id=repo_id,
-                filename=filename,
-                revision=revision,
-                cache_dir=hf_cache,
-                endpoint=endpoint,
-                etag_timeout=timeout_s,
-                tqdm_class=_hub_progress_class(reporter, show_progress),
-            )
-        else:
-            result = hf_hub_download(
-                repo_id=repo_id,
-                filename=filename,
-                revision=revision,
-                cache_dir=hf_cache,
-                endpoint=endpoint,
-                etag_timeout=timeout_s,
-            )
+        size = path.stat().st_size
+    except OSError as exc:
+        raise download_failed(url, f"cannot read {path}: {readable(exc)}") from exc
+    if rules.max_bytes is not None and size > rules.max_bytes:
+        raise too_large(url, rules.max_bytes, size)
+    if sha256 is not None:
+        try:
+            verify(path, model_path, sha256)
+        except ModelSourceError as exc:
+            if exc.kind == "ModelChecksumMismatch":
+                _forget(path)
+            raise
+    log.info("Hugging Face model %s is at %s (%d bytes)", model_path, path, size)
+    reporter.report(size, size, force=True)
+    return path
+
+
+def _forget(path: Path) -> None:
+    """Remove a cached Hub file (its blob and the snapshot's link to it)."""
+    with contextlib.suppress(OSError):
+        path.resolve().unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _checked_requests(gate: HostGate) -> Iterator[None]:
+    """Check the host of every request the Hub's shared client sends meanwhile."""
+    from huggingface_hub import get_session
+
+    hooks = get_session().event_hooks.setdefault("request", [])
+
+    def check(request: Any) -> None:
+        gate.check_url(str(request.url))
+
+    hooks.append(check)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            hooks.remove(check)
+
+
+def _raised_by_hook(exc: BaseException) -> ModelSourceError | None:
+    """The ``ModelSourceError`` a hook raised, should the Hub client have wrapped it."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ModelSourceError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _download(
+    repo_id: str,
+    revision: str,
+    filename: str,
+    hf_cache: Path,
+    *,
+    reporter: type[Any] | None,
+    plain_reporter: ProgressReporter,
+    endpoint: str | None,
+    timeout_s: float,
+    url: str,
+    model_path: str,
+) -> Path:
+    """``hf_hub_download``, its errors turned into ``ModelSourceError``."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    hooked = reporter is not None
+    if not hooked:
+        plain_reporter.report(0, None, force=True)
+    try:
+        try:
+            if hooked:
+                result = hf_hub_download(
+                    repo_id=repo_id,
+                    filename=filename,
+                    revision=revision,
+                    cache_dir=hf_cache,
+                    endpoint=endpoint,
+                    etag_timeout=timeout_s,
+                    tqdm_class=reporter,
+                )
+            else:
+                result = hf_hub_download(
+                    repo_id=repo_id,
+                    filename=filename,
+                    revision=revision,
+                    cache_dir=hf_cache,
+                    endpoint=endpoint,
+                    etag_timeout=timeout_s,
+                )
+        except Exception as exc:
+            raised = _raised_by_hook(exc)
+            if raised is not None:
+                raise raised from None
+            raise
+    except ModelSourceError:  # raised by a hook: a refused host, a size limit, a stall
+        raise
     except GatedRepoError as exc:
         raise _hub_issue("HuggingFacePermissions", model_path, exc) from exc
     except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as exc:
@@ -221,11 +365,4 @@ def download_hugging_face(
         if isinstance(exc, _loaded_transport_errors()):
             raise download_failed(url, _with_cause(exc)) from exc
         raise
-    path = Path(str(result))
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise download_failed(url, f"cannot read {path}: {readable(exc)}") from exc
-    log.info("Hugging Face model %s is at %s (%d bytes)", model_path, path, size)
-    reporter.report(size, size, force=True)
-    return path
+    return Path(str(result))

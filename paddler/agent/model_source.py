@@ -4,7 +4,7 @@ The balancer names a model in one of four shapes (see ``paddler.protocol.desired
 
     "None"
     {"LocalToAgent": "/models/x.gguf"}
-    {"Url": {"url": "https://example.com/x.gguf"}}
+    {"Url": {"url": "https://example.com/x.gguf", "sha256": "<64 hex, optional>"}}
     {"HuggingFace": {"repo_id": "owner/repo", "revision": "main", "filename": "x.gguf"}}
 
 ``resolve_model`` turns it into a local path (or ``None``), downloading when needed.
@@ -16,6 +16,12 @@ whose ``issue`` is the tagged value an agent reports in its snapshot, e.g.
 URL downloads (``paddler.agent.download``) live in ``<cache>/models/``, resumable, one
 file per URL. Hugging Face downloads (``paddler.agent.hugging_face``) go through
 ``huggingface_hub.hf_hub_download`` into ``<cache>/hf``.
+
+What an operator allows (``--model-dir``, ``--allow-model-host``, ``--max-model-bytes``,
+``--model-stall-timeout``) comes as ``ModelSourceRules`` (``paddler.agent.source_rules``);
+a refused source is an issue too (``ModelPathNotAllowed``, ``ModelHostNotAllowed``,
+``ModelTooLarge``), and a ``sha256`` declared next to a ``Url`` or ``HuggingFace``
+model is checked before the path is returned (``ModelChecksumMismatch``).
 """
 
 from __future__ import annotations
@@ -29,12 +35,14 @@ from paddler.agent.download import display_name, download_url
 from paddler.agent.download_progress import ProgressCallback, ProgressReporter
 from paddler.agent.hugging_face import download_hugging_face
 from paddler.agent.source_errors import ModelSourceError
+from paddler.agent.source_rules import ModelSourceRules
 from paddler.protocol.desired_state import LocalToAgent, Url, parse_model_source
 
 __all__ = [
     "CHUNK_SIZE",
     "PROGRESS_INTERVAL_S",
     "ModelSourceError",
+    "ModelSourceRules",
     "ProgressCallback",
     "cache_dir",
     "resolve_model",
@@ -69,6 +77,7 @@ def resolve_model(
     show_progress: bool = False,
     hf_endpoint: str | None = None,
     timeout_s: float = 30.0,
+    rules: ModelSourceRules | None = None,
 ) -> Path | None:
     """The local GGUF file named by ``source``, downloading it first if needed.
 
@@ -77,7 +86,8 @@ def resolve_model(
     ``(current_bytes, total_bytes_or_None, filename)`` at most every ``PROGRESS_INTERVAL_S``
     and once at the end with ``current == total``. ``show_progress`` draws a tqdm bar on
     stderr. ``hf_endpoint`` overrides ``$HF_ENDPOINT`` for Hugging Face sources.
-    ``timeout_s`` bounds connecting and every wait for data.
+    ``timeout_s`` bounds connecting and every wait for data. ``rules`` are the operator's
+    (default ``ModelSourceRules()``: any path, any host, no size limit, 60 s stall rule).
 
     Returns ``None`` for ``"None"``. Raises ``ModelSourceError`` (with ``issue``) when the
     source cannot become a file and ``ConfigurationError`` when ``source`` is not a model
@@ -85,10 +95,11 @@ def resolve_model(
     """
     parsed = parse_model_source(source)
     root = _default_cache_dir() if cache_dir is None else Path(cache_dir)
+    rules = ModelSourceRules() if rules is None else rules
     if parsed is None:
         return None
     if isinstance(parsed, LocalToAgent):
-        return _resolve_local(parsed.LocalToAgent)
+        return rules.local_path(parsed.LocalToAgent)
     if isinstance(parsed, Url):
         url = parsed.Url.url
         return download_url(
@@ -98,6 +109,8 @@ def resolve_model(
             show_progress=show_progress,
             timeout_s=timeout_s,
             chunk_size=CHUNK_SIZE,
+            rules=rules,
+            sha256=parsed.Url.sha256,
         )
     hub = parsed.HuggingFace
     return download_hugging_face(
@@ -109,18 +122,10 @@ def resolve_model(
         show_progress=show_progress,
         endpoint=hf_endpoint or os.environ.get("HF_ENDPOINT") or None,
         timeout_s=timeout_s,
+        rules=rules,
+        sha256=hub.sha256,
     )
 
 
 def _reporter(callback: ProgressCallback | None, filename: str) -> ProgressReporter:
     return ProgressReporter(callback, filename, interval_s=PROGRESS_INTERVAL_S)
-
-
-def _resolve_local(path: str) -> Path:
-    candidate = Path(path).expanduser()
-    if candidate.is_file():
-        return candidate
-    raise ModelSourceError(
-        {"ModelFileDoesNotExist": {"model_path": path}},
-        f"model file does not exist: {path}",
-    )

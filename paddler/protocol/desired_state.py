@@ -72,6 +72,24 @@ def _http_url(value: str, info: ValidationInfo) -> str:
     return value
 
 
+def _sha256(value: str) -> str:
+    if len(value) != 64 or any(c not in "0123456789abcdefABCDEF" for c in value):
+        raise PydanticCustomError("sha256", "must be a SHA-256 digest: 64 hexadecimal characters")
+    return value.lower()
+
+
+Sha256 = Annotated[
+    str,
+    AfterValidator(_sha256),
+    Says("must be a SHA-256 digest: 64 hexadecimal characters"),
+]
+"""The digest a downloaded model file must have (stored in lowercase)."""
+
+_OMIT_IF_NONE: Any = Field(default=None, exclude_if=lambda value: value is None)
+"""An optional field that is left out of the wire form while unset, so that sources
+without it keep their shape."""
+
+
 ANY_URL_SCHEME = "any_url_scheme"
 """Validation context: take any URL scheme (an agent's downloader refuses what it
 cannot fetch, as an issue in the agents list)."""
@@ -81,6 +99,7 @@ class UrlSpec(Shape):
     SAYS: ClassVar[str] = "must be an object with 'url'"
 
     url: Annotated[NonEmpty, AfterValidator(_http_url)]
+    sha256: Sha256 | None = _OMIT_IF_NONE
 
 
 class LocalToAgent(Shape):
@@ -100,6 +119,7 @@ class HuggingFaceFile(Shape):
     repo_id: NonEmpty
     revision: NonEmpty = "main"
     filename: NonEmpty
+    sha256: Sha256 | None = _OMIT_IF_NONE
 
 
 class HuggingFace(Shape):
@@ -150,7 +170,8 @@ ModelSource = Annotated[
     Says(SOURCE_MESSAGE),
 ]
 """Where agents get a model: ``"None"``, ``{"LocalToAgent": path}``,
-``{"Url": {"url"}}`` or ``{"HuggingFace": {"repo_id", "revision", "filename"}}``."""
+``{"Url": {"url"}}`` or ``{"HuggingFace": {"repo_id", "revision", "filename"}}``; a
+``Url`` or ``HuggingFace`` model may add ``"sha256"``, the digest its file must have."""
 
 
 class ModelSourceField(Shape):

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from paddler._core import BatchBuilder
 from paddler.agent.chat_template import ChatTemplate, ChatTemplateError
@@ -27,6 +27,9 @@ from paddler.agent.llama.native import (
 )
 from paddler.errors import EngineError
 from paddler.protocol.desired_state import DEFAULT_INFERENCE_PARAMETERS
+
+if TYPE_CHECKING:
+    from paddler.agent.source_rules import ModelSourceRules
 
 log = logging.getLogger("paddler.agent")
 
@@ -42,6 +45,19 @@ def resolve_local(source: Any, progress: ProgressCallback) -> Path | None:
     from paddler.agent.model_source import resolve_model
 
     return resolve_model(source, progress=progress, show_progress=True)
+
+
+def model_resolver(rules: ModelSourceRules) -> ModelResolver:
+    """A resolver that applies the operator's rules (``ModelSourceRules.from_settings``)."""
+    from paddler.agent.model_source import resolve_model
+
+    if not rules.model_dirs:
+        log.warning("no --model-dir given: a LocalToAgent model may name any file here")
+
+    def resolve(source: Any, progress: ProgressCallback) -> Path | None:
+        return resolve_model(source, progress=progress, show_progress=True, rules=rules)
+
+    return resolve
 
 
 def state_key(state: dict[str, Any] | None) -> Any:
