@@ -30,6 +30,7 @@ import zmq
 
 from benchmarks.common import machine, summary_ms, write_result
 from paddler.client import Client, Done, Failed, Tokens
+from paddler.curve import PrivateKeys
 from paddler.protocol.codec import HEADER, encode, pack_body
 from paddler.protocol.kinds import Kind
 from paddler.protocol.requests import validate_request
@@ -37,6 +38,10 @@ from paddler.testing.cluster import LocalCluster, free_port, wait_until
 
 TARGET_TOKENS_PER_S = 500_000
 TARGET_ADDED_TTFT_MS = 1.0
+TARGET_CURVE_THROUGHPUT_COST = 0.15
+"""CurveZMQ may cost at most this share of the forwarding rate..."""
+TARGET_CURVE_ADDED_TTFT_MS = 0.3
+"""...and add at most this to the median time to first token."""
 
 
 def impl_env(impl: str) -> dict[str, str]:
@@ -45,8 +50,10 @@ def impl_env(impl: str) -> dict[str, str]:
     return env
 
 
-def throughput(cluster: LocalCluster, streams: int, tokens: int) -> dict[str, Any]:
-    with Client(cluster.clients_addr, timeout_s=30) as client:
+def throughput(
+    cluster: LocalCluster, streams: int, tokens: int, **client_options: Any
+) -> dict[str, Any]:
+    with Client(cluster.clients_addr, timeout_s=30, **client_options) as client:
         started = time.perf_counter()
         handles = [client.continue_from_raw_prompt("x", max_tokens=tokens) for _ in range(streams)]
         frames = 0
@@ -69,10 +76,12 @@ def throughput(cluster: LocalCluster, streams: int, tokens: int) -> dict[str, An
     }
 
 
-def ttft_through_broker(cluster: LocalCluster, samples: int, concurrency: int = 1) -> list[float]:
+def ttft_through_broker(
+    cluster: LocalCluster, samples: int, concurrency: int = 1, **client_options: Any
+) -> list[float]:
     """Waves of ``concurrency`` requests sent together; each one's time to first token."""
     times: list[float] = []
-    with Client(cluster.clients_addr, timeout_s=30) as client:
+    with Client(cluster.clients_addr, timeout_s=30, **client_options) as client:
         for _ in range(max(1, samples // concurrency)):
             started = time.perf_counter()
             streams = [
@@ -252,6 +261,91 @@ def run_impl(impl: str, quick: bool, log_root: Path) -> dict[str, Any]:
     return out
 
 
+def curve_run(curve: bool, quick: bool, log_root: Path) -> dict[str, Any]:
+    """Forwarding rate and time to first token through a balancer with CurveZMQ off
+    or on (compiled ``_core``; agents and the client authenticated when on)."""
+    log_dir = log_root / ("curve-on" if curve else "curve-off")
+    keys = PrivateKeys("paddler-bench-keys-")
+    options: dict[str, Any] = {}
+    agent_options: dict[str, Any] = {}
+    client_options: dict[str, Any] = {}
+    if curve:
+        root = keys.path
+        options = {
+            "curve_secret_key": keys.make("broker"),
+            "authorized_agent_keys": root / "agents",
+            "authorized_client_keys": root / "clients",
+        }
+        broker_key = root / "broker.key"
+        agent_options = {
+            "broker_public_key": broker_key,
+            "curve_secret_key": keys.make("agent", root / "agents"),
+        }
+        client_options = {
+            "broker_public_key": broker_key,
+            "curve_secret_key": keys.make("client", root / "clients"),
+        }
+    cluster = LocalCluster(log_dir, max_buffered_requests=1000, **options)
+    cluster.env = impl_env("c")
+    cluster.start_balancer()
+    out: dict[str, Any] = {"curve": curve, "throughput": []}
+    try:
+        for tokens_per_step in (1, 16):
+            for name in list(cluster.agents):
+                cluster.agents.pop(name).stop()
+            with Client(cluster.clients_addr, timeout_s=30, **client_options) as client:
+                wait_until(lambda c=client: c.agents() == [], what="agents gone")
+            for i in range(2):
+                cluster.start_agent(
+                    f"agent-{tokens_per_step}-{i}",
+                    slots=64,
+                    step_ms=0,
+                    tokens_per_step=tokens_per_step,
+                    **agent_options,
+                )
+            with Client(cluster.clients_addr, timeout_s=30, **client_options) as client:
+                cluster.wait_for_agents(client, 2)
+            total = (20_000 if quick else 60_000) * tokens_per_step
+            row = throughput(cluster, 10, total // 10, **client_options)
+            row["tokens_per_frame"] = tokens_per_step
+            out["throughput"].append(row)
+        samples = 200 if quick else 1000
+        out["ttft"] = summary_ms(ttft_through_broker(cluster, samples, 1, **client_options))
+    finally:
+        cluster.close()
+        keys.close()
+    return out
+
+
+def curve_report(runs: list[dict[str, Any]]) -> list[str]:
+    off, on = (next(r for r in runs if r["curve"] is flag) for flag in (False, True))
+    lines = [
+        "",
+        "CurveZMQ off and on (compiled `_core`, 10 streams; time to first token through "
+        "the broker, 1 at a time):",
+        "",
+        "| tokens/frame | tokens/s curve off | tokens/s curve on | cost | target |",
+        "|---:|---:|---:|---:|---|",
+    ]
+    for row_off, row_on in zip(off["throughput"], on["throughput"], strict=True):
+        cost = 1 - row_on["tokens_per_s"] / row_off["tokens_per_s"]
+        met = cost <= TARGET_CURVE_THROUGHPUT_COST
+        lines.append(
+            f"| {row_off['tokens_per_frame']} | {row_off['tokens_per_s']:,} | "
+            f"{row_on['tokens_per_s']:,} | {cost:.1%} | <= "
+            f"{TARGET_CURVE_THROUGHPUT_COST:.0%}: {'met' if met else 'NOT met'} |"
+        )
+    added = on["ttft"]["p50_ms"] - off["ttft"]["p50_ms"]
+    met = added <= TARGET_CURVE_ADDED_TTFT_MS
+    lines += [
+        "",
+        f"Time to first token p50: {off['ttft']['p50_ms']:.3f} ms curve off, "
+        f"{on['ttft']['p50_ms']:.3f} ms curve on: {added:+.3f} ms (target <= "
+        f"{TARGET_CURVE_ADDED_TTFT_MS} ms: {'met' if met else 'NOT met'}).",
+    ]
+    return lines
+
+
 def report(result: dict[str, Any]) -> str:
     lines = ["## Broker", ""]
     lines.append("| impl | streams | tokens/frame | tokens/s | frames/s |")
@@ -295,6 +389,8 @@ def report(result: dict[str, Any]) -> str:
                 f"| {impl['impl']} | {row['agents']} | {row['buffered']} | "
                 f"{row['us_per_dispatch']} |"
             )
+    if result.get("curve"):
+        lines += curve_report(result["curve"])
     return "\n".join(lines) + "\n"
 
 
@@ -304,7 +400,14 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="paddler-bench-") as tmp:
         impls = [run_impl(impl, args.quick, Path(tmp)) for impl in ("c", "py")]
-    result = {"benchmark": "broker", "quick": args.quick, "machine": machine(), "impls": impls}
+        curve = [curve_run(flag, args.quick, Path(tmp)) for flag in (False, True)]
+    result = {
+        "benchmark": "broker",
+        "quick": args.quick,
+        "machine": machine(),
+        "impls": impls,
+        "curve": curve,
+    }
     result["summary_markdown"] = report(result)
     path = write_result("broker", result)
     print(result["summary_markdown"])
