@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import urlparse
 
 from paddler.broker.settings import BrokerSettings
 from paddler.curve import PrivateKeys
@@ -59,6 +60,14 @@ def model_source(model: str | None) -> tuple[dict[str, Any], str | None]:
     if not os.path.isfile(local):
         raise PaddlerError(f"--model: {local} is not a file")
     return {"LocalToAgent": local}, None
+
+
+def _model_host_flags(source: dict[str, Any]) -> list[str]:
+    """The host of a ``--model`` URL, allowed on the agents even if it is not public
+    (the operator named it)."""
+    url = source.get("Url", {}).get("url") if isinstance(source, dict) else None
+    host = urlparse(url).hostname if isinstance(url, str) else None
+    return ["--allow-model-host", host] if host else []
 
 
 class ClusterKeys:
@@ -178,6 +187,7 @@ def run_cluster(
                         "--log-level",
                         log_level,
                         *(keys.agent_flags(index) if keys is not None else []),
+                        *_model_host_flags(source),
                     ],
                     start_new_session=True,
                 )
