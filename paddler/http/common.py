@@ -21,6 +21,7 @@ from paddler.errors import (
     PaddlerError,
     RequestFailed,
 )
+from paddler.http.api_keys import UNAUTHORIZED_CLOSE_CODE, ApiKeyCheck, ApiKeys, Unauthorized
 from paddler.http.asgi import DISCONNECTED
 from paddler.http.link import BrokerLink
 from paddler.http.openapi import HEALTH, JSON, Reply
@@ -35,6 +36,8 @@ class HttpDeps:
     link: BrokerLink
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     cors_origins: list[str] = field(default_factory=list)
+    api_keys: ApiKeys = field(default_factory=ApiKeys)
+    """Keys the service requires (``Authorization: Bearer``); none: it is open."""
 
 
 class BodyTooLarge(PaddlerError):
@@ -162,16 +165,26 @@ async def _failed(req: Any, resp: Any, ex: RequestFailed, params: Any) -> None:
     _json_error(resp, ex.code if 400 <= ex.code < 600 else 502, ex.description, None)
 
 
+async def _unauthorized(req: Any, resp: Any, ex: Unauthorized, params: Any, ws: Any = None) -> None:
+    if ws is not None:  # before the handshake is accepted: the upgrade is refused
+        await ws.close(UNAUTHORIZED_CLOSE_CODE)
+        return
+    _json_error(resp, 401, str(ex), None)
+    resp.set_header("WWW-Authenticate", ex.challenge)
+
+
 def add_error_handlers(app: falcon.asgi.App[Any, Any]) -> None:
     app.add_error_handler(InvalidRequest, _invalid_request)
     app.add_error_handler(ConfigurationError, _invalid_configuration)
     app.add_error_handler(BodyTooLarge, _too_large)
     app.add_error_handler(BrokerUnreachable, _unreachable)
     app.add_error_handler(RequestFailed, _failed)
+    app.add_error_handler(Unauthorized, _unauthorized)
 
 
 class Health:
     OPERATIONS = {"get": HEALTH}
+    OPEN_WITHOUT_API_KEY = True
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         resp.content_type = falcon.MEDIA_TEXT
@@ -179,12 +192,16 @@ class Health:
 
 
 def make_app(deps: HttpDeps) -> falcon.asgi.App[Any, Any]:
-    """A Falcon ASGI app with CORS for ``deps.cors_origins``, error handlers, ``/health``."""
+    """A Falcon ASGI app with CORS for ``deps.cors_origins``, the API key check for
+    ``deps.api_keys`` (after CORS, so a 401 still carries CORS headers), error handlers,
+    ``/health``."""
     middleware: list[Any] = []
     if deps.cors_origins:
         middleware.append(
             falcon.CORSMiddleware(allow_origins=deps.cors_origins, allow_credentials="*")
         )
+    if deps.api_keys:
+        middleware.append(ApiKeyCheck(deps.api_keys))
     app: falcon.asgi.App[Any, Any] = falcon.asgi.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     add_error_handlers(app)

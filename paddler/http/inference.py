@@ -16,6 +16,7 @@ from falcon import WebSocketDisconnected
 
 from paddler.client import Dispatched, Done
 from paddler.errors import BrokerUnreachable, InvalidRequest
+from paddler.http.api_keys import accepted_subprotocol
 from paddler.http.common import (
     ERROR_REPLY,
     ClosingStream,
@@ -194,7 +195,9 @@ class InferenceSocket:
             description=(
                 'Send {"Request": {"id": ..., "request": {"ContinueFromRawPrompt": {...}}}} or '
                 '{"Notification": {"StopRespondingTo": "<id>"}}; answers are the envelopes of '
-                "the NDJSON endpoints, one per WebSocket message."
+                "the NDJSON endpoints, one per WebSocket message. With API keys on, send "
+                "Authorization: Bearer <key>, or (browsers) offer the subprotocols paddler "
+                "and paddler.bearer.<key>; the server answers with paddler."
             ),
             replies={101: Reply("Switching Protocols: the WebSocket is open")},
         )
@@ -209,7 +212,7 @@ class InferenceSocket:
         self.deps = deps
 
     async def on_websocket(self, req: falcon.asgi.Request, ws: falcon.asgi.WebSocket) -> None:
-        await ws.accept()
+        await ws.accept(subprotocol=accepted_subprotocol(ws.subprotocols))
         running: dict[str, asyncio.Task[None]] = {}
         lock = asyncio.Lock()
 

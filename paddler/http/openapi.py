@@ -6,6 +6,10 @@ in ``OPERATIONS`` (summary, request body shape, responses); the schemas are the
 JSON Schemas pydantic derives from the same shapes that validate the requests,
 so the document cannot say something the service does not do. Each service
 serves its own document at ``GET /openapi.json``.
+
+With API keys on, the document declares a bearer ``securitySchemes`` entry, and
+``security`` with a 401 answer on every operation that needs a key (all but
+``/health`` and ``/openapi.json``, which stay open so a client can discover the API).
 """
 
 from __future__ import annotations
@@ -22,10 +26,21 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from paddler import __version__
+from paddler.http.api_keys import OPEN_WITHOUT_API_KEY, REQUIRED_IN_CONTEXT
 
 OPENAPI_VERSION = "3.1.0"
 METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
 _FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::[^}]*)?\}")
+SECURITY_SCHEME = "bearer"
+BEARER_SCHEME = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": (
+        "An API key of this service: Authorization: Bearer <key>. On the inference "
+        "WebSocket a browser may offer the subprotocols paddler and paddler.bearer.<key> "
+        "instead."
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -84,16 +99,22 @@ def _operation_of(resource: Any, method: str) -> Operation:
 
 
 def document(
-    app: falcon.asgi.App[Any, Any], title: str, error: Reply, description: str = ""
+    app: falcon.asgi.App[Any, Any],
+    title: str,
+    error: Reply,
+    description: str = "",
+    secured: bool = False,
 ) -> dict[str, Any]:
-    """The OpenAPI document of ``app``; ``error`` is the body of its 4xx/5xx answers."""
+    """The OpenAPI document of ``app``; ``error`` is the body of its 4xx/5xx answers;
+    ``secured``: the service requires API keys."""
     shapes: list[type[BaseModel]] = []
-    plan: list[tuple[str, list[str], str, Operation]] = []
+    plan: list[tuple[str, list[str], str, Operation, bool]] = []
     for template, resource in routes(app):
         path, names = openapi_path(template)
         for method in served_methods(resource):
             operation = _operation_of(resource, method)
-            plan.append((path, names, method, operation))
+            needs_key = secured and not getattr(resource, OPEN_WITHOUT_API_KEY, False)
+            plan.append((path, names, method, operation, needs_key))
             if operation.body is not None:
                 shapes.append(operation.body)
             shapes.extend(
@@ -115,7 +136,7 @@ def document(
         return {media_type: {"schema": shape if shape is not None else {}}}
 
     paths: dict[str, dict[str, Any]] = {}
-    for path, names, method, operation in sorted(plan, key=lambda p: (p[0], p[2])):
+    for path, names, method, operation, needs_key in sorted(plan, key=lambda p: (p[0], p[2])):
         entry: dict[str, Any] = {
             "summary": operation.summary,
             "operationId": _operation_id(method, path),
@@ -138,13 +159,21 @@ def document(
         failure: dict[str, Any] = {"description": error.description}
         if error.media_type is not None:
             failure["content"] = content(error.media_type, error.shape)
+        if needs_key:
+            entry["security"] = [{SECURITY_SCHEME: []}]
+            entry["responses"].setdefault(
+                "401", {**failure, "description": "No API key, or a wrong one"}
+            )
         entry["responses"].setdefault("default", failure)
         paths.setdefault(path, {})[method] = entry
+    components: dict[str, Any] = {"schemas": definitions.get("$defs", {})}
+    if secured:
+        components["securitySchemes"] = {SECURITY_SCHEME: BEARER_SCHEME}
     return {
         "openapi": OPENAPI_VERSION,
         "info": {"title": title, "version": __version__, "description": description},
         "paths": paths,
-        "components": {"schemas": definitions.get("$defs", {})},
+        "components": components,
     }
 
 
@@ -155,9 +184,11 @@ def _operation_id(method: str, path: str) -> str:
 
 class OpenApiDocument:
     """``GET /openapi.json``: the document of the app this resource is routed in,
-    built on the first request (when every route exists) and kept."""
+    built on the first request (when every route exists) and kept. Open without an
+    API key: a client learns from it that it needs one."""
 
     OPERATIONS = {"get": OPENAPI}
+    OPEN_WITHOUT_API_KEY = True
 
     def __init__(self, app: falcon.asgi.App[Any, Any], title: str, error: Reply) -> None:
         self.app = app
@@ -167,6 +198,7 @@ class OpenApiDocument:
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         if self._text is None:
-            self._text = json.dumps(document(self.app, self.title, self.error))
+            secured = bool(getattr(req.context, REQUIRED_IN_CONTEXT, False))
+            self._text = json.dumps(document(self.app, self.title, self.error, secured=secured))
         resp.content_type = falcon.MEDIA_JSON
         resp.text = self._text

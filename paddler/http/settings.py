@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 from paddler.http.common import DEFAULT_MAX_BODY_BYTES
 from paddler.settings import option
 
+SECRET = {"secret": True}
+"""Field metadata of a setting that holds secrets: ``paddler cluster`` passes it to its
+balancer in the environment, never on a command line (``ps`` shows command lines)."""
+
 
 def default_http_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
@@ -53,6 +57,37 @@ class HttpSettings:
             "An origin allowed to call the management service from a browser; repeat for more.",
             multiple=True,
         ),
+    )
+
+    inference_api_key: list[str] = field(
+        default_factory=list,
+        metadata=option(
+            "An API key the inference and OpenAI services require (Authorization: Bearer "
+            "<key>), or @FILE: a file of one key per line; repeat for more. Without any, "
+            "they are open. Prefer @FILE or the environment: command lines are visible to "
+            "every user of the machine.",
+            multiple=True,
+        )
+        | SECRET,
+    )
+    management_api_key: list[str] = field(
+        default_factory=list,
+        metadata=option(
+            "An API key the management service requires, or @FILE of one key per line; "
+            "repeat for more. Without any, it is open.",
+            multiple=True,
+        )
+        | SECRET,
+    )
+    tls_cert: str | None = field(
+        default=None,
+        metadata=option(
+            "A PEM certificate (chain) file: every HTTP service speaks HTTPS. Needs --tls-key."
+        ),
+    )
+    tls_key: str | None = field(
+        default=None,
+        metadata=option("The PEM private key file of --tls-cert (not encrypted)."),
     )
 
     def addresses(self) -> dict[str, str]:

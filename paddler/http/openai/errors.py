@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from paddler.client import Failed
 from paddler.errors import BrokerUnreachable, ConfigurationError, InvalidRequest, RequestFailed
+from paddler.http.api_keys import UNAUTHORIZED_CLOSE_CODE, Unauthorized
 from paddler.http.common import BodyTooLarge, dumps
 from paddler.http.openapi import JSON, Reply
 
@@ -49,6 +50,7 @@ class OpenAIError(Exception):
         code: str | None = None,
         kind: str | None = None,
         retry_after: str | None = None,
+        challenge: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -57,6 +59,8 @@ class OpenAIError(Exception):
         self.code = code
         self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
         self.retry_after = retry_after
+        self.challenge = challenge
+        """``WWW-Authenticate`` of a 401."""
 
     def body(self) -> dict[str, Any]:
         detail = OpenAIErrorDetail(
@@ -74,6 +78,18 @@ def invalid(param: str | None, message: str) -> OpenAIError:
 def invalid_body(field: str, message: str) -> OpenAIError:
     """A shape error of a request body as OpenAI's 400 (the body itself has no ``param``)."""
     return invalid(None if field == "body" else field, message)
+
+
+def unauthorized(ex: Unauthorized) -> OpenAIError:
+    """A missing or wrong API key as OpenAI answers it: 401, ``invalid_api_key``."""
+    if ex.presented:
+        message = "Incorrect API key provided."
+    else:
+        message = (
+            "You didn't provide an API key. You need to provide your API key in an "
+            "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+        )
+    return OpenAIError(401, message, code="invalid_api_key", challenge=ex.challenge)
 
 
 def snake_case(kind: str) -> str:
@@ -104,6 +120,8 @@ def _write_error(resp: falcon.asgi.Response, error: OpenAIError) -> None:
     resp.text = dumps(error.body())
     if error.retry_after is not None:
         resp.set_header("Retry-After", error.retry_after)
+    if error.challenge is not None:
+        resp.set_header("WWW-Authenticate", error.challenge)
 
 
 def _param_of(field_name: str) -> str | None:
@@ -139,6 +157,14 @@ def add_openai_error_handlers(app: falcon.asgi.App[Any, Any]) -> None:
     async def request_failed(req: Any, resp: Any, ex: RequestFailed, params: Any) -> None:
         _write_error(resp, failure(Failed(ex.code, ex.kind, ex.description)))
 
+    async def missing_or_wrong_key(
+        req: Any, resp: Any, ex: Unauthorized, params: Any, ws: Any = None
+    ) -> None:
+        if ws is not None:
+            await ws.close(UNAUTHORIZED_CLOSE_CODE)
+            return
+        _write_error(resp, unauthorized(ex))
+
     def serialize(req: Any, resp: Any, ex: falcon.HTTPError) -> None:
         message = ex.title if not ex.description else f"{ex.title}: {ex.description}"
         if ex.status_code == 404:
@@ -155,4 +181,5 @@ def add_openai_error_handlers(app: falcon.asgi.App[Any, Any]) -> None:
     app.add_error_handler(BodyTooLarge, too_large)
     app.add_error_handler(BrokerUnreachable, unreachable)
     app.add_error_handler(RequestFailed, request_failed)
+    app.add_error_handler(Unauthorized, missing_or_wrong_key)
     app.set_error_serializer(serialize)
