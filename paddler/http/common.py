@@ -25,6 +25,7 @@ from paddler.http.api_keys import UNAUTHORIZED_CLOSE_CODE, ApiKeyCheck, ApiKeys,
 from paddler.http.asgi import DISCONNECTED
 from paddler.http.link import BrokerLink
 from paddler.http.openapi import HEALTH, JSON, Reply
+from paddler.protocol.nesting import json_depth_exceeds, too_deep_message
 
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 
@@ -47,7 +48,8 @@ class BodyTooLarge(PaddlerError):
 
 
 async def read_json(req: falcon.asgi.Request, limit: int) -> Any:
-    """The JSON body; ``BodyTooLarge`` past ``limit``, ``InvalidRequest`` if malformed."""
+    """The JSON body; ``BodyTooLarge`` past ``limit``, ``InvalidRequest`` if malformed
+    or nested deeper than ``MAX_JSON_DEPTH`` (measured before parsing, which recurses)."""
     length = req.content_length
     if length is not None and length > limit:
         raise BodyTooLarge(limit)
@@ -56,6 +58,8 @@ async def read_json(req: falcon.asgi.Request, limit: int) -> Any:
         raise BodyTooLarge(limit)
     if not data:
         raise InvalidRequest("body", "a JSON object is required")
+    if json_depth_exceeds(data):
+        raise InvalidRequest("body", too_deep_message())
     try:
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

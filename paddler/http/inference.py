@@ -29,6 +29,7 @@ from paddler.http.common import (
 from paddler.http.envelopes import embedding_messages, error, generation_messages, line, response
 from paddler.http.fanout import embed_fanned_out
 from paddler.http.openapi import OpenApiDocument, Operation, Reply
+from paddler.protocol.nesting import json_depth_exceeds, too_deep_message
 from paddler.protocol.requests import (
     ConversationRequest,
     EmbeddingRequest,
@@ -259,6 +260,8 @@ class InferenceSocket:
                     await task
 
     def _parse(self, text: str) -> tuple[str, dict[str, Any] | None]:
+        if json_depth_exceeds(text):
+            raise InvalidRequest("message", too_deep_message())
         try:
             message = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -287,6 +290,8 @@ class InferenceSocket:
 
 
 def _client_id_of(text: str) -> str:
+    if json_depth_exceeds(text):
+        return ""
     with contextlib.suppress(Exception):
         value = json.loads(text)["Request"]["id"]
         if isinstance(value, str):

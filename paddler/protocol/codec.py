@@ -16,6 +16,7 @@ import msgpack
 
 from paddler.errors import ProtocolError
 from paddler.protocol.kinds import KNOWN_KINDS, Kind
+from paddler.protocol.nesting import MAX_JSON_DEPTH, too_deep_message, value_depth_exceeds
 
 HEADER = struct.Struct(">BQ")
 HEADER_SIZE = HEADER.size
@@ -25,6 +26,11 @@ MAX_REQUEST_ID = 2**64 - 1
 MAX_ARRAY_LEN = 65_536
 """Longest array in a body: embeddings of the widest models fit."""
 MAX_MAP_LEN = 8_192
+_NOT_CONTAINER_HEADER = bytes(
+    byte for byte in range(256) if not (0x80 <= byte <= 0x9F or 0xDC <= byte <= 0xDF)
+)
+"""Every byte but those that can start a map or an array (fixmap, fixarray, array
+16/32, map 16/32): a body has at most as many containers as it has such bytes."""
 
 _pack = msgpack.Packer(use_bin_type=True).pack
 
@@ -48,10 +54,13 @@ def pack_body(value: Any) -> bytes:
 
 
 def unpack_body(frame: bytes) -> Any:
+    """The body's value; ``ProtocolError`` if it is too large, malformed or nested
+    deeper than ``MAX_JSON_DEPTH`` (msgpack itself stops at 1,024 levels, past what
+    the code that handles a body recurses through safely)."""
     if len(frame) > MAX_BODY_BYTES:
         raise ProtocolError(f"body of {len(frame)} bytes exceeds the limit of {MAX_BODY_BYTES}")
     try:
-        return msgpack.unpackb(
+        value = msgpack.unpackb(
             frame,
             raw=False,
             strict_map_key=True,
@@ -63,6 +72,15 @@ def unpack_body(frame: bytes) -> Any:
         )
     except (ValueError, msgpack.UnpackException) as exc:  # msgpack's errors, ExtraData...
         raise ProtocolError(f"malformed msgpack body: {exc.__class__.__name__}: {exc}") from exc
+    # a glance at the bytes first (well under a microsecond); the walk only when a
+    # body could hold that many containers at all
+    if (
+        len(frame) > MAX_JSON_DEPTH
+        and len(bytes(frame).translate(None, _NOT_CONTAINER_HEADER)) > MAX_JSON_DEPTH
+        and value_depth_exceeds(value)
+    ):
+        raise ProtocolError(f"malformed msgpack body: {too_deep_message()}")
+    return value
 
 
 def encode(kind: Kind, request_id: int, body: Any) -> list[bytes]:

@@ -18,8 +18,10 @@ from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Discriminator, Field
+from pydantic_core import PydanticCustomError
 
 from paddler.errors import InvalidRequest, ProtocolError
+from paddler.protocol.grammar_limits import gbnf_problem, json_schema_problem
 from paddler.protocol.shapes import Says, Shape, check, member_tag
 
 MAX_TOKENS_LIMIT = 1_000_000
@@ -73,11 +75,24 @@ Flag = Annotated[bool, Says("must be true or false")]
 GRAMMAR_TYPES = "must be 'gbnf' or 'json_schema'"
 
 
+def _within(problem_of: Callable[[str], str | None]) -> AfterValidator:
+    """A check of grammar text against ``paddler.protocol.grammar_limits``: what
+    llama.cpp cannot take safely is refused here, before any dispatch."""
+
+    def check_text(text: str) -> str:
+        problem = problem_of(text)
+        if problem:
+            raise PydanticCustomError("grammar_limit", "{problem}", {"problem": problem})
+        return text
+
+    return AfterValidator(check_text)
+
+
 class GbnfGrammar(Shape):
     """A grammar in llama.cpp's GBNF."""
 
     type: Annotated[Literal["gbnf"], Says(GRAMMAR_TYPES)]
-    grammar: Annotated[str, Says("must be a string of GBNF rules")]
+    grammar: Annotated[str, Says("must be a string of GBNF rules"), _within(gbnf_problem)]
     root: Annotated[str, Says("must be a string")] = "root"
 
 
@@ -85,7 +100,9 @@ class JsonSchemaGrammar(Shape):
     """Output constrained to a JSON Schema, given as a JSON string."""
 
     type: Annotated[Literal["json_schema"], Says(GRAMMAR_TYPES)]
-    schema_: Annotated[str, Says("must be a JSON Schema as a string")] = Field(alias="schema")
+    schema_: Annotated[
+        str, Says("must be a JSON Schema as a string"), _within(json_schema_problem)
+    ] = Field(alias="schema")
 
 
 def _grammar_tag(value: Any) -> str | None:

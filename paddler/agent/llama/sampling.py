@@ -3,14 +3,28 @@
 Grammars come as GBNF or as a JSON schema (converted to GBNF). The converter cannot
 express every constraint of a schema (number ranges, for one), so the output of a
 JSON-schema request is checked against the schema at its end (``schema_problem``).
+
+Grammars are bounded (``paddler.protocol.grammar_limits``) before llama.cpp sees
+them, here as at the HTTP layer and the broker: a frame sent straight to an agent
+cannot crash it. The output check matches ``pattern`` and ``patternProperties`` with
+RE2, never with Python's backtracking ``re``: a check holds the GIL, and
+``^(a+)+$`` against a few dozen characters would stop the agent's heartbeats.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from paddler.agent.llama.native import LlamaModel, SamplerChain, json_schema_to_gbnf
+from paddler.protocol.grammar_limits import (
+    gbnf_problem,
+    json_schema_text_problem,
+    linear_pattern,
+    schema_patterns_problem,
+)
+from paddler.protocol.nesting import MAX_JSON_DEPTH, json_depth_exceeds
 
 
 class GrammarError(Exception):
@@ -23,33 +37,136 @@ class GrammarError(Exception):
 
 
 def grammar_text(grammar: dict[str, Any]) -> tuple[str, str]:
-    """GBNF rules and root of a request's grammar (JSON schemas are converted)."""
+    """GBNF rules and root of a request's grammar (JSON schemas are converted),
+    within the limits llama.cpp survives; ``GrammarError`` otherwise."""
     if grammar["type"] == "gbnf":
+        problem = gbnf_problem(grammar["grammar"])
+        if problem:
+            raise GrammarError("GrammarSyntaxError", f"the grammar {problem}")
         return grammar["grammar"], grammar.get("root", "root")
+    text = grammar["schema"]
+    problem = json_schema_text_problem(text)
+    if problem:
+        raise GrammarError("GrammarSyntaxError", f"the JSON schema {problem}")
     try:
-        json.loads(grammar["schema"])
+        schema = json.loads(text)
     except json.JSONDecodeError as exc:
         raise GrammarError("GrammarSyntaxError", f"the JSON schema is not JSON: {exc}") from exc
+    problem = schema_patterns_problem(schema)
+    if problem:
+        raise GrammarError("GrammarInitializationFailed", f"the JSON schema {problem}")
     try:
-        return json_schema_to_gbnf(grammar["schema"]), "root"
+        rules = json_schema_to_gbnf(text)
     except Exception as exc:  # the converter raises many types for bad schemas
         raise GrammarError(
             "GrammarInitializationFailed", f"cannot turn the JSON schema into a grammar: {exc}"
         ) from exc
+    problem = gbnf_problem(rules)
+    if problem:
+        raise GrammarError(
+            "GrammarInitializationFailed", f"the grammar made from the JSON schema {problem}"
+        )
+    return rules, "root"
+
+
+# ------------------------------------------------------- the output check, in RE2
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[Any]:
+    from jsonschema import ValidationError
+
+    if validator.is_type(instance, "string") and not linear_pattern(pattern).search(instance):
+        shown = instance if len(instance) <= 80 else f"{instance[:80]}..."
+        yield ValidationError(f"{shown!r} does not match {pattern!r}")
+
+
+def _pattern_properties(
+    validator: Any, patterns: dict[str, Any], instance: Any, schema: Any
+) -> Iterator[Any]:
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in patterns.items():
+        regex = linear_pattern(pattern)
+        for key, value in instance.items():
+            if regex.search(key):
+                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
+
+
+def _additional_properties(original: Any) -> Any:
+    """jsonschema's ``additionalProperties``, which skips keys that match a
+    ``patternProperties`` pattern: with RE2 where there are patterns."""
+    from jsonschema import ValidationError
+
+    def check(validator: Any, allowed: Any, instance: Any, schema: Any) -> Iterator[Any]:
+        patterns = schema.get("patternProperties")
+        if not patterns or not validator.is_type(instance, "object"):
+            yield from original(validator, allowed, instance, schema)
+            return
+        properties = schema.get("properties", {})
+        regexes = [linear_pattern(pattern) for pattern in patterns]
+        extras = sorted(
+            (
+                key
+                for key in instance
+                if key not in properties and not any(r.search(key) for r in regexes)
+            ),
+            key=str,
+        )
+        if validator.is_type(allowed, "object"):
+            for extra in extras:
+                yield from validator.descend(instance[extra], allowed, path=extra)
+        elif not allowed and extras:
+            joined = ", ".join(repr(extra) for extra in extras)
+            verb = "does" if len(extras) == 1 else "do"
+            listed = ", ".join(repr(pattern) for pattern in sorted(patterns))
+            yield ValidationError(f"{joined} {verb} not match any of the regexes: {listed}")
+
+    return check
+
+
+_LINEAR_VALIDATORS: dict[Any, Any] = {}
+
+
+def _linear_validator(schema: Any) -> Any:
+    """The jsonschema validator class for ``schema``'s draft, with every keyword that
+    matches a regular expression on the instance run by RE2. (``unevaluatedProperties``
+    next to ``patternProperties`` is refused before: ``schema_patterns_problem``.)"""
+    import jsonschema
+
+    base = jsonschema.validators.validator_for(schema)
+    linear = _LINEAR_VALIDATORS.get(base)
+    if linear is None:
+        keywords = {"pattern": _pattern, "patternProperties": _pattern_properties}
+        if "additionalProperties" in base.VALIDATORS:
+            keywords["additionalProperties"] = _additional_properties(
+                base.VALIDATORS["additionalProperties"]
+            )
+        linear = _LINEAR_VALIDATORS[base] = jsonschema.validators.extend(base, keywords)
+    return linear
 
 
 def schema_problem(schema: Any, text: str) -> str | None:
-    """Why ``text`` is not JSON valid under ``schema``, or ``None`` if it is."""
+    """Why ``text`` is not JSON valid under ``schema``, or ``None`` if it is. Linear
+    in the output: no backtracking regular expression, no recursion past
+    ``MAX_JSON_DEPTH`` levels."""
     import jsonschema
 
+    if json_depth_exceeds(text):
+        return f"the output nests deeper than {MAX_JSON_DEPTH} levels"
     try:
-        jsonschema.validate(json.loads(text), schema)
+        instance = json.loads(text)
     except json.JSONDecodeError as exc:
         return f"the output is not complete JSON ({exc}); raise max_tokens?"
-    except jsonschema.ValidationError as exc:
-        return f"the output does not match the schema: {exc.message}"
+    try:
+        validator = _linear_validator(schema)
+        validator.check_schema(schema)
+        error = jsonschema.exceptions.best_match(validator(schema).iter_errors(instance))
     except jsonschema.SchemaError as exc:
         return f"the schema is invalid: {exc.message}"
+    except Exception as exc:  # an unresolvable $ref, a pattern RE2 refuses, recursion...
+        return f"the output could not be checked against the schema: {exc}"
+    if error is not None:
+        return f"the output does not match the schema: {error.message}"
     return None
 
 

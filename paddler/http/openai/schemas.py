@@ -18,6 +18,7 @@ from pydantic import field_validator as validates
 from pydantic_core import PydanticCustomError
 
 from paddler.http.common import dumps
+from paddler.protocol.grammar_limits import json_schema_problem
 from paddler.protocol.requests import (
     MAX_DOCUMENTS,
     ConversationRequest,
@@ -199,12 +200,26 @@ class JsonObjectFormat(OpenAIShape):
     type: Annotated[Literal["json_object"], Says(FORMAT_TYPES)]
 
 
+def _within_grammar_limits(schema: dict[str, Any] | bool) -> dict[str, Any] | bool:
+    """The schema becomes the broker's grammar: the native API's limits on its text,
+    its depth and its patterns (``paddler.protocol.grammar_limits``) apply here."""
+    try:
+        problem = json_schema_problem(dumps(schema))
+    except RecursionError:  # deeper than any body read_json lets in
+        problem = "nests too deep"
+    if problem:
+        raise PydanticCustomError("grammar_limit", "{problem}", {"problem": problem})
+    return schema
+
+
 class JsonSchemaSpec(OpenAIShape):
     SAYS: ClassVar[str] = "must be an object with a 'schema'"
 
-    schema_: Annotated[dict[str, Any] | bool, Says("must be a JSON Schema object")] = Field(
-        default_factory=lambda: {"type": "object"}, alias="schema"
-    )
+    schema_: Annotated[
+        dict[str, Any] | bool,
+        Says("must be a JSON Schema object"),
+        AfterValidator(_within_grammar_limits),
+    ] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
 
 
 class JsonSchemaFormat(OpenAIShape):
