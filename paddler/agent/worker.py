@@ -48,6 +48,12 @@ class _SocketSink:
         )
 
 
+ENGINE_STACK_BYTES = 64 * 1024 * 1024
+"""The engine thread's stack, whatever the platform's default (musl's is 128 KiB):
+llama.cpp's grammar parser recurses, and the grammar limits in
+``paddler.protocol.grammar_limits`` were measured against an 8 MiB stack."""
+
+
 class EngineWorker(threading.Thread):
     def __init__(self, engine: Engine, context: zmq.Context[zmq.Socket[bytes]], endpoint: str):
         super().__init__(name="paddler-engine", daemon=True)
@@ -55,6 +61,13 @@ class EngineWorker(threading.Thread):
         self.context = context
         self.endpoint = endpoint
         self.ready = threading.Event()
+
+    def start(self) -> None:
+        previous = threading.stack_size(ENGINE_STACK_BYTES)
+        try:
+            super().start()
+        finally:
+            threading.stack_size(previous)
 
     def _send_status(self, socket: zmq.Socket[bytes]) -> None:
         socket.send_multipart(encode(Kind.AGENT_STATUS, 0, self.engine.status().to_body()))
