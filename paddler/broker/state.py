@@ -209,11 +209,27 @@ class Broker:
             )
             return
         status = AgentStatus.from_body(register.status)
-        if identity in self.agents:
+        key = fingerprint(peer_key) if peer_key else None
+        known = self.agents.get(identity)
+        if known is not None and known.key_fingerprint != key:
+            # an agent is its key: another key cannot take over a registered agent's id
+            log.warning(
+                "refused a registration as agent %s with key %s: it registered with key %s",
+                known.agent_id,
+                key,
+                known.key_fingerprint,
+            )
+            self._send_agent(
+                identity,
+                error_frames(
+                    0, 403, "IdentityInUse", "this agent id is registered with another key"
+                ),
+            )
+            return
+        if known is not None:
             # The agent reconnected: what it had in flight is gone with its old session.
             self.remove_agent(identity, now, reason="re-registered")
         agent_id = identity.hex() if not identity.isascii() else identity.decode()
-        key = fingerprint(peer_key) if peer_key else None
         self.agents[identity] = AgentInfo(identity, agent_id, register.name, status, now, key)
         self.registry.add(identity, status.slots_total, status.ready)
         log.info(
