@@ -128,6 +128,7 @@ def test_the_broker_answers_get_agents_with_snapshot_bodies_by_name() -> None:
         "download_total": 9,
         "download_filename": None,
         "ready": False,
+        "key_fingerprint": None,  # no curve in this test
     }
     assert by_id["agent-b"]["ready"] is True and by_id["agent-b"]["model_path"] == "/z"
     assert [AgentSnapshot.from_body(a) for a in body["agents"]] == broker.agent_snapshots()
