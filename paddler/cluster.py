@@ -18,6 +18,7 @@ from paddler.broker.settings import BrokerSettings
 from paddler.curve import PrivateKeys
 from paddler.errors import BrokerUnreachable, PaddlerError
 from paddler.http.settings import HttpSettings
+from paddler.lifetime import die_with_parent
 from paddler.settings import env_name, flag_name, option
 
 log = logging.getLogger("paddler.cluster")
@@ -146,12 +147,18 @@ def _secret_env(http: HttpSettings) -> dict[str, str]:
 def run_cluster(
     cluster: ClusterSettings, broker: BrokerSettings, http: HttpSettings, log_level: str
 ) -> int:
+    """Run the balancer and the agents until SIGINT/SIGTERM, restarting an agent that
+    stops (see ``Child``). When the balancer stops, the agents are stopped and the
+    cluster exits with 1: it is the one owner of the cluster's state (desired state,
+    requests), so restarting it in place could put back a model an operator has since
+    changed; an outer supervisor (systemd, docker) restarts the whole command cleanly,
+    as every child dies with this process (``paddler.lifetime``)."""
     source, notice = model_source(cluster.model)
     if notice:
         print(notice, flush=True)
     threads = cluster.agent_threads or max(1, (os.cpu_count() or 1) // cluster.agents)
     python = [sys.executable, "-m", "paddler"]
-    children: list[subprocess.Popen[bytes]] = []
+    children: list[Child] = []
     stop = threading.Event()
     keys = ClusterKeys(cluster.agents) if broker.curve_secret_key is None else None
     if keys is not None:
@@ -163,44 +170,48 @@ def run_cluster(
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
     try:
-        children.append(
-            subprocess.Popen(
-                [*python, "balancer", *_flags(broker), *_flags(http), "--log-level", log_level],
-                env=_secret_env(http),
-                start_new_session=True,
-            )
+        balancer = Child(
+            "the balancer",
+            [*python, "balancer", *_flags(broker), *_flags(http), "--log-level", log_level],
+            env=_secret_env(http),
         )
+        children.append(balancer)
+        balancer.start()
         for index in range(cluster.agents):
-            children.append(
-                subprocess.Popen(
-                    [
-                        *python,
-                        "agent",
-                        "--broker-addr",
-                        broker.agents_addr,
-                        "--slots",
-                        str(cluster.slots),
-                        "--name",
-                        f"agent-{index + 1}",
-                        "--threads",
-                        str(threads),
-                        "--log-level",
-                        log_level,
-                        *(keys.agent_flags(index) if keys is not None else []),
-                        *_model_host_flags(source),
-                    ],
-                    start_new_session=True,
-                )
+            agent = Child(
+                f"agent-{index + 1}",
+                [
+                    *python,
+                    "agent",
+                    "--broker-addr",
+                    broker.agents_addr,
+                    "--slots",
+                    str(cluster.slots),
+                    "--name",
+                    f"agent-{index + 1}",
+                    "--threads",
+                    str(threads),
+                    "--log-level",
+                    log_level,
+                    *(keys.agent_flags(index) if keys is not None else []),
+                    *_model_host_flags(source),
+                ],
             )
+            children.append(agent)
+            agent.start()
         _apply_model(
-            broker.clients_addr, source, children, stop, keys.client_keys() if keys else None
+            broker.clients_addr, source, balancer, stop, keys.client_keys() if keys else None
         )
         if not stop.is_set():
             _announce(http, cluster)
         while not stop.is_set():
-            if any(child.poll() is not None for child in children):
-                log.error("a cluster process stopped; stopping the others")
+            status = balancer.exit_status()
+            if status is not None:
+                log.error("the balancer stopped (%s); stopping the agents", status)
                 return 1
+            now = time.monotonic()
+            for child in children[1:]:
+                child.supervise(now)
             stop.wait(0.2)
         return 0
     finally:
@@ -209,10 +220,97 @@ def run_cluster(
             keys.close()
 
 
+RESTART_DELAY_S = 1.0
+"""How long a stopped agent waits before its first restart; doubled at each restart."""
+MAX_RESTART_DELAY_S = 30.0
+HEALTHY_AFTER_S = 60.0
+"""An agent that ran this long before it stopped starts over at ``RESTART_DELAY_S``."""
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+class Child:
+    """One process of the cluster: its command line, and its restarts with
+    exponential backoff (``RESTART_DELAY_S`` doubling up to ``MAX_RESTART_DELAY_S``).
+
+    Started in a session of its own (a Ctrl-C reaches only ``paddler cluster``, which
+    stops its children in order) and with a parent-death signal, so that nothing is
+    left when ``paddler cluster`` itself is killed. Start and restart it from the main
+    thread only (see ``paddler.lifetime``)."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+        self.delay_s = RESTART_DELAY_S
+        self.restart_at: float | None = None
+        self.restarts = 0
+
+    def start(self) -> None:
+        self.popen = subprocess.Popen(
+            self.argv, env=self.env, start_new_session=True, preexec_fn=die_with_parent()
+        )
+        self.started_at = time.monotonic()
+        self.restart_at = None
+
+    def exit_status(self) -> str | None:
+        """How the process ended, or ``None`` while it runs."""
+        code = self.popen.poll() if self.popen is not None else None
+        return None if code is None else describe_exit(code)
+
+    def supervise(self, now: float) -> None:
+        """Note that the process stopped, and start it again once its delay has passed."""
+        if self.restart_at is None:
+            status = self.exit_status()
+            if status is None:
+                return
+            ran_s = now - self.started_at
+            if ran_s >= HEALTHY_AFTER_S:
+                self.delay_s = RESTART_DELAY_S
+            log.warning(
+                "%s (pid %s) stopped after %.1f s (%s); restarting it in %.0f s",
+                self.name,
+                self.pid,
+                ran_s,
+                status,
+                self.delay_s,
+            )
+            self.restart_at = now + self.delay_s
+            self.delay_s = min(self.delay_s * 2, MAX_RESTART_DELAY_S)
+        elif now >= self.restart_at:
+            try:
+                self.start()
+            except OSError as exc:  # no process: the same backoff, from now
+                log.error(
+                    "%s could not be restarted (%s); trying again in %.0f s",
+                    self.name,
+                    exc,
+                    self.delay_s,
+                )
+                self.restart_at = now + self.delay_s
+                self.delay_s = min(self.delay_s * 2, MAX_RESTART_DELAY_S)
+                return
+            self.restarts += 1
+            log.warning("%s restarted (pid %s, restart %d)", self.name, self.pid, self.restarts)
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen is not None else None
+
+
 def _apply_model(
     clients_addr: str,
     source: dict[str, Any],
-    children: list[Any],
+    balancer: Child,
     stop: threading.Event,
     client_keys: tuple[str, str] | None,
 ) -> None:
@@ -233,7 +331,7 @@ def _apply_model(
                 client.put_desired_state(state)
                 return
         except BrokerUnreachable:
-            if time.monotonic() > deadline or children[0].poll() is not None:
+            if time.monotonic() > deadline or balancer.exit_status() is not None:
                 raise PaddlerError("the balancer did not start") from None
 
 
@@ -258,14 +356,15 @@ def _announce(http: HttpSettings, cluster: ClusterSettings) -> None:
     )
 
 
-def _stop_all(children: list[subprocess.Popen[bytes]]) -> None:
-    for child in reversed(children):  # agents first: they deregister from the balancer
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
+def _stop_all(children: list[Child]) -> None:
+    processes = [child.popen for child in children if child.popen is not None]
+    for process in reversed(processes):  # agents first: they deregister from the balancer
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT_S
-    for child in children:
+    for process in processes:
         try:
-            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait(timeout=5)
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=5)

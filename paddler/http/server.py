@@ -19,6 +19,7 @@ from paddler.errors import ConfigurationError
 from paddler.http.api_keys import ApiKeys, read_api_keys
 from paddler.http.app import CONFIG_ENV, HttpConfig
 from paddler.http.settings import HttpSettings
+from paddler.lifetime import die_with_parent
 from paddler.settings import env_name
 
 log = logging.getLogger("paddler.http")
@@ -135,7 +136,8 @@ def gunicorn_env(config: HttpConfig) -> dict[str, str]:
 
 
 class HttpServer:
-    """gunicorn in its own process group; stopped with the balancer."""
+    """gunicorn in its own process group; stopped with the balancer, and killed with it
+    (``PR_SET_PDEATHSIG``; its workers follow their master)."""
 
     def __init__(
         self,
@@ -149,7 +151,8 @@ class HttpServer:
         self.process = subprocess.Popen(
             gunicorn_command(settings, log_level if log_level != "info" else "warning"),
             env=gunicorn_env(config),
-            start_new_session=True,
+            start_new_session=True,  # a Ctrl-C reaches the balancer, which stops gunicorn
+            preexec_fn=die_with_parent(),  # and a balancer killed with SIGKILL takes it along
         )
         keyed = [name for name in settings.addresses() if config.api_keys.get(name)]
         log.info(
