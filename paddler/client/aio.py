@@ -5,6 +5,10 @@ for that request, so any number of streams can be read concurrently from one
 ``AsyncClient``. A watchdog task ticks the core's timers: while anyone waits it
 pings a silent broker, and fails every waiting task with ``BrokerUnreachable`` after
 ``timeout_s`` of silence. What the client decides lives in ``paddler.client.core``.
+
+A client that raised ``BrokerUnreachable`` remembers it (``failure``), so whoever owns
+it can tell a failed client from a fresh one; ``close(error)`` ends every stream still
+open with ``error`` at once.
 """
 
 from __future__ import annotations
@@ -106,6 +110,11 @@ class AsyncClient(CoreDriver):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        self._closed_with: BaseException | None = None
+        self.failure: BrokerUnreachable | None = None
+        """The first ``BrokerUnreachable`` this client raised; None while it works."""
+        self.heard_at_s: float | None = None
+        """``time.monotonic()`` when the broker last sent anything; None before that."""
 
     @classmethod
     async def connect(cls, address: str, **options: Any) -> AsyncClient:
@@ -132,7 +141,8 @@ class AsyncClient(CoreDriver):
         core = self._core
         while True:
             frames = await socket.recv_multipart()
-            request_id = core.receive(frames, time.monotonic())
+            self.heard_at_s = now = time.monotonic()
+            request_id = core.receive(frames, now)
             if request_id is not None:
                 self._wake(request_id)
 
@@ -145,6 +155,7 @@ class AsyncClient(CoreDriver):
                 if ping is not None:
                     await self._send(ping)
             except BrokerUnreachable as error:
+                self.failure = self.failure or error
                 for request_id in list(self._waiters):
                     self._wake(request_id, error)
             except zmq.ZMQError:  # the socket is closing
@@ -160,7 +171,9 @@ class AsyncClient(CoreDriver):
         try:
             await self.socket.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again as exc:
-            raise self._core.cannot_send() from exc
+            error = self._core.cannot_send()
+            self.failure = self.failure or error
+            raise error from exc
 
     def _send_now(self, frames: list[bytes]) -> None:
         """Send without waiting, and without an error: for CANCEL frames."""
@@ -174,6 +187,8 @@ class AsyncClient(CoreDriver):
     async def _wait(self, request_id: int) -> Message:
         """The next message of ``request_id``; ``BrokerUnreachable`` if the broker is silent."""
         core = self._core
+        if self._closed_with is not None:
+            raise self._closed_with.with_traceback(None)
         message = core.next_message(request_id)
         if message is not None:
             return message
@@ -283,13 +298,21 @@ class AsyncClient(CoreDriver):
         """Store and apply a desired state; ``ConfigurationError`` names a bad field."""
         await self._query(queries.put_desired_state(state))
 
-    async def close(self) -> None:
+    @property
+    def closed(self) -> bool:
+        return self._core.closed
+
+    async def close(self, error: BaseException | None = None) -> None:
+        """Cancel every open request and close the socket. Tasks waiting for this
+        client, and later reads of its streams, get ``error`` (say, ``BrokerUnreachable``
+        when the client is dropped for a failure), or ``RequestFailed`` 499 without one."""
         if self._core.closed:
             return
+        self._closed_with = error
         for frames in self._core.close():
             self._send_now(frames)
         for request_id in list(self._waiters):
-            self._wake(request_id)  # they get RequestFailed 499
+            self._wake(request_id, error)  # without an error: they get RequestFailed 499
         for task in (self._reader, self._watchdog):
             if task is not None:
                 task.cancel()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ from paddler.errors import (
 from paddler.http.api_keys import UNAUTHORIZED_CLOSE_CODE, ApiKeyCheck, ApiKeys, Unauthorized
 from paddler.http.asgi import DISCONNECTED
 from paddler.http.link import BrokerLink
-from paddler.http.openapi import HEALTH, JSON, Reply
+from paddler.http.openapi import JSON, Operation, Reply
 from paddler.protocol.nesting import json_depth_exceeds, too_deep_message
 
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -187,10 +187,33 @@ def add_error_handlers(app: falcon.asgi.App[Any, Any]) -> None:
 
 
 class Health:
-    OPERATIONS = {"get": HEALTH}
+    """``GET /health``: 200 ``OK`` while this worker hears a live broker; 503 with the
+    reason (``BrokerUnreachable``'s answer) when it cannot reach one. Cheap: the link
+    answers from when it last heard the broker, pinging it at most once a second."""
+
+    OPERATIONS = {
+        "get": Operation(
+            "Health: OK while this worker reaches a live balancer",
+            replies={200: Reply("OK", "text/plain")},
+            description=(
+                "503 with the reason when the worker cannot reach a live balancer (down, "
+                "frozen or unreachable), from a check at most a second or two old"
+            ),
+        )
+    }
     OPEN_WITHOUT_API_KEY = True
 
+    def __init__(self, link: BrokerLink | None = None) -> None:
+        # a stand-in link with no liveness check (the apps' test doubles) counts as live
+        self._broker_down: Callable[[], Awaitable[str | None]] | None = getattr(
+            link, "broker_down", None
+        )
+
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        if self._broker_down is not None:
+            reason = await self._broker_down()
+            if reason is not None:
+                raise BrokerUnreachable(reason)
         resp.content_type = falcon.MEDIA_TEXT
         resp.text = "OK"
 
@@ -209,5 +232,5 @@ def make_app(deps: HttpDeps) -> falcon.asgi.App[Any, Any]:
     app: falcon.asgi.App[Any, Any] = falcon.asgi.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     add_error_handlers(app)
-    app.add_route("/health", Health())
+    app.add_route("/health", Health(deps.link))
     return app

@@ -222,6 +222,7 @@ class InferenceSocket:
                 await ws.send_text(dumps(message))
 
         async def serve(client_id: str, request: dict[str, Any]) -> None:
+            this = asyncio.current_task()
             events = generation_events(self.deps, request, client_id)
             try:
                 async for messages in events:
@@ -231,7 +232,9 @@ class InferenceSocket:
                 pass
             finally:
                 await events.aclose()
-                running.pop(client_id, None)
+                # a stopped request's id may already serve a new request: leave that one
+                if running.get(client_id) is this:
+                    del running[client_id]
 
         try:
             while True:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import struct
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import falcon
@@ -27,6 +29,25 @@ EMBEDDING_NORMALIZATION = "L2"
 def encode_base64(vector: list[float]) -> str:
     """OpenAI's ``base64`` embedding: the float32 little-endian array, base64."""
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
+async def embeddings_body(
+    vectors: list[list[float]], as_base64: bool, model: str, usage: dict[str, int]
+) -> AsyncGenerator[bytes, None]:
+    """The JSON of OpenAI's embeddings list, byte for byte what ``dumps`` makes of
+    ``{"object": "list", "data": [...], "model": ..., "usage": ...}``, written out one
+    embedding per chunk: a large answer is never one string, and the event loop serves
+    others between chunks."""
+    yield b'{"object":"list","data":['
+    for index, vector in enumerate(vectors):
+        item = {
+            "object": "embedding",
+            "index": index,
+            "embedding": encode_base64(vector) if as_base64 else vector,
+        }
+        yield (("," if index else "") + dumps(item)).encode()
+        await asyncio.sleep(0)  # let the loop serve others between large chunks
+    yield f'],"model":{dumps(model)},"usage":{dumps(usage)}}}'.encode()
 
 
 class Embeddings:
@@ -55,22 +76,12 @@ class Embeddings:
                 f"this model's embeddings have {width} dimensions; {body.dimensions} "
                 "cannot be given",
             )
-        as_base64 = body.encoding_format == "base64"
         resp.content_type = falcon.MEDIA_JSON
-        resp.text = dumps(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "object": "embedding",
-                        "index": index,
-                        "embedding": encode_base64(vector) if as_base64 else vector,
-                    }
-                    for index, vector in enumerate(vectors)
-                ],
-                "model": model,
-                "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
-            }
+        resp.stream = embeddings_body(
+            vectors,
+            body.encoding_format == "base64",
+            model,
+            {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
         )
 
     async def _embed(
