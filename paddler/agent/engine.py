@@ -4,6 +4,24 @@ An engine is driven by one thread only (the engine worker). Each ``step`` runs
 one decode step for every request it holds and reports what happened through an
 ``EventSink``: the text pieces each request produced in that step (one call per
 request per step: that is the coalescing), its end with usage, or its error.
+
+Errors that come from the engine itself, not from what a request asked (those are
+``InvalidRequest``, ``PromptTooLong``, ``ChatTemplateError``, the grammar kinds...):
+
+- ``SamplerError`` (500): sampling a request's next token raised; that request ends.
+- ``DetokenizationFailed`` (500): turning a request's token into text raised.
+- ``EngineFault`` (500): any other exception while admitting, stepping or finishing
+  one request; the description names the exception's class and message. Only that
+  request ends: its slot and KV cells are freed and the others go on.
+- ``KvCacheExhausted`` (503): ``llama_decode`` found no room in the KV cache even for
+  a batch without prompt chunks; the request holding the most cells ends.
+- ``DecodeFailed`` (500): ``llama_decode`` failed (any code but 0 and 1); the requests
+  with tokens in that batch end, the others go on.
+- ``AgentEngineRestarted`` (503): an exception escaped the engine loop; the worker
+  ended every request the engine held and restarted it (``Engine.reset``).
+- ``AgentUnavailable`` (503): the agent cannot take the request now (no model,
+  shutting down, engine down after repeated failures); the broker sends a request
+  that has not started elsewhere.
 """
 
 from __future__ import annotations
@@ -12,6 +30,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from paddler.errors import EngineError
 from paddler.protocol.messages import AgentStatus
 
 
@@ -68,9 +87,17 @@ class Engine(ABC):
         ``{"content": ...}``; ``None`` when there is nothing to tell."""
         return None
 
+    def reset(self, state: dict[str, Any] | None) -> None:
+        """Start again from nothing after an exception escaped the engine loop: drop
+        every request without reporting it (the worker ends them), free every native
+        handle, then apply ``state`` as a fresh engine would. Raising here counts as
+        one more failure of the engine."""
+        raise EngineError(f"{type(self).__name__} cannot restart after a fault")
+
     def take_status_change(self) -> bool:
         """``True`` once after the status changed outside ``apply_state`` (downloads)."""
         return False
 
     def close(self) -> None:  # noqa: B027 - optional hook, most engines hold nothing native
-        """Free native resources; called once, from the engine thread."""
+        """Free native resources; called from the engine thread when it stops, or when
+        it gives up after repeated failures (``reset`` may follow)."""

@@ -3,12 +3,25 @@
 It talks to the I/O side over an inproc PAIR socket with protocol frames:
 commands in (DISPATCH, CANCEL, DESIRED_STATE, DEREGISTER = stop), events out
 (TOKENS, DONE, ERROR ready to forward verbatim, and AGENT_STATUS).
+
+It also supervises the engine. The engine isolates a fault of one request itself;
+an exception that escapes ``Engine.step`` (or any other engine call of the loop)
+means the engine's state cannot be trusted. Then the worker reports the issue
+``{"EngineFailed": {"error": ..., "restarting": true}}`` with ``ready`` false, ends
+every request it had admitted with 503 ``AgentEngineRestarted``, and rebuilds the
+engine from the last desired state (``Engine.reset``); the agent stays registered.
+After ``max_restarts`` failures within ``restart_window_s`` it stops trying: the
+engine's native state is freed, the issue stays (``"restarting": false``), requests
+dispatched meanwhile end with 503 ``AgentUnavailable`` (the broker sends them
+elsewhere), and only a new desired state brings the engine back.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import deque
 from typing import Any
 
 import zmq
@@ -17,7 +30,7 @@ from paddler.agent.engine import Engine
 from paddler.errors import ProtocolError
 from paddler.protocol.codec import HEADER, encode, pack_body, unpack_body
 from paddler.protocol.kinds import Kind
-from paddler.protocol.messages import ErrorBody
+from paddler.protocol.messages import AgentStatus, ErrorBody
 from paddler.protocol.requests import dispatched_request
 
 log = logging.getLogger("paddler.agent")
@@ -27,11 +40,20 @@ IDLE_POLL_MS = 100
 _TOKENS_HEADER = int(Kind.TOKENS)
 
 
+MAX_RESTARTS = 3
+"""Engine restarts allowed within ``RESTART_WINDOW_S``; one more failure leaves the
+engine down until a new desired state arrives."""
+
+RESTART_WINDOW_S = 60.0
+
+
 class _SocketSink:
-    """Encodes engine events as frames on the PAIR socket."""
+    """Encodes engine events as frames on the PAIR socket, and keeps the ids of the
+    requests admitted and not yet ended (the worker ends them if the engine dies)."""
 
     def __init__(self, socket: zmq.Socket[bytes]) -> None:
         self.socket = socket
+        self.open: set[int] = set()
 
     def tokens(self, request_id: int, pieces: list[str]) -> None:
         self.socket.send_multipart([HEADER.pack(_TOKENS_HEADER, request_id), pack_body(pieces)])
@@ -40,9 +62,11 @@ class _SocketSink:
         self.socket.send_multipart(encode(Kind.EMBEDDING, request_id, result))
 
     def done(self, request_id: int, usage: dict[str, int]) -> None:
+        self.open.discard(request_id)
         self.socket.send_multipart(encode(Kind.DONE, request_id, {"usage": usage}))
 
     def error(self, request_id: int, code: int, kind: str, description: str) -> None:
+        self.open.discard(request_id)
         self.socket.send_multipart(
             encode(Kind.ERROR, request_id, ErrorBody(code, kind, description).to_body())
         )
@@ -55,12 +79,32 @@ llama.cpp's grammar parser recurses, and the grammar limits in
 
 
 class EngineWorker(threading.Thread):
-    def __init__(self, engine: Engine, context: zmq.Context[zmq.Socket[bytes]], endpoint: str):
+    def __init__(
+        self,
+        engine: Engine,
+        context: zmq.Context[zmq.Socket[bytes]],
+        endpoint: str,
+        *,
+        max_restarts: int = MAX_RESTARTS,
+        restart_window_s: float = RESTART_WINDOW_S,
+    ):
         super().__init__(name="paddler-engine", daemon=True)
         self.engine = engine
         self.context = context
         self.endpoint = endpoint
         self.ready = threading.Event()
+        self.max_restarts = max_restarts
+        self.restart_window_s = restart_window_s
+        self.restarts = 0
+        """Engine restarts so far."""
+        self._failures: deque[float] = deque()
+        self._issue: dict[str, Any] | None = None
+        """Reported with the engine's status while the engine is failed."""
+        self._down: str | None = None
+        """Why the engine stays down (too many failures), or ``None``."""
+        self._desired_state: dict[str, Any] | None = None
+        """The last desired state received: what a restart loads."""
+        self._stopping = False
 
     def start(self) -> None:
         previous = threading.stack_size(ENGINE_STACK_BYTES)
@@ -70,7 +114,15 @@ class EngineWorker(threading.Thread):
             threading.stack_size(previous)
 
     def _send_status(self, socket: zmq.Socket[bytes]) -> None:
-        socket.send_multipart(encode(Kind.AGENT_STATUS, 0, self.engine.status().to_body()))
+        try:
+            status = self.engine.status()
+        except Exception:  # a broken engine still has an agent that reports
+            log.exception("the engine cannot tell its status")
+            status = AgentStatus(slots_total=self.engine.slots_total)
+        if self._issue is not None:
+            status.ready = False
+            status.issues = [*status.issues, self._issue]
+        socket.send_multipart(encode(Kind.AGENT_STATUS, 0, status.to_body()))
 
     def _command(self, socket: zmq.Socket[bytes], sink: _SocketSink, frames: list[bytes]) -> bool:
         """Handle one command; ``False`` to stop."""
@@ -82,15 +134,16 @@ class EngineWorker(threading.Thread):
             except ProtocolError as exc:
                 sink.error(request_id, 400, "InvalidRequest", str(exc))
                 return True
+            sink.open.add(request_id)
             engine.admit(request_id, request)
         elif kind == Kind.CANCEL:
             engine.cancel(request_id)
         elif kind == Kind.DESIRED_STATE:
             state = unpack_body(frames[1]).get("state")
-            try:
-                engine.apply_state(state)
-            except Exception:  # the engine reports issues in its status; never die here
-                log.exception("applying the desired state failed")
+            self._desired_state = state
+            # the engine reports a model it cannot get or load as an issue in its
+            # status; an exception here is a fault of the engine: restart it
+            engine.apply_state(state)
             self._send_status(socket)
         elif kind == Kind.AGENT_QUERY:
             what = unpack_body(frames[1]).get("what")
@@ -101,6 +154,7 @@ class EngineWorker(threading.Thread):
                 value = None
             socket.send_multipart(encode(Kind.AGENT_ANSWER, request_id, {"value": value}))
         elif kind == Kind.DEREGISTER:
+            self._stopping = True
             return False
         return True
 
@@ -113,26 +167,141 @@ class EngineWorker(threading.Thread):
         engine.status_listener = lambda: self._send_status(socket)
         self.ready.set()
         try:
-            while True:
-                timeout = 0 if engine.active_count() else IDLE_POLL_MS
-                running = True
-                while socket.poll(timeout):
-                    running = self._command(socket, sink, socket.recv_multipart())
-                    if not running:
-                        break
-                    timeout = 0
-                if not running:
-                    break
-                if engine.active_count():
-                    engine.step(sink)
-                if engine.take_status_change():
-                    self._send_status(socket)
+            self._supervise(socket, sink)
         except zmq.ContextTerminated:
             pass
         except Exception:
-            log.exception("the engine loop failed")
+            log.exception("the engine worker failed")
         finally:
             try:
-                engine.close()
+                if self._down is None:
+                    engine.close()
             finally:
                 socket.close(linger=0)
+
+    def _supervise(self, socket: zmq.Socket[bytes], sink: _SocketSink) -> None:
+        """Run the engine loop until told to stop; restart the engine when it fails."""
+        while not self._stopping:
+            try:
+                if self._down is None:
+                    self._serve(socket, sink)
+                else:
+                    self._serve_down(socket, sink)
+                continue
+            except zmq.ZMQError:
+                raise  # the socket, not the engine: nothing to restart
+            except Exception as exc:
+                failure = exc
+            self._recover(socket, sink, failure)
+
+    def _serve(self, socket: zmq.Socket[bytes], sink: _SocketSink) -> None:
+        """The engine loop: commands between steps; returns when told to stop."""
+        engine = self.engine
+        while True:
+            timeout = 0 if engine.active_count() else IDLE_POLL_MS
+            while socket.poll(timeout):
+                try:
+                    if not self._command(socket, sink, socket.recv_multipart()):
+                        return
+                except ProtocolError as exc:  # a bad command, not a broken engine
+                    log.warning("dropped a command to the engine: %s", exc)
+                timeout = 0
+            if engine.active_count():
+                engine.step(sink)
+            if engine.take_status_change():
+                self._send_status(socket)
+
+    def _recover(self, socket: zmq.Socket[bytes], sink: _SocketSink, failure: Exception) -> None:
+        """End every open request, then rebuild the engine from the last desired state
+        (again if that fails too), or leave it down after too many failures."""
+        while True:
+            error = f"{type(failure).__name__}: {failure}"
+            log.error("the engine failed: %s", error, exc_info=failure)
+            now = time.monotonic()
+            self._failures.append(now)
+            while now - self._failures[0] > self.restart_window_s:
+                self._failures.popleft()
+            restarting = len(self._failures) <= self.max_restarts
+            self._issue = {"EngineFailed": {"error": error, "restarting": restarting}}
+            self._send_status(socket)
+            self._end_open(sink, error)
+            if not restarting:
+                self._give_up(error)
+                self._send_status(socket)
+                return
+            log.warning(
+                "restarting the engine (%d failures in the last %.0f s): "
+                "reloading the last desired state",
+                len(self._failures),
+                self.restart_window_s,
+            )
+            try:
+                self.engine.reset(self._desired_state)
+            except zmq.ZMQError:
+                raise
+            except Exception as exc:
+                failure = exc
+                continue
+            self.restarts += 1
+            self._issue = None
+            self._send_status(socket)
+            log.info("the engine restarted (%d restarts so far)", self.restarts)
+            return
+
+    def _end_open(self, sink: _SocketSink, error: str) -> None:
+        for request_id in sorted(sink.open):
+            sink.error(
+                request_id,
+                503,
+                "AgentEngineRestarted",
+                f"the agent's engine failed ({error}) and restarts; this request ended",
+            )
+        sink.open.clear()
+
+    def _give_up(self, error: str) -> None:
+        log.error(
+            "the engine failed %d times within %.0f s; it stays down until a new desired "
+            "state arrives",
+            len(self._failures),
+            self.restart_window_s,
+        )
+        self._down = error
+        try:
+            self.engine.close()
+        except Exception:
+            log.exception("freeing the failed engine failed")
+
+    def _serve_down(self, socket: zmq.Socket[bytes], sink: _SocketSink) -> None:
+        """No engine: answer commands until a new desired state brings it back."""
+        while True:
+            if not socket.poll(IDLE_POLL_MS):
+                continue
+            frames = socket.recv_multipart()
+            kind, request_id = HEADER.unpack(frames[0])
+            if kind == Kind.DESIRED_STATE:
+                try:
+                    state = unpack_body(frames[1]).get("state")
+                except ProtocolError as exc:
+                    log.warning("dropped a command to the engine: %s", exc)
+                    continue
+                log.info("a new desired state: starting the engine again")
+                self._desired_state = state
+                self._failures.clear()
+                self._down = None
+                self._issue = None
+                self.engine.reset(state)  # a failure here is a new one
+                self.restarts += 1
+                self._send_status(socket)
+                return
+            if kind == Kind.DISPATCH:
+                sink.error(
+                    request_id,
+                    503,
+                    "AgentUnavailable",
+                    f"the agent's engine is down after repeated failures ({self._down})",
+                )
+            elif kind == Kind.AGENT_QUERY:
+                socket.send_multipart(encode(Kind.AGENT_ANSWER, request_id, {"value": None}))
+            elif kind == Kind.DEREGISTER:
+                self._stopping = True
+                return

@@ -12,6 +12,17 @@ its own part of the KV cache: ``context_size`` cells each), and one loop:
    prompt chunks of prefilling slots up to ``n_batch``;
 5. ``llama_decode`` runs once (ctypes releases the GIL: the I/O thread goes on).
 
+Faults stay with the request they hit. An exception while admitting, sampling,
+detokenizing, emitting or finishing one request ends that request with an error
+(``SamplerError``, ``DetokenizationFailed``, ``EngineFault``: the kinds are listed in
+``paddler.agent.engine``), frees its slot and KV cells, and the step goes on for the
+others. A failed ``llama_decode`` is handled by its return code: 1 (no room in the KV
+cache) takes the step again with half the prompt chunks, and only when a batch of
+decode tokens alone does not fit ends the request holding the most cells
+(``KvCacheExhausted``); any other code ends the requests whose tokens were in that
+batch (``DecodeFailed``). An exception that escapes ``step`` is the worker's to
+handle: it ends every request and calls ``reset`` (``paddler.agent.worker``).
+
 A new desired state drains the running requests first, then swaps the model
 (``paddler.agent.llama.loading``). Native handles are closed explicitly: a request's
 sampler chain when it ends, the model and its context when swapped or in ``close()``.
@@ -45,6 +56,21 @@ from paddler.protocol.messages import AgentStatus
 from paddler.protocol.requests import is_embedding_request
 
 log = logging.getLogger("paddler.agent")
+
+
+class _RequestFault(Exception):
+    """One request's failure inside a step, with the error kind it ends with."""
+
+    def __init__(self, kind: str, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.kind = kind
+
+
+_FAULT_TEXT = {
+    "SamplerError": "sampling failed",
+    "DetokenizationFailed": "turning a token into text failed",
+    "EngineFault": "the engine failed on this request",
+}
 
 
 class LlamaEngine(Engine):
@@ -135,11 +161,13 @@ class LlamaEngine(Engine):
         state = self._pending_state
         self._has_pending_state = False
         self._pending_state = None
-        if self._loaded is not None:
-            self._loaded.close()
-            self._loaded = None
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None:
+            loaded.close()  # if this raises, no step uses the handles again
         self._applied_key = state_key(state)
         self._applied_state = state
+        for slot in self._slots:
+            slot.stale = False  # a new context: no cells left behind
         self._loaded = apply_model_state(
             state,
             resolver=self.resolver,
@@ -168,42 +196,77 @@ class LlamaEngine(Engine):
         return prompt_tokens(loaded.model, loaded.template, request)
 
     def _start(self, sink: EventSink, loaded: LoadedModel) -> None:
-        """Move arrived requests into free slots."""
-        free = [slot for slot in self._slots if not slot.busy]
+        """Move arrived requests into free slots; one that fails to start ends alone."""
+        free = [slot for slot in self._slots if not slot.busy and self._reclaimed(loaded, slot)]
         while self._incoming and free:
             request_id, request = self._incoming.popleft()
-            if request_id in self._cancelled_waiting:
-                self._cancelled_waiting.discard(request_id)
-                sink.error(request_id, CANCELLED_CODE, "Cancelled", "cancelled by the client")
-                continue
-            if is_embedding_request(request):
-                self._embed(sink, loaded, request_id, request)
-                continue
             try:
-                prompt = self._prompt_tokens(loaded, request)
-            except ChatTemplateError as exc:
-                sink.error(request_id, 400, "ChatTemplateError", str(exc))
-                continue
-            if not prompt:
-                sink.error(request_id, 400, "InvalidRequest", "the prompt is empty")
-                continue
-            if len(prompt) >= loaded.n_ctx_seq:
-                sink.error(
-                    request_id,
-                    400,
-                    "PromptTooLong",
-                    f"the prompt has {len(prompt)} tokens; a slot holds {loaded.n_ctx_seq} "
-                    "(raise inference_parameters.context_size or shorten the prompt)",
-                )
-                continue
-            try:
-                sampler = build_sampler(loaded.model, loaded.parameters, request, loaded.n_ctx_seq)
-            except GrammarError as exc:
-                sink.error(request_id, 400, exc.kind, str(exc))
-                continue
-            slot = free.pop(0)
+                self._start_one(sink, loaded, request_id, request, free)
+            except Exception as exc:
+                slot = self._by_request.get(request_id)
+                if slot is None:
+                    self._report_fault(sink, request_id, "EngineFault", exc)
+                else:
+                    self._fault(sink, loaded, slot, exc)
+
+    def _start_one(
+        self,
+        sink: EventSink,
+        loaded: LoadedModel,
+        request_id: int,
+        request: dict[str, Any],
+        free: list[Slot],
+    ) -> None:
+        if request_id in self._cancelled_waiting:
+            self._cancelled_waiting.discard(request_id)
+            sink.error(request_id, CANCELLED_CODE, "Cancelled", "cancelled by the client")
+            return
+        if is_embedding_request(request):
+            self._embed(sink, loaded, request_id, request)
+            return
+        try:
+            prompt = self._prompt_tokens(loaded, request)
+        except ChatTemplateError as exc:
+            sink.error(request_id, 400, "ChatTemplateError", str(exc))
+            return
+        if not prompt:
+            sink.error(request_id, 400, "InvalidRequest", "the prompt is empty")
+            return
+        if len(prompt) >= loaded.n_ctx_seq:
+            sink.error(
+                request_id,
+                400,
+                "PromptTooLong",
+                f"the prompt has {len(prompt)} tokens; a slot holds {loaded.n_ctx_seq} "
+                "(raise inference_parameters.context_size or shorten the prompt)",
+            )
+            return
+        try:
+            sampler = build_sampler(loaded.model, loaded.parameters, request, loaded.n_ctx_seq)
+        except GrammarError as exc:
+            sink.error(request_id, 400, exc.kind, str(exc))
+            return
+        slot = free[0]
+        try:
             slot.assign(request_id, request, prompt, sampler)
-            self._by_request[request_id] = slot
+        except BaseException:
+            slot.sampler = sampler  # closed by release, however far assign got
+            slot.release()
+            raise
+        free.pop(0)
+        self._by_request[request_id] = slot
+
+    def _reclaimed(self, loaded: LoadedModel, slot: Slot) -> bool:
+        """``True`` when a free slot holds no KV cells (freeing ones left behind now)."""
+        if not slot.stale:
+            return True
+        try:
+            loaded.context.forget(slot.seq_id)
+        except Exception as exc:
+            log.debug("slot %d still holds KV cells: %s", slot.seq_id, exc)
+            return False
+        slot.stale = False
+        return True
 
     def _embed(
         self, sink: EventSink, loaded: LoadedModel, request_id: int, request: dict[str, Any]
@@ -225,9 +288,41 @@ class LlamaEngine(Engine):
         embed_documents(sink, embedder, request_id, request)
 
     def _finish(self, loaded: LoadedModel, slot: Slot) -> None:
-        loaded.context.forget(slot.seq_id)
-        del self._by_request[slot.request_id]
-        slot.release()
+        """Free a slot: its KV cells and its sampler chain. Never raises: a failure is
+        logged, and cells that could not be freed are freed before the slot is reused."""
+        self._by_request.pop(slot.request_id, None)
+        try:
+            loaded.context.forget(slot.seq_id)
+        except Exception:
+            log.exception("freeing the KV cells of slot %d failed; again before reuse", slot.seq_id)
+            slot.stale = True
+        try:
+            slot.release()
+        except Exception:
+            log.exception("closing the sampler chain of slot %d failed", slot.seq_id)
+
+    def _report_fault(
+        self, sink: EventSink, request_id: int, kind: str, exc: BaseException
+    ) -> None:
+        log.error("request %d failed (%s); the others go on", request_id, kind, exc_info=exc)
+        sink.error(request_id, 500, kind, f"{_FAULT_TEXT[kind]}: {type(exc).__name__}: {exc}")
+
+    def _fault(self, sink: EventSink, loaded: LoadedModel, slot: Slot, exc: Exception) -> None:
+        """End the request of ``slot`` after ``exc`` and free the slot."""
+        if isinstance(exc, _RequestFault):
+            kind = exc.kind
+            cause: BaseException = exc.__cause__ or exc
+        else:
+            kind = "EngineFault"
+            cause = exc
+        request_id = slot.request_id
+        if self._by_request.get(request_id) is not slot:
+            log.error("a fault after request %d ended", request_id, exc_info=cause)
+            return
+        try:
+            self._report_fault(sink, request_id, kind, cause)
+        finally:
+            self._finish(loaded, slot)
 
     def _emit(self, sink: EventSink, slot: Slot, text: str) -> None:
         if text:
@@ -268,8 +363,6 @@ class LlamaEngine(Engine):
             if self._has_pending_state:
                 self._swap()
             return
-        context = loaded.context
-        model = loaded.model
         # 1. cancellations first: a cancelled request gets no further decode step
         for slot in list(self._by_request.values()):
             if slot.cancelled:
@@ -281,21 +374,48 @@ class LlamaEngine(Engine):
         for slot in list(self._by_request.values()):
             if slot.logits_index < 0 or slot.sampler is None:
                 continue
-            token = slot.sampler.sample(context, slot.logits_index)
-            slot.logits_index = -1
-            if model.is_eog(token):
-                self._done(sink, loaded, slot)
-                continue
-            slot.generated += 1
-            self._emit(sink, slot, slot.text.push(model.piece(token)))
-            if slot.text.stopped:
-                self._done(sink, loaded, slot)
-                continue
-            if slot.generated >= slot.max_tokens or slot.n_past + 1 >= loaded.n_ctx_seq:
-                self._done(sink, loaded, slot)
-                continue
-            slot.next_token = token
-        # 3. assemble: decode tokens first, then prompt chunks
+            try:
+                self._advance(sink, loaded, slot)
+            except Exception as exc:
+                self._fault(sink, loaded, slot, exc)
+        # 3. assemble (decode tokens first, then prompt chunks) and 4. decode once
+        if not self._decode(sink, loaded):
+            if self._has_pending_state and not self._by_request:
+                self._swap()
+            return
+        if self._has_pending_state and not self._by_request and not self._incoming:
+            self._swap()
+
+    def _advance(self, sink: EventSink, loaded: LoadedModel, slot: Slot) -> None:
+        """Sample a slot's next token from its logits, send its text, end it if done."""
+        assert slot.sampler is not None
+        try:
+            token = slot.sampler.sample(loaded.context, slot.logits_index)
+        except Exception as exc:
+            raise _RequestFault("SamplerError", exc) from exc
+        slot.logits_index = -1
+        model = loaded.model
+        if model.is_eog(token):
+            self._done(sink, loaded, slot)
+            return
+        slot.generated += 1
+        try:
+            text = slot.text.push(model.piece(token))
+        except Exception as exc:
+            raise _RequestFault("DetokenizationFailed", exc) from exc
+        self._emit(sink, slot, text)
+        if (
+            slot.text.stopped
+            or slot.generated >= slot.max_tokens
+            or slot.n_past + 1 >= loaded.n_ctx_seq
+        ):
+            self._done(sink, loaded, slot)
+            return
+        slot.next_token = token
+
+    def _assemble(self, loaded: LoadedModel, prefill_limit: int) -> int:
+        """Fill the batch: one token for each generating slot, then prompt chunks of
+        at most ``prefill_limit`` tokens in all. Returns the prompt tokens added."""
         builder = loaded.builder
         builder.clear()
         for slot in self._by_request.values():
@@ -305,7 +425,8 @@ class LlamaEngine(Engine):
                 slot.logits_index = builder.add(slot.next_token, slot.n_past, slot.seq_id, True)
                 slot.n_past += 1
                 slot.next_token = -1
-        room = loaded.n_batch - builder.n_tokens
+        room = min(loaded.n_batch - builder.n_tokens, prefill_limit)
+        prefilled = 0
         for slot in self._by_request.values():
             if room <= 0:
                 break
@@ -327,32 +448,44 @@ class LlamaEngine(Engine):
             slot.n_past += count
             slot.step_prefill = count
             room -= count
-        if builder.n_tokens == 0:
-            if self._has_pending_state and not self._by_request:
-                self._swap()
-            return
-        # 4. one decode for every slot
-        self.decode_steps += 1
-        result = context.decode(loaded.batch)
-        if result != 0:
-            self._decode_failed(sink, loaded, result)
-        if self._has_pending_state and not self._by_request and not self._incoming:
-            self._swap()
+            prefilled += count
+        return prefilled
 
-    def _decode_failed(self, sink: EventSink, loaded: LoadedModel, result: int) -> None:
-        """End the fewest requests possible after a failed decode.
+    def _decode(self, sink: EventSink, loaded: LoadedModel) -> bool:
+        """Assemble and decode the step's batch; ``False`` when there was nothing to do.
 
-        1 (no room in the KV cache): llama.cpp restored the cache, so the request
-        holding the most cells ends and the others take this step again. Other
-        failures may leave partial state: every request in the batch ends.
+        When llama.cpp finds no room in the KV cache (1) for a batch with prompt
+        chunks, the step is taken again with half the prompt tokens (down to none,
+        while there are decode tokens); what still fails goes to ``_decode_failed``.
         """
-        in_batch = [s for s in self._by_request.values() if s.step_token >= 0 or s.step_prefill]
-        if result != 1:
-            for slot in in_batch:
-                sink.error(slot.request_id, 500, "DecodeFailed", f"llama_decode returned {result}")
-                self._finish(loaded, slot)
-            return
-        for slot in in_batch:
+        prefill_limit = loaded.n_batch
+        while True:
+            prefilled = self._assemble(loaded, prefill_limit)
+            if loaded.builder.n_tokens == 0:
+                return False
+            self.decode_steps += 1
+            result = loaded.context.decode(loaded.batch)
+            if result == 0:
+                return True
+            decode_tokens = loaded.builder.n_tokens - prefilled
+            if result == 1 and prefilled and (prefilled > 1 or decode_tokens):
+                self._roll_back(self._in_batch())
+                prefill_limit = prefilled // 2
+                log.info(
+                    "no room in the KV cache for %d prompt tokens; trying %d",
+                    prefilled,
+                    prefill_limit,
+                )
+                continue
+            self._decode_failed(sink, loaded, result)
+            return True
+
+    def _in_batch(self) -> list[Slot]:
+        return [s for s in self._by_request.values() if s.step_token >= 0 or s.step_prefill]
+
+    def _roll_back(self, slots: list[Slot]) -> None:
+        """Undo the current batch's progress of ``slots`` (llama.cpp kept none of it)."""
+        for slot in slots:
             slot.logits_index = -1
             if slot.step_token >= 0:
                 slot.n_past -= 1
@@ -361,8 +494,31 @@ class LlamaEngine(Engine):
             slot.n_past -= slot.step_prefill
             slot.step_token = -1
             slot.step_prefill = 0
-        if in_batch:
-            victim = max(in_batch, key=lambda s: s.n_past + s.step_prefill)
+
+    def _decode_failed(self, sink: EventSink, loaded: LoadedModel, result: int) -> None:
+        """End the fewest requests possible after a failed decode.
+
+        1 (no room in the KV cache, even without prompt chunks): llama.cpp kept the
+        cache as it was, so the request holding the most cells (in the batch or
+        not) ends and the others take this step again. Other codes (2: aborted,
+        negative: error) may leave part of the batch in the cache: every request in
+        the batch ends (its cells are freed) and the others go on.
+        """
+        in_batch = self._in_batch()
+        if result != 1:
+            log.error(
+                "llama_decode returned %d; ending the %d requests of its batch",
+                result,
+                len(in_batch),
+            )
+            for slot in in_batch:
+                sink.error(slot.request_id, 500, "DecodeFailed", f"llama_decode returned {result}")
+                self._finish(loaded, slot)
+            return
+        self._roll_back(in_batch)
+        holders = [s for s in self._by_request.values() if s.n_past > 0] or in_batch
+        if holders:
+            victim = max(holders, key=lambda s: s.n_past)
             sink.error(
                 victim.request_id,
                 503,
@@ -371,6 +527,35 @@ class LlamaEngine(Engine):
             )
             self._finish(loaded, victim)
         log.warning("decode found no room in the KV cache; one request ended")
+
+    def reset(self, state: dict[str, Any] | None) -> None:
+        """Start again from nothing after a fault escaped ``step``: every request is
+        dropped without a word (the worker has ended them), every native handle is
+        closed (failures are logged), then ``state`` is loaded as at start."""
+        self._incoming.clear()
+        self._cancelled_waiting.clear()
+        self._by_request.clear()
+        for slot in self._slots:
+            try:
+                slot.release()
+            except Exception:
+                log.exception("closing the sampler chain of slot %d failed", slot.seq_id)
+        self._slots = [Slot(seq_id) for seq_id in range(self.slots_total)]
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None:
+            try:
+                loaded.close()
+            except Exception:
+                log.exception("closing the model after an engine fault failed")
+        self._pending_state = None
+        self._has_pending_state = False
+        self._applied_key = ("never",)
+        self._applied_state = None
+        self._status = AgentStatus(
+            slots_total=self.slots_total, desired_slots_total=self.slots_total
+        )
+        self._status_changed = True
+        self.apply_state(state)
 
     def close(self) -> None:
         if self._loaded is not None:

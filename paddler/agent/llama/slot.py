@@ -33,6 +33,9 @@ class Slot:
     """A JSON-schema request's schema: the output is checked against it at the end
     (the grammar converter cannot express every constraint, e.g. number ranges)."""
     output: list[str] | None = None
+    stale: bool = False
+    """Its KV cells could not be freed when its last request ended: they are freed
+    again before the slot serves another request (and it serves none until they are)."""
 
     @property
     def busy(self) -> bool:
@@ -62,12 +65,18 @@ class Slot:
 
     def release(self) -> None:
         """Close the request's sampler chain and free the slot (its KV cells are the
-        caller's to forget)."""
-        if self.sampler is not None:
-            self.sampler.close()
+        caller's to forget). The slot is free afterwards even if closing the chain fails."""
+        sampler = self.sampler
         self.request_id = -1
         self.sampler = None
         self.text = None
         self.prompt = []
         self.logits_index = -1
         self.next_token = -1
+        self.step_token = -1
+        self.step_prefill = 0
+        self.cancelled = False
+        self.schema = None
+        self.output = None
+        if sampler is not None:
+            sampler.close()
