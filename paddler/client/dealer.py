@@ -25,3 +25,24 @@ def configure_dealer(
     socket.setsockopt(zmq.SNDHWM, 100_000)
     socket.setsockopt(zmq.RCVHWM, 100_000)
     socket.setsockopt(zmq.MAXMSGSIZE, MAX_BODY_BYTES + 4096)
+
+
+def open_dealer(
+    context: Any,
+    address: str,
+    broker_public_key: str | Path | None,
+    curve_secret_key: str | Path | None,
+    own_context: bool,
+) -> Any:
+    """A configured DEALER of ``context`` (sync or asyncio) connected to ``address``;
+    if the options are refused, nothing is left open (``own_context`` is terminated)."""
+    socket = context.socket(zmq.DEALER)
+    try:
+        configure_dealer(socket, broker_public_key, curve_secret_key)
+    except BaseException:
+        socket.close(linger=0)
+        if own_context:
+            context.term()
+        raise
+    socket.connect(address)
+    return socket

@@ -28,7 +28,7 @@ from paddler.client.core import (
     StreamState,
     add_text,
 )
-from paddler.client.dealer import configure_dealer
+from paddler.client.dealer import configure_dealer, open_dealer
 from paddler.client.events import Event
 from paddler.client.queries import Query, query_failure
 from paddler.client.requests import (
@@ -99,15 +99,9 @@ class Client(CoreDriver):
         self._core = ClientCore(address, timeout_s, now=time.monotonic())
         self._own_context = context is None
         self.context = context or zmq.Context()
-        self.socket = self.context.socket(zmq.DEALER)
-        try:
-            configure_dealer(self.socket, broker_public_key, curve_secret_key)
-        except BaseException:
-            self.socket.close(linger=0)
-            if self._own_context:
-                self.context.term()
-            raise
-        self.socket.connect(address)
+        self.socket = open_dealer(
+            self.context, address, broker_public_key, curve_secret_key, self._own_context
+        )
         try:
             self.ping()
         except BaseException:
