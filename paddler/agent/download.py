@@ -6,7 +6,9 @@ bytes received so far; resumed with ``Range`` on the next call), ``<name>.meta.j
 (url, size, ETag, Last-Modified, complete, and the SHA-256 once one was asked for) and
 ``<name>.lock`` (an advisory lock so two agents on one machine never write the same
 ``.part``). Every failure is a ``ModelSourceError``: ``ModelDownloadFailed`` (a stall
-included), ``ModelHostNotAllowed``, ``ModelTooLarge`` or ``ModelChecksumMismatch``.
+included), ``ModelHostNotAllowed``, ``ModelTooLarge`` or ``ModelChecksumMismatch``; a
+download whose ``cancel`` event is set stops between two chunks with
+``DownloadCancelled`` (a ``ModelDownloadFailed``), its ``.part`` kept for the next call.
 
 Connections go through ``paddler.agent.model_hosts`` (the operator's host rule, checked
 on every redirect); the body is read with ``read1`` (what one ``recv`` brings), so the
@@ -30,6 +32,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from threading import Event
 from typing import Any
 
 from paddler import __version__
@@ -158,6 +161,7 @@ def download_url(
     chunk_size: int,
     rules: ModelSourceRules | None = None,
     sha256: str | None = None,
+    cancel: Event | None = None,
 ) -> Path:
     """The file of ``url`` in ``models_dir``, downloaded (or its download completed)
     unless the cache holds it whole. ``reporter`` hears the bytes on disk;
@@ -165,7 +169,9 @@ def download_url(
     every wait for data; ``chunk_size`` is the most bytes read per iteration. ``rules``
     (default: any host, no size limit) says which hosts, sizes and stalls are allowed;
     ``sha256``, when given, must be the file's digest (checked on a cached file too;
-    a file that differs is deleted)."""
+    a file that differs is deleted). Once ``cancel`` is set, the download stops
+    between two chunks (a blocked read is cut off within ``CANCEL_POLL_S``) with
+    ``DownloadCancelled``; the bytes received stay in ``.part``."""
     rules = ModelSourceRules() if rules is None else rules
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -196,7 +202,9 @@ def download_url(
             _check_digest(url, final, meta_path, sha256)
             reporter.report(size, size, force=True)
             return final
-        with StallGuard(url, rules.stall_timeout_s, rules.stall_floor_bytes) as guard:
+        with StallGuard(
+            url, rules.stall_timeout_s, rules.stall_floor_bytes, cancel=cancel
+        ) as guard:
             gate = HostGate(
                 url,
                 any_host=rules.any_host,
@@ -328,6 +336,7 @@ def _fetch_once(job: _Job, meta: dict[str, Any] | None, offset: int) -> int | No
     else:
         log.info("downloading %s", url)
     request = urllib.request.Request(url, headers=headers)
+    job.guard.check_cancel()
     job.guard.restart(offset)
     try:
         response = job.opener.open(request, timeout=job.timeout_s)
@@ -346,7 +355,7 @@ def _fetch_once(job: _Job, meta: dict[str, Any] | None, offset: int) -> int | No
         finally:
             exc.close()
     except (OSError, http.client.HTTPException, ValueError) as exc:
-        if job.guard.stalled:
+        if job.guard.interrupted:
             raise job.guard.error() from exc
         raise download_failed(url, readable(exc)) from exc
 
@@ -427,7 +436,7 @@ def _stream(job: _Job, response: http.client.HTTPResponse, offset: int, total: i
                 try:
                     chunk = response.read1(job.chunk_size)
                 except (OSError, http.client.HTTPException, ValueError) as exc:
-                    if job.guard.stalled:
+                    if job.guard.interrupted:
                         raise job.guard.error() from exc
                     raise download_failed(
                         url, f"connection lost after {written} bytes: {readable(exc)}"
@@ -449,7 +458,7 @@ def _stream(job: _Job, response: http.client.HTTPResponse, offset: int, total: i
                 if bar is not None:
                     bar.update(len(chunk))
                 reporter.report(written, total)
-            if job.guard.stalled:  # the watchdog cut the connection: not the end of the file
+            if job.guard.interrupted:  # the watchdog cut the connection: not the end
                 raise job.guard.error()
             try:
                 file.flush()

@@ -181,6 +181,7 @@ def download_hugging_face(
     timeout_s: float,
     rules: ModelSourceRules | None = None,
     sha256: str | None = None,
+    cancel: threading.Event | None = None,
 ) -> Path:
     """``hf_hub_download`` into ``hf_cache``, its errors turned into ``ModelSourceError``.
 
@@ -191,7 +192,10 @@ def download_hugging_face(
     ``huggingface_hub`` retries the metadata request with backoff (about 23 s in 2.x)
     before this raises ``ModelDownloadFailed``. ``rules`` (default: any host, no size
     limit) are applied as the module says; ``sha256``, when given, must be the file's
-    digest (a file that differs is removed from the cache).
+    digest (a file that differs is removed from the cache). Once ``cancel`` is set,
+    the download stops at its next progress report with ``DownloadCancelled`` (whether
+    the Hub client keeps what arrived depends on its version: 2.x does not); without
+    the progress hook, only before it starts.
     """
     from huggingface_hub import hf_hub_download, hf_hub_url
     from huggingface_hub.errors import HFValidationError
@@ -213,7 +217,8 @@ def download_hugging_face(
 
             gate.check_url(endpoint or constants.ENDPOINT)
             scope.enter_context(_checked_requests(gate))
-        guard = StallGuard(url, rules.stall_timeout_s, rules.stall_floor_bytes)
+        guard = StallGuard(url, rules.stall_timeout_s, rules.stall_floor_bytes, cancel=cancel)
+        guard.check_cancel()
         limits = _Limits(url, rules.max_bytes, guard)
         path = _download(
             repo_id,

@@ -27,6 +27,7 @@ model is checked before the path is returned (``ModelChecksumMismatch``).
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +36,13 @@ from paddler.agent.download import display_name, download_url
 from paddler.agent.download_progress import ProgressCallback, ProgressReporter
 from paddler.agent.hugging_face import download_hugging_face
 from paddler.agent.source_errors import ModelSourceError
-from paddler.agent.source_rules import ModelSourceRules
+from paddler.agent.source_rules import DownloadCancelled, ModelSourceRules
 from paddler.protocol.desired_state import LocalToAgent, Url, parse_model_source
 
 __all__ = [
     "CHUNK_SIZE",
     "PROGRESS_INTERVAL_S",
+    "DownloadCancelled",
     "ModelSourceError",
     "ModelSourceRules",
     "ProgressCallback",
@@ -78,6 +80,7 @@ def resolve_model(
     hf_endpoint: str | None = None,
     timeout_s: float = 30.0,
     rules: ModelSourceRules | None = None,
+    cancel: threading.Event | None = None,
 ) -> Path | None:
     """The local GGUF file named by ``source``, downloading it first if needed.
 
@@ -88,6 +91,8 @@ def resolve_model(
     stderr. ``hf_endpoint`` overrides ``$HF_ENDPOINT`` for Hugging Face sources.
     ``timeout_s`` bounds connecting and every wait for data. ``rules`` are the operator's
     (default ``ModelSourceRules()``: any path, any host, no size limit, 60 s stall rule).
+    ``cancel``, once set, stops a download between two chunks with ``DownloadCancelled``
+    (a ``ModelSourceError``); what arrived is resumed by the next call.
 
     Returns ``None`` for ``"None"``. Raises ``ModelSourceError`` (with ``issue``) when the
     source cannot become a file and ``ConfigurationError`` when ``source`` is not a model
@@ -111,6 +116,7 @@ def resolve_model(
             chunk_size=CHUNK_SIZE,
             rules=rules,
             sha256=parsed.Url.sha256,
+            cancel=cancel,
         )
     hub = parsed.HuggingFace
     return download_hugging_face(
@@ -124,6 +130,7 @@ def resolve_model(
         timeout_s=timeout_s,
         rules=rules,
         sha256=hub.sha256,
+        cancel=cancel,
     )
 
 

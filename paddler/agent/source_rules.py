@@ -13,7 +13,9 @@ applied to every model source the balancer names:
   ``stall_timeout_s`` of the previous ones (the response headers count as the start
   of the first window), so a server that drips one byte now and then is cut off
   however it spaces its bytes: the time spent below the floor adds up, it is not
-  reset by every read.
+  reset by every read. The same guard stops a download whose ``cancel`` event is set
+  (a newer desired state): ``DownloadCancelled`` between two chunks, and a read
+  blocked on a silent server is cut off too.
 
 The defaults of the dataclass are the library's (any path, any host, no size limit):
 ``resolve_model`` called by hand stays as permissive as it was. The agent's
@@ -38,6 +40,9 @@ STALL_FLOOR_BYTES = 64 * 1024
 with the default 60 s window, far below any usable link)."""
 
 DEFAULT_STALL_TIMEOUT_S = 60.0
+
+CANCEL_POLL_S = 0.1
+"""How often the watchdog of a cancellable download looks at its cancel event."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,18 @@ class ModelSourceRules:
             raise too_large(url, self.max_bytes, size)
 
 
+class DownloadCancelled(ModelSourceError):
+    """A download stopped because whoever asked for it no longer wants it (the agent
+    got a newer desired state). What arrived stays on disk for the next attempt."""
+
+    def __init__(self, url: str) -> None:
+        error = "cancelled: a newer desired state replaced it"
+        super().__init__(
+            {"ModelDownloadFailed": {"url": url, "error": error}},
+            f"download of {url} {error}",
+        )
+
+
 def too_large(url: str, max_bytes: int, size: int) -> ModelSourceError:
     return ModelSourceError(
         {"ModelTooLarge": {"url": url, "max_bytes": max_bytes, "size": size}},
@@ -122,6 +139,10 @@ class StallGuard:
     once the window is over; ``watch(sock)`` lets a watchdog thread shut a socket
     down when the window ends while a read is blocked (so headers or a body that
     never come are cut off in time too). Use it as a context manager.
+
+    With a ``cancel`` event, ``received`` and ``check_cancel`` raise
+    ``DownloadCancelled`` once it is set, and the watchdog shuts the sockets down
+    within ``CANCEL_POLL_S`` of it.
     """
 
     def __init__(
@@ -131,8 +152,10 @@ class StallGuard:
         floor_bytes: int,
         *,
         clock: Callable[[], float] = time.monotonic,
+        cancel: threading.Event | None = None,
     ) -> None:
         self.url = url
+        self._cancel = cancel
         self.timeout_s = timeout_s
         self.floor_bytes = floor_bytes
         self._clock = clock
@@ -161,8 +184,25 @@ class StallGuard:
             self._mark_time = self._clock()
             self._mark_bytes = received
 
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel is not None and self._cancel.is_set()
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether this guard ended the download (a stall or a cancel): a failed or
+        short read is then its ``error()``, not the server's."""
+        return self.stalled or self.cancelled
+
+    def check_cancel(self) -> None:
+        """Raise ``DownloadCancelled`` if the download was cancelled."""
+        if self.cancelled:
+            raise DownloadCancelled(self.url)
+
     def received(self, total: int) -> None:
-        """``total`` bytes have arrived so far; raises when the download stalled."""
+        """``total`` bytes have arrived so far; raises when the download stalled or
+        was cancelled."""
+        self.check_cancel()
         with self._lock:
             if total - self._mark_bytes >= self.floor_bytes:
                 self._mark_time = self._clock()
@@ -176,6 +216,8 @@ class StallGuard:
             raise self.error()
 
     def error(self) -> ModelSourceError:
+        if self.cancelled:
+            return DownloadCancelled(self.url)
         return download_failed(
             self.url,
             f"stalled: less than {self.floor_bytes} bytes arrived in "
@@ -193,13 +235,20 @@ class StallGuard:
                 self._watchdog.start()
 
     def _watch(self) -> None:
-        while not self._done.wait(max(self.remaining_s(), 0.0) + 0.01):
+        while True:
+            wait_s = max(self.remaining_s(), 0.0) + 0.01
+            if self._cancel is not None:
+                wait_s = min(wait_s, CANCEL_POLL_S)
+            if self._done.wait(wait_s):
+                return
+            if self.cancelled:
+                break
             if self.remaining_s() > 0:
                 continue
             self.stalled = True
-            with self._lock:
-                sockets, self._sockets = self._sockets, []
-            for sock in sockets:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-            return
+            break
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)

@@ -2,6 +2,12 @@
 
 One document per decode, the whole document in one micro-batch (pooling needs it).
 Every document's result goes out as soon as it is computed.
+
+An embedding request is an ``EmbeddingJob`` that the engine advances by one document
+per step (``EmbeddingJob.advance``: at most one ``llama_decode`` of at most
+``embedding_batch_size`` tokens), between the decode steps of the generating slots:
+a batch of a thousand documents never pauses a concurrent stream for more than the
+one document of each step. ``embed_documents`` runs a job to its end at once.
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ class Embedder:
             self.batch = stack.enter_context(LlamaBatch(self.size))
             self.builder = BatchBuilder(self.batch.struct, self.size)
             self._handles = stack.pop_all()
+        self.decodes = 0
+        """``llama_decode`` (or ``llama_encode``) calls made so far."""
 
     def embed(self, tokens: list[int]) -> list[float] | None:
         """The pooled embedding of one document (at most ``size`` tokens), ``None`` on
@@ -62,6 +70,7 @@ class Embedder:
         for position, token in enumerate(tokens):
             self.builder.add(token, position, 0, True)
         run = self.context.encode if self.model.has_encoder else self.context.decode
+        self.decodes += 1
         if run(self.batch) != 0:
             return None
         return self.context.pooled_embedding(0, len(tokens) - 1, self.model.n_embd)
@@ -77,13 +86,37 @@ class Embedder:
         self.close()
 
 
-def embed_documents(
-    sink: EventSink, embedder: Embedder, request_id: int, request: dict[str, Any]
-) -> None:
-    """Embed every document of an embedding request, then end it with its usage."""
-    method = request["normalization_method"]
-    prompt_tokens = 0
-    for document in request["input_batch"]:
+class EmbeddingJob:
+    """One embedding request in progress: its documents are embedded one per
+    ``advance``, each result sent at once, then the request ends with its usage."""
+
+    def __init__(self, request_id: int, request: dict[str, Any]) -> None:
+        self.request_id = request_id
+        self.documents: list[dict[str, Any]] = request["input_batch"]
+        self.method: Any = request["normalization_method"]
+        self.next_document = 0
+        """The index of the document the next ``advance`` embeds."""
+        self.prompt_tokens = 0
+        self.cancelled = False
+
+    @property
+    def finished(self) -> bool:
+        return self.next_document >= len(self.documents)
+
+    def advance(self, sink: EventSink, embedder: Embedder) -> bool:
+        """Embed the next document (one decode at most) and send its result; when no
+        document is left, end the request with its usage. ``True`` once it ended."""
+        if not self.finished:
+            document = self.documents[self.next_document]
+            self.next_document += 1
+            self._embed_one(sink, embedder, document)
+        if not self.finished:
+            return False
+        sink.done(self.request_id, {"prompt_tokens": self.prompt_tokens})
+        return True
+
+    def _embed_one(self, sink: EventSink, embedder: Embedder, document: dict[str, Any]) -> None:
+        request_id = self.request_id
         tokens = embedder.model.tokenize(document["content"], add_special=True)
         if len(tokens) > embedder.size:
             sink.embedding(
@@ -96,21 +129,30 @@ def embed_documents(
                     }
                 },
             )
-            continue
+            return
         vector = embedder.embed(tokens)
         if vector is None:
             sink.embedding(request_id, {"Error": f"document {document['id']!r} failed"})
-            continue
-        prompt_tokens += len(tokens)
+            return
+        self.prompt_tokens += len(tokens)
         sink.embedding(
             request_id,
             {
                 "Embedding": {
-                    "embedding": normalize(vector, method),
-                    "normalization_method": method,
+                    "embedding": normalize(vector, self.method),
+                    "normalization_method": self.method,
                     "pooling_type": embedder.pooling_name,
                     "source_document_id": document["id"],
                 }
             },
         )
-    sink.done(request_id, {"prompt_tokens": prompt_tokens})
+
+
+def embed_documents(
+    sink: EventSink, embedder: Embedder, request_id: int, request: dict[str, Any]
+) -> None:
+    """Embed every document of an embedding request at once, then end it with its
+    usage (the engine advances an ``EmbeddingJob`` one document per step instead)."""
+    job = EmbeddingJob(request_id, request)
+    while not job.advance(sink, embedder):
+        pass

@@ -8,9 +8,14 @@ its own part of the KV cache: ``context_size`` cells each), and one loop:
 3. every slot whose logits came out of the last decode samples one token through
    its own sampler chain; text pieces go out (one frame per request per step),
    finished requests end (end of generation, ``max_tokens``, stop string, context);
-4. the next batch is assembled: one token for each generating slot first, then
-   prompt chunks of prefilling slots up to ``n_batch``;
-5. ``llama_decode`` runs once (ctypes releases the GIL: the I/O thread goes on).
+4. one document of one embedding request is embedded (``EmbeddingJob``: one
+   ``llama_decode`` of at most ``embedding_batch_size`` tokens on the embedding
+   context; the requests take turns), so a batch of a thousand documents costs a
+   concurrent stream one document's decode per token, not a pause;
+5. the next batch is assembled: one token for each generating slot first, then
+   prompt chunks of prefilling slots up to ``n_batch`` (a long prompt is prefilled
+   over several steps while the others keep generating);
+6. ``llama_decode`` runs once (ctypes releases the GIL: the I/O thread goes on).
 
 Faults stay with the request they hit. An exception while admitting, sampling,
 detokenizing, emitting or finishing one request ends that request with an error
@@ -26,12 +31,19 @@ handle: it ends every request and calls ``reset`` (``paddler.agent.worker``).
 A new desired state drains the running requests first, then swaps the model
 (``paddler.agent.llama.loading``). Native handles are closed explicitly: a request's
 sampler chain when it ends, the model and its context when swapped or in ``close()``.
+A model that must be downloaded is fetched by a thread of its own (``ModelFetch``):
+meanwhile the engine has no model (requests end with ``AgentUnavailable``), its
+status carries the download's progress, and a newer desired state cancels the
+download and is applied at once. The engine thread loads the downloaded file at its
+next ``step`` or ``take_status_change`` (the worker calls that at least every
+``IDLE_POLL_MS``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -39,13 +51,19 @@ from typing import Any
 
 from paddler.agent.chat_template import ChatTemplateError
 from paddler.agent.engine import CANCELLED_CODE, Engine, EventSink
-from paddler.agent.llama.embedder import embed_documents
+from paddler.agent.llama.embedder import EmbeddingJob
 from paddler.agent.llama.loading import (
     LoadedModel,
+    ModelFetch,
     ModelResolver,
     apply_model_state,
+    begin_model_state,
+    load_resolved,
+    needs_download,
     resolve_local,
+    source_failed,
     state_key,
+    takes_cancel,
 )
 from paddler.agent.llama.native import LlamaModel
 from paddler.agent.llama.prompt import prompt_tokens
@@ -72,6 +90,9 @@ _FAULT_TEXT = {
     "EngineFault": "the engine failed on this request",
 }
 
+FETCH_STOP_WAIT_S = 5.0
+"""How long ``close`` waits for cancelled downloads to stop."""
+
 
 class LlamaEngine(Engine):
     def __init__(
@@ -84,11 +105,14 @@ class LlamaEngine(Engine):
         self.slots_total = slots_total
         self.n_threads = n_threads or os.cpu_count() or 1
         self.resolver = resolver
+        self._resolver_cancels = takes_cancel(resolver)
         self.status_listener: Callable[[], None] | None = None
         self._loaded: LoadedModel | None = None
         self._slots = [Slot(seq_id) for seq_id in range(slots_total)]
         self._by_request: dict[int, Slot] = {}
         self._incoming: deque[tuple[int, dict[str, Any]]] = deque()
+        self._embedding: deque[EmbeddingJob] = deque()
+        """Embedding requests in progress, in turn order."""
         self._cancelled_waiting: set[int] = set()
         self._pending_state: dict[str, Any] | None = None
         self._has_pending_state = False
@@ -96,28 +120,63 @@ class LlamaEngine(Engine):
         self._applied_state: dict[str, Any] | None = None
         self._status = AgentStatus(slots_total=slots_total, desired_slots_total=slots_total)
         self._status_changed = False
+        self._status_lock = threading.Lock()
+        """Guards the status: a download thread reports its progress into it."""
         self._last_progress = 0.0
+        self._fetch: ModelFetch | None = None
+        """The download of the applied state's model, until the engine loads it."""
+        self._cancelled_fetches: list[ModelFetch] = []
+        """Downloads cancelled by a newer state, until their threads are seen to end."""
         self.decode_steps = 0
+        self.embedding_decodes = 0
+        """Decodes on the embedding context (one document each) so far."""
 
     # ------------------------------------------------------------------- status
 
     def status(self) -> AgentStatus:
-        return AgentStatus(**self._status.to_body())
+        with self._status_lock:
+            return AgentStatus(**self._status.to_body())
 
     def _set_status(self, **changes: Any) -> None:
-        for name, value in changes.items():
-            setattr(self._status, name, value)
-        self._status_changed = True
+        with self._status_lock:
+            for name, value in changes.items():
+                setattr(self._status, name, value)
+            self._status_changed = True
 
     def take_status_change(self) -> bool:
-        changed = self._status_changed
-        self._status_changed = False
+        """``True`` once after the status changed outside ``apply_state``; first loads
+        a model whose download has finished (the worker calls this every loop)."""
+        self._collect_fetch()
+        with self._status_lock:
+            changed = self._status_changed
+            self._status_changed = False
         return changed
 
+    def _progress_of(self, fetch: ModelFetch) -> Callable[[int, int | None, str], None]:
+        """The progress callback of ``fetch`` (called on its thread): it writes the
+        status only while ``fetch`` is the engine's current one."""
+
+        def progress(current: int, total: int | None, filename: str) -> None:
+            with self._status_lock:
+                if fetch is not self._fetch or fetch.cancelled.is_set():
+                    return
+                self._status.download_current = current
+                self._status.download_total = total or 0
+                self._status.download_filename = filename
+                now = time.monotonic()
+                if now - self._last_progress > 0.2 or (total and current >= total):
+                    self._last_progress = now
+                    self._status_changed = True
+
+        return progress
+
     def _progress(self, current: int, total: int | None, filename: str) -> None:
-        self._status.download_current = current
-        self._status.download_total = total or 0
-        self._status.download_filename = filename
+        """Progress of a resolution on the engine thread (a local path: none, or a
+        resolver that downloads what ``needs_download`` does not recognize)."""
+        with self._status_lock:
+            self._status.download_current = current
+            self._status.download_total = total or 0
+            self._status.download_filename = filename
         now = time.monotonic()
         if self.status_listener is not None and (
             now - self._last_progress > 0.2 or (total and current >= total)
@@ -161,6 +220,7 @@ class LlamaEngine(Engine):
         state = self._pending_state
         self._has_pending_state = False
         self._pending_state = None
+        self._cancel_fetch()
         loaded, self._loaded = self._loaded, None
         if loaded is not None:
             loaded.close()  # if this raises, no step uses the handles again
@@ -168,6 +228,9 @@ class LlamaEngine(Engine):
         self._applied_state = state
         for slot in self._slots:
             slot.stale = False  # a new context: no cells left behind
+        if state is not None and needs_download(state.get("model")):
+            self._start_fetch(state)
+            return
         self._loaded = apply_model_state(
             state,
             resolver=self.resolver,
@@ -176,6 +239,55 @@ class LlamaEngine(Engine):
             slots_total=self.slots_total,
             n_threads=self.n_threads,
         )
+
+    def _start_fetch(self, state: dict[str, Any]) -> None:
+        """Download the model of ``state`` on a thread of its own; the engine goes on
+        without a model until ``_collect_fetch`` loads it."""
+        begin_model_state(state, self._set_status)
+        self._reap_fetches()
+        fetch = ModelFetch(
+            state,
+            self.resolver,
+            cancellable=self._resolver_cancels,
+            after=self._cancelled_fetches,
+        )
+        with self._status_lock:
+            self._fetch = fetch
+        fetch.start(self._progress_of(fetch))
+
+    def _collect_fetch(self) -> None:
+        """On the engine thread: load the model whose download finished, or report
+        why it could not be had."""
+        fetch = self._fetch
+        if fetch is None or not fetch.finished or self._has_pending_state:
+            return  # a pending state replaces what the fetch got: no load for nothing
+        with self._status_lock:
+            self._fetch = None
+        if fetch.error is not None:
+            source_failed(fetch.state, fetch.error, self._set_status)
+            return
+        self._loaded = load_resolved(
+            fetch.state,
+            fetch.path,
+            set_status=self._set_status,
+            slots_total=self.slots_total,
+            n_threads=self.n_threads,
+        )
+
+    def _cancel_fetch(self) -> None:
+        """Cancel the download in progress, if any, without waiting for it to stop."""
+        fetch = self._fetch
+        if fetch is None:
+            return
+        with self._status_lock:
+            self._fetch = None
+        fetch.cancel()
+        self._cancelled_fetches.append(fetch)
+        log.info("cancelled the download of %r: a newer desired state", fetch.state["model"])
+
+    def _reap_fetches(self) -> None:
+        """Forget cancelled downloads whose threads have ended."""
+        self._cancelled_fetches = [f for f in self._cancelled_fetches if not f.join(0)]
 
     # ------------------------------------------------------------------ requests
 
@@ -186,11 +298,16 @@ class LlamaEngine(Engine):
         slot = self._by_request.get(request_id)
         if slot is not None:
             slot.cancelled = True
-        elif any(rid == request_id for rid, _ in self._incoming):
+            return
+        for job in self._embedding:
+            if job.request_id == request_id:
+                job.cancelled = True
+                return
+        if any(rid == request_id for rid, _ in self._incoming):
             self._cancelled_waiting.add(request_id)
 
     def active_count(self) -> int:
-        return len(self._by_request) + len(self._incoming)
+        return len(self._by_request) + len(self._incoming) + len(self._embedding)
 
     def _prompt_tokens(self, loaded: LoadedModel, request: dict[str, Any]) -> list[int]:
         return prompt_tokens(loaded.model, loaded.template, request)
@@ -271,7 +388,8 @@ class LlamaEngine(Engine):
     def _embed(
         self, sink: EventSink, loaded: LoadedModel, request_id: int, request: dict[str, Any]
     ) -> None:
-        """Embed every document of a request; each document's result goes out at once."""
+        """Start embedding the documents of a request, one per step from this one on
+        (``_embed_step``); each document's result goes out as soon as it is computed."""
         if not loaded.parameters["enable_embeddings"]:
             sink.error(
                 request_id,
@@ -281,11 +399,32 @@ class LlamaEngine(Engine):
             )
             return
         try:
-            embedder = loaded.open_embedder(self.n_threads)
+            loaded.open_embedder(self.n_threads)
         except EngineError as exc:
             sink.error(request_id, 500, "EmbeddingsUnavailable", str(exc))
             return
-        embed_documents(sink, embedder, request_id, request)
+        self._embedding.append(EmbeddingJob(request_id, request))
+
+    def _embed_step(self, sink: EventSink, loaded: LoadedModel) -> None:
+        """Embed one document (one decode at most) of the embedding request whose turn
+        it is; a failure ends that request alone."""
+        if not self._embedding:
+            return
+        job = self._embedding.popleft()
+        embedder = loaded.embedder
+        if embedder is None:  # opened when the job started, closed only with the model
+            self._report_fault(sink, job.request_id, "EngineFault", EngineError("no embedder"))
+            return
+        decodes = embedder.decodes
+        try:
+            ended = job.advance(sink, embedder)
+        except Exception as exc:
+            self._report_fault(sink, job.request_id, "EngineFault", exc)
+            ended = True
+        finally:
+            self.embedding_decodes += embedder.decodes - decodes
+        if not ended:
+            self._embedding.append(job)
 
     def _finish(self, loaded: LoadedModel, slot: Slot) -> None:
         """Free a slot: its KV cells and its sampler chain. Never raises: a failure is
@@ -349,6 +488,8 @@ class LlamaEngine(Engine):
             request_id, _ = self._incoming.popleft()
             sink.error(request_id, code, kind, message)
         self._cancelled_waiting.clear()
+        while self._embedding:
+            sink.error(self._embedding.popleft().request_id, code, kind, message)
         for slot in list(self._by_request.values()):
             sink.error(slot.request_id, code, kind, message)
             if self._loaded is not None:
@@ -357,9 +498,11 @@ class LlamaEngine(Engine):
     # ---------------------------------------------------------------------- step
 
     def step(self, sink: EventSink) -> None:
+        self._collect_fetch()
         loaded = self._loaded
         if loaded is None:
-            self._fail_all(sink, 503, "AgentUnavailable", "the agent has no model loaded")
+            why = " (it is downloading it)" if self._fetch is not None else ""
+            self._fail_all(sink, 503, "AgentUnavailable", f"the agent has no model loaded{why}")
             if self._has_pending_state:
                 self._swap()
             return
@@ -368,6 +511,10 @@ class LlamaEngine(Engine):
             if slot.cancelled:
                 sink.error(slot.request_id, CANCELLED_CODE, "Cancelled", "cancelled by the client")
                 self._finish(loaded, slot)
+        if self._embedding and any(job.cancelled for job in self._embedding):
+            for job in [job for job in self._embedding if job.cancelled]:
+                self._embedding.remove(job)
+                sink.error(job.request_id, CANCELLED_CODE, "Cancelled", "cancelled by the client")
         if not self._has_pending_state:
             self._start(sink, loaded)
         # 2. sample every slot that has logits from the last decode
@@ -378,12 +525,19 @@ class LlamaEngine(Engine):
                 self._advance(sink, loaded, slot)
             except Exception as exc:
                 self._fault(sink, loaded, slot, exc)
-        # 3. assemble (decode tokens first, then prompt chunks) and 4. decode once
+        # 3. one document of one embedding request
+        self._embed_step(sink, loaded)
+        # 4. assemble (decode tokens first, then prompt chunks) and 5. decode once
         if not self._decode(sink, loaded):
-            if self._has_pending_state and not self._by_request:
+            if self._has_pending_state and not self._by_request and not self._embedding:
                 self._swap()
             return
-        if self._has_pending_state and not self._by_request and not self._incoming:
+        if (
+            self._has_pending_state
+            and not self._by_request
+            and not self._incoming
+            and not self._embedding
+        ):
             self._swap()
 
     def _advance(self, sink: EventSink, loaded: LoadedModel, slot: Slot) -> None:
@@ -535,6 +689,8 @@ class LlamaEngine(Engine):
         self._incoming.clear()
         self._cancelled_waiting.clear()
         self._by_request.clear()
+        self._embedding.clear()
+        self._cancel_fetch()
         for slot in self._slots:
             try:
                 slot.release()
@@ -551,13 +707,20 @@ class LlamaEngine(Engine):
         self._has_pending_state = False
         self._applied_key = ("never",)
         self._applied_state = None
-        self._status = AgentStatus(
-            slots_total=self.slots_total, desired_slots_total=self.slots_total
-        )
-        self._status_changed = True
+        with self._status_lock:
+            self._status = AgentStatus(
+                slots_total=self.slots_total, desired_slots_total=self.slots_total
+            )
+            self._status_changed = True
         self.apply_state(state)
 
     def close(self) -> None:
+        self._embedding.clear()
+        self._cancel_fetch()
+        for fetch in self._cancelled_fetches:
+            if not fetch.join(FETCH_STOP_WAIT_S):
+                log.warning("a model download did not stop within %.0f s", FETCH_STOP_WAIT_S)
+        self._cancelled_fetches.clear()
         if self._loaded is not None:
             for slot in list(self._by_request.values()):
                 self._finish(self._loaded, slot)
