@@ -45,6 +45,9 @@ class RequestRecord:
     """At least one token frame reached the client: the request cannot be re-dispatched."""
     cancelled: bool = False
     """The client is gone or was answered; waiting for the agent to confirm the end."""
+    outcome: str | None = None
+    """How the request ended for its client, counted once in ``paddler_requests_total``
+    (``done``, ``cancelled`` or an error kind); ``None`` while it is open."""
     last_activity: float = 0.0
     buffered_at: float = 0.0
     submitted_at: float = 0.0

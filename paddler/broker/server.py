@@ -14,6 +14,7 @@ from typing import Any
 
 import zmq
 
+from paddler.broker.metrics import LogBudget
 from paddler.broker.settings import BrokerSettings
 from paddler.broker.state import Broker, Target
 from paddler.curve import (
@@ -43,6 +44,10 @@ SHUTDOWN_LINGER_MS = 1000
 """At shutdown, how long the sockets may take to deliver the last errors."""
 BURST = 512
 """Messages taken from one socket before looking at the other and at the timers."""
+FAULTS_LOGGED_PER_HANDLER = 5
+"""Handler failures (bugs) logged with their traceback per handler and minute; the
+rest are counted and summed up in one line a minute."""
+FAULT_LOG_WINDOW_S = 60.0
 
 
 ZMQ_HEARTBEAT_IVL_MS = 1000
@@ -129,6 +134,9 @@ class BrokerServer:
         self._stop = threading.Event()
         self._linger_ms = 0
         self.failed = False
+        self.faults = LogBudget(FAULTS_LOGGED_PER_HANDLER, FAULT_LOG_WINDOW_S)
+        """Handler failures logged so far: a bug is logged, never silently swallowed,
+        and a bug that fires on every message cannot fill the disk."""
         self.context = zmq.Context()
         self.curve = curve_server(settings, self.context, extra_client_keys)
         self.broker = broker if broker is not None else Broker(settings)
@@ -184,15 +192,26 @@ class BrokerServer:
             except zmq.Again:
                 return
             if len(frames) < 2:
-                broker._drop("peer", b"", "message without identity or content")
+                broker._drop("peer", b"", "message without identity or content", now)
                 continue
             try:
                 if agents_side:
                     broker.on_agent_message(frames[0], frames[1:], now, key)
                 else:
                     broker.on_client_message(frames[0], frames[1:], now)
-            except Exception:  # a bug must not take the cluster down: log it and go on
-                log.exception("failed to handle a message from %s", frames[0].hex()[:16])
+            except Exception:  # a bug must not take the cluster down: log it, end its request
+                side = "an agent" if agents_side else "a client"
+                self._fault(f"a message from {side}", frames[0].hex()[:16], now)
+                self._guard(
+                    "ending the request of a failed message",
+                    frames[0].hex()[:16],
+                    now,
+                    broker.handler_failed,
+                    agents_side,
+                    frames[0],
+                    frames[1:],
+                    now,
+                )
             if len(broker.outbox) > BURST:
                 self._flush()
 
@@ -211,10 +230,54 @@ class BrokerServer:
                         raise
                     if target is Target.AGENTS:
                         if identity in broker.agents:
-                            broker.remove_agent(identity, now, reason="became unreachable")
+                            self._guard(
+                                "removing an unreachable agent",
+                                identity.hex()[:16],
+                                now,
+                                broker.remove_agent,
+                                identity,
+                                now,
+                                "became unreachable",
+                            )
                     else:
                         log.info("client %s unreachable; cancelling its requests", identity.hex())
-                        broker.client_lost(identity, now)
+                        self._guard(
+                            "cancelling the requests of an unreachable client",
+                            identity.hex()[:16],
+                            now,
+                            broker.client_lost,
+                            identity,
+                            now,
+                        )
+
+    def _fault(self, what: str, peer: str, now: float) -> None:
+        """Log the exception being handled, with its traceback, unless ``what`` (one
+        budget per handler, whatever the peer) already logged its share of the minute;
+        ``_tick`` sums up the rest."""
+        if self.faults.allow(what, now):
+            where = f"{what} ({peer})" if peer else what
+            log.exception("bug while handling %s; the broker goes on", where)
+
+    def _guard(
+        self, what: str, peer: str, now: float, handler: Callable[..., None], *args: Any
+    ) -> None:
+        """Run one handler of the loop; a bug in it is logged and the loop goes on."""
+        try:
+            handler(*args)
+        except Exception:  # a bug must not take the cluster down
+            self._fault(what, peer, now)
+
+    def _tick(self, now: float) -> None:
+        """The broker's timers, guarded like every handler, and the sum of the
+        handler failures not logged one by one."""
+        self._guard("the timers", "", now, self.broker.tick, now)
+        for handler, count in self.faults.ended(now):
+            log.error(
+                "%d more bugs while handling %s in the last %g s (not logged one by one)",
+                count,
+                handler,
+                self.faults.window_s,
+            )
 
     def run(self, watch: Callable[[], bool] | None = None) -> None:
         """Serve until ``stop()``, a signal, or ``watch()`` returning false (checked
@@ -241,14 +304,14 @@ class BrokerServer:
                     self._drain(self.clients, False)
                 now = time.monotonic()
                 if now >= next_tick:
-                    broker.tick(now)
+                    self._tick(now)
                     next_tick = now + TICK_S
                     if watch is not None and not watch():
                         log.error("a companion process stopped; the balancer stops")
                         self.failed = True
                         self._stop.set()
                 self._flush()
-            broker.shutdown()
+            self._guard("the shutdown", "", time.monotonic(), broker.shutdown)
             self._flush()
             self._linger_ms = SHUTDOWN_LINGER_MS
         finally:

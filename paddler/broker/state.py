@@ -15,7 +15,7 @@ import logging
 from typing import Any
 
 from paddler._core import InFlight, Registry, RequestBuffer
-from paddler.broker.metrics import BrokerMetrics
+from paddler.broker.metrics import BrokerMetrics, LogBudget
 from paddler.broker.records import AgentInfo, Outgoing, RequestRecord, Target, error_frames
 from paddler.broker.settings import BrokerSettings
 from paddler.broker.store import StateStore
@@ -37,11 +37,24 @@ AGENT_QUERY_TIMEOUT_S = 5.0
 LIVENESS_INTERVALS = 3
 """A peer silent for this many heartbeat intervals is dead."""
 
+DROPS_LOGGED_PER_PEER = 5
+"""Dropped frames logged one by one per peer and minute; the rest are summed up in
+one line a minute (``dropped_frames`` in ``/metrics`` counts every one)."""
+DROP_LOG_WINDOW_S = 60.0
+DROP_LOG_PEERS = 256
+"""Peers with a drop log window of their own; past that they share one."""
+
 _TOKENS = int(Kind.TOKENS)
 _EMBEDDING = int(Kind.EMBEDDING)
 _DONE = int(Kind.DONE)
 _ERROR = int(Kind.ERROR)
 _TERMINAL = (_DONE, _ERROR)
+_BUG = "the balancer failed to handle this request (a bug, logged)"
+
+
+def _label(info: AgentInfo) -> str:
+    """An agent's label in per-agent series: its name, or its id without one."""
+    return info.name or info.agent_id
 
 
 class Broker:
@@ -65,6 +78,7 @@ class Broker:
         self.round_robin = settings.dispatch_policy == "round-robin"
         self.queries: dict[int, tuple[bytes, int, bytes, float]] = {}
         """Agent queries waiting: query id -> (client, client request id, agent, deadline)."""
+        self.drop_log = LogBudget(DROPS_LOGGED_PER_PEER, DROP_LOG_WINDOW_S, DROP_LOG_PEERS)
 
     # ------------------------------------------------------------------ helpers
 
@@ -74,18 +88,46 @@ class Broker:
     def _send_client(self, identity: bytes, frames: list[bytes]) -> None:
         self.outbox.append((Target.CLIENTS, identity, frames))
 
+    def _settle(self, record: RequestRecord, outcome: str) -> None:
+        """The request's one outcome, counted once whatever ends it afterwards."""
+        if record.outcome is None:
+            record.outcome = outcome
+            self.metrics.count_outcome(outcome)
+
     def _fail(self, record: RequestRecord, code: int, kind: str, description: str) -> None:
-        """Answer the client with a terminal error (once)."""
+        """Answer the client with a terminal error (unless it was answered or is gone)."""
         if not record.cancelled:
             self._send_client(
                 record.client, error_frames(record.client_request_id, code, kind, description)
             )
             record.cancelled = True
-            self.metrics.requests[kind] += 1
+        self._settle(record, kind)
 
     def _forget(self, record: RequestRecord) -> None:
-        self.requests.pop(record.request_id, None)
-        self.by_client.pop((record.client, record.client_request_id), None)
+        """Take the request out of every table: the buffer, the in-flight table (its
+        slot freed), the request table and the client's ids. Every request leaves
+        through here, so the tables cannot disagree about it."""
+        request_id = record.request_id
+        self.buffer.remove(request_id)
+        self._release(record)
+        if self.requests.get(request_id) is record:
+            del self.requests[request_id]
+        key = (record.client, record.client_request_id)
+        if self.by_client.get(key) == request_id:
+            del self.by_client[key]
+
+    def _withdraw(self, record: RequestRecord, now: float) -> None:
+        """The client will read nothing more of this request: a buffered one is
+        forgotten; the agent of one in flight is told to stop, and its slot frees
+        when the agent confirms the end (or after the inter-token timeout)."""
+        record.cancelled = True
+        if record.agent is None or record.request_id not in self.in_flight:
+            self._forget(record)
+        else:
+            record.last_activity = now
+            self._send_agent(
+                record.agent, [make_header(Kind.CANCEL, record.request_id), pack_body({})]
+            )
 
     # ---------------------------------------------------------------- dispatch
 
@@ -95,15 +137,15 @@ class Broker:
         self.metrics.queue_wait.observe(now - record.buffered_at)
         self.in_flight.add(record.request_id, agent)
         self._send_agent(agent, [make_header(Kind.DISPATCH, record.request_id), record.body])
-        info = self.agents[agent]
+        info = self.agents.get(agent)
         self._send_client(
             record.client,
             encode(
                 Kind.DISPATCHED,
                 record.client_request_id,
                 {
-                    "agent_id": info.agent_id,
-                    "agent_name": info.name,
+                    "agent_id": info.agent_id if info else agent.hex(),
+                    "agent_name": info.name if info else None,
                     "queued_ms": int((now - record.buffered_at) * 1000),
                 },
             ),
@@ -121,13 +163,21 @@ class Broker:
     def dispatch_buffered(self, now: float) -> None:
         """Give free slots to the oldest waiters."""
         buffer = self.buffer
-        while len(buffer):
+        while True:
+            request_id = buffer.peek()
+            if request_id is None:
+                return
+            record = self.requests.get(request_id)
+            if record is None or record.agent is not None or record.cancelled:
+                # cannot happen while every request leaves through ``_forget``
+                log.error("request %d was buffered but is not waiting; dropped it", request_id)
+                buffer.remove(request_id)
+                continue
             agent = self._choose()
             if agent is None:
                 return
-            request_id = buffer.pop()
-            assert request_id is not None  # len(buffer) > 0
-            self._dispatch(self.requests[request_id], agent, now)
+            buffer.pop()
+            self._dispatch(record, agent, now)
 
     # ------------------------------------------------------------ from agents
 
@@ -138,7 +188,7 @@ class Broker:
         for bad input: malformed frames are logged and dropped. ``peer_key``: with
         curve, the public key the connection authenticated with (read for REGISTER)."""
         if len(frames) != 2 or len(frames[0]) != 9:
-            self._drop("agent", identity, f"bad frame layout ({len(frames)} frames)")
+            self._drop("agent", identity, f"bad frame layout ({len(frames)} frames)", now)
             return
         kind, request_id = HEADER.unpack(frames[0])
         info = self.agents.get(identity)
@@ -180,11 +230,24 @@ class Broker:
             else:
                 raise ProtocolError(f"kind {kind} is not valid from an agent")
         except ProtocolError as exc:
-            self._drop("agent", identity, str(exc))
+            self._drop("agent", identity, str(exc), now)
 
-    def _drop(self, side: str, identity: bytes, reason: str) -> None:
+    def _drop(self, side: str, identity: bytes, reason: str, now: float) -> None:
+        """Count a malformed or unexpected frame; log it unless its peer already
+        used its lines of the minute (``tick`` then says how many were held back)."""
         self.metrics.dropped_frames += 1
-        log.warning("dropped a frame from %s %s: %s", side, identity.hex()[:16], reason)
+        peer = f"{side} {identity.hex()[:16]}"
+        if self.drop_log.allow(peer, now):
+            log.warning("dropped a frame from %s: %s", peer, reason)
+
+    def _log_held_back_drops(self, now: float) -> None:
+        for peer, count in self.drop_log.ended(now):
+            log.warning(
+                "%d more frames dropped from %s in the last %g s",
+                count,
+                peer,
+                self.drop_log.window_s,
+            )
 
     def _on_register(
         self, identity: bytes, body: Any, now: float, peer_key: bytes | None = None
@@ -259,29 +322,42 @@ class Broker:
     def _on_terminal(
         self, identity: bytes, kind: int, request_id: int, body: bytes, now: float
     ) -> None:
+        """The agent ended a request (DONE or ERROR): its slot is free again."""
         record = self.requests.get(request_id)
         if record is None or record.agent != identity:
             return
-        if kind == _ERROR and not record.started and not record.cancelled:
-            error = ErrorBody.from_body(unpack_body(body))
-            if error.kind == "AgentUnavailable":
-                # the agent refused before starting (draining, reloading): try another one
-                self._release(record)
-                record.agent = None
-                record.buffered_at = now
-                self.buffer.push_front(request_id, now + self.settings.buffered_request_timeout_s)
-                self.dispatch_buffered(now)
-                return
+        try:  # ends are small: decoding them costs little
+            value = unpack_body(body)
+            error = ErrorBody.from_body(value) if kind == _ERROR else None
+        except ProtocolError as exc:
+            value = error = None
+            if kind == _ERROR:
+                # the agent is done with it all the same: the client gets our error
+                self._drop("agent", identity, str(exc), now)
+                self._fail(
+                    record,
+                    502,
+                    "ProtocolError",
+                    "the agent ended the request with a malformed error",
+                )
+        refused = error is not None and error.kind == "AgentUnavailable"
+        if refused and not record.started and not record.cancelled:
+            # the agent refused before starting (draining, reloading): try another one
+            self._release(record)
+            record.agent = None
+            record.buffered_at = now
+            self.buffer.push_front(request_id, now + self.settings.buffered_request_timeout_s)
+            self.dispatch_buffered(now)
+            return
         if not record.cancelled:
             self._send_client(record.client, [HEADER.pack(kind, record.client_request_id), body])
-        self._count_end(identity, kind, body)
-        self._release(record)
+            record.cancelled = True
+            self._settle(record, error.kind if error is not None else "done")
+        info = self.agents.get(identity)
+        if info is not None:
+            self.metrics.count_agent_end(_label(info), kind, value)
         self._forget(record)
         self.dispatch_buffered(now)
-
-    def _count_end(self, identity: bytes, kind: int, body: bytes) -> None:
-        info = self.agents.get(identity)
-        self.metrics.count_end((info.name or info.agent_id) if info else "unknown", kind, body)
 
     def _release(self, record: RequestRecord) -> None:
         agent = self.in_flight.remove(record.request_id)
@@ -290,43 +366,55 @@ class Broker:
 
     def remove_agent(self, identity: bytes, now: float, reason: str) -> None:
         """An agent is gone: streamed requests fail with 502, unstarted ones go back
-        to the head of the buffer, its slots leave the registry."""
+        to the head of the buffer, its slots leave the registry, and its series leave
+        the metrics (unless another agent has its label). Safe for any identity."""
         info = self.agents.pop(identity, None)
         self.registry.remove(identity)
         orphans = self.in_flight.of_agent(identity)
         redispatch: list[RequestRecord] = []
+        failed = 0
         for request_id in orphans:
             self.in_flight.remove(request_id)
-            record = self.requests[request_id]
+            record = self.requests.get(request_id)
+            if record is None:
+                # cannot happen while every request leaves through ``_forget``
+                log.error("request %d was in flight on a lost agent but is unknown", request_id)
+                continue
             record.agent = None
             if record.cancelled:
                 self._forget(record)
             elif record.started:
                 self._fail(record, 502, "AgentLost", f"agent {reason} while generating")
                 self._forget(record)
+                failed += 1
             else:
                 redispatch.append(record)
         for record in reversed(redispatch):  # keep their order at the head of the buffer
             record.buffered_at = now
-            self.buffer.push_front(
-                record.request_id, now + self.settings.buffered_request_timeout_s
-            )
-        if info is not None and (orphans or reason != "deregistered"):
-            log.warning(
-                "agent %s (%s) %s: %d requests failed, %d re-dispatched",
-                info.agent_id,
-                info.name,
-                reason,
-                len(orphans) - len(redispatch),
-                len(redispatch),
-            )
+            if record.request_id not in self.buffer:
+                self.buffer.push_front(
+                    record.request_id, now + self.settings.buffered_request_timeout_s
+                )
+        if info is not None:
+            label = _label(info)
+            if all(_label(other) != label for other in self.agents.values()):
+                self.metrics.forget_agent(label)
+            if orphans or reason != "deregistered":
+                log.warning(
+                    "agent %s (%s) %s: %d requests failed, %d re-dispatched",
+                    info.agent_id,
+                    info.name,
+                    reason,
+                    failed,
+                    len(redispatch),
+                )
         self.dispatch_buffered(now)
 
     # ----------------------------------------------------------- from clients
 
     def on_client_message(self, identity: bytes, frames: list[bytes], now: float) -> None:
         if len(frames) != 2 or len(frames[0]) != 9:
-            self._drop("client", identity, f"bad frame layout ({len(frames)} frames)")
+            self._drop("client", identity, f"bad frame layout ({len(frames)} frames)", now)
             return
         kind, request_id = HEADER.unpack(frames[0])
         try:
@@ -401,14 +489,17 @@ class Broker:
             else:
                 raise ProtocolError(f"kind {kind} is not valid from a client")
         except ProtocolError as exc:
-            self._drop("client", identity, str(exc))
+            self._drop("client", identity, str(exc), now)
             if kind in KNOWN_KINDS and kind != Kind.CANCEL:
                 self._send_client(
                     identity, error_frames(request_id, 400, "ProtocolError", str(exc))
                 )
+                if kind == Kind.SUBMIT:
+                    self.metrics.count_outcome("ProtocolError")
 
     def _on_submit(self, client: bytes, client_request_id: int, body: bytes, now: float) -> None:
         if (client, client_request_id) in self.by_client:
+            self.metrics.count_outcome("DuplicateRequestId")
             self._send_client(
                 client,
                 error_frames(
@@ -422,7 +513,7 @@ class Broker:
         try:
             request = validate_request(unpack_body(body))
         except InvalidRequest as exc:
-            self.metrics.requests["InvalidRequest"] += 1
+            self.metrics.count_outcome("InvalidRequest")
             self._send_client(
                 client, error_frames(client_request_id, 400, "InvalidRequest", str(exc))
             )
@@ -445,7 +536,7 @@ class Broker:
                 self._dispatch(record, agent, now)
                 return
         if not self.buffer.push(request_id, now + self.settings.buffered_request_timeout_s):
-            self.metrics.requests["BufferOverflow"] += 1
+            self.metrics.count_outcome("BufferOverflow")
             self._send_client(
                 client,
                 error_frames(
@@ -459,19 +550,20 @@ class Broker:
     def cancel(self, client: bytes, client_request_id: int, now: float) -> None:
         """The client no longer wants the request: drop it from the buffer, or tell
         the agent (its slot frees when the agent confirms the end)."""
-        request_id = self.by_client.get((client, client_request_id))
+        key = (client, client_request_id)
+        request_id = self.by_client.get(key)
         if request_id is None:
             return
-        record = self.requests[request_id]
-        record.cancelled = True
-        if self.buffer.remove(request_id):
-            self._forget(record)
-        elif record.agent is not None:
-            record.last_activity = now
-            self._send_agent(record.agent, [make_header(Kind.CANCEL, request_id), pack_body({})])
+        record = self.requests.get(request_id)
+        if record is None:  # cannot happen while every request leaves through ``_forget``
+            del self.by_client[key]
+            return
+        self._settle(record, "cancelled")
+        self._withdraw(record, now)
 
     def client_lost(self, client: bytes, now: float) -> None:
-        """A send to this client failed: cancel everything it asked for."""
+        """A send to this client failed: cancel everything it asked for (the outcome
+        of each is ``cancelled``, as if the client had cancelled it)."""
         for (owner, client_request_id), _ in list(self.by_client.items()):
             if owner == client:
                 self.cancel(client, client_request_id, now)
@@ -538,8 +630,11 @@ class Broker:
             if now - info.last_heard > self.liveness_s:
                 self.remove_agent(identity, now, reason="stopped answering")
         self._expire_queries(now)
+        self._log_held_back_drops(now)
         for request_id in self.buffer.pop_expired(now):
-            record = self.requests[request_id]
+            record = self.requests.get(request_id)
+            if record is None:  # cannot happen while every request leaves through ``_forget``
+                continue
             self._fail(
                 record,
                 504,
@@ -553,7 +648,6 @@ class Broker:
                 continue
             if record.cancelled:
                 # the agent never confirmed the end: give its slot back
-                self._release(record)
                 self._forget(record)
                 self.dispatch_buffered(now)
                 continue
@@ -595,7 +689,8 @@ class Broker:
         return snapshots
 
     def shutdown(self) -> None:
-        """Every open request ends with 503; agents are told to stop work."""
+        """Every open request ends with 503; agents are told to stop work. The tables
+        end empty, so a send failing in the last flush (``remove_agent``) finds nothing."""
         for record in list(self.requests.values()):
             if record.agent is not None:
                 self._send_agent(
@@ -603,6 +698,32 @@ class Broker:
                 )
             self._fail(record, 503, "ShuttingDown", "balancer is shutting down")
             self._forget(record)
+
+    def handler_failed(
+        self, agents_side: bool, identity: bytes, frames: list[bytes], now: float
+    ) -> None:
+        """A handler raised on this message (a bug): the request it was about ends
+        with 500 ``InternalError``, so its client is not left waiting and its slot is
+        not held forever. Called by the socket loop, which logs the bug."""
+        if len(frames) != 2 or len(frames[0]) != 9:
+            return
+        kind, request_id = HEADER.unpack(frames[0])
+        if agents_side:
+            record = self.requests.get(request_id)
+            if record is None or record.agent != identity:
+                return
+        else:
+            found = self.by_client.get((identity, request_id))
+            record = self.requests.get(found) if found is not None else None
+            if record is None:
+                if kind == Kind.SUBMIT:
+                    self.metrics.count_outcome("InternalError")
+                    self._send_client(
+                        identity, error_frames(request_id, 500, "InternalError", _BUG)
+                    )
+                return
+        self._fail(record, 500, "InternalError", _BUG)
+        self._withdraw(record, now)
 
     def __repr__(self) -> str:
         return (
