@@ -54,7 +54,9 @@ class Engine(ABC):
     slots_total: int
     status_listener: Callable[[], None] | None = None
     """Set by the worker: call it (from the engine thread) to report the status at
-    once, e.g. download progress while ``apply_state`` runs."""
+    once, e.g. while a local model loads inside ``apply_state``. Downloads run on a
+    thread of their own and report through the status the worker polls
+    (``take_status_change``)."""
 
     @abstractmethod
     def apply_state(self, state: dict[str, Any] | None) -> None:
