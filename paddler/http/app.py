@@ -4,6 +4,11 @@
 variable (JSON, see ``HttpConfig``); every worker builds its apps from it and
 opens its own connection to the broker. API keys travel in it only as SHA-256
 digests (``paddler.http.api_keys``): the environment of a worker holds no usable key.
+
+A worker has a role (``PADDLER_HTTP_ROLE``, set by the gunicorn hooks in
+``paddler.http.server``): with two workers or more, one of them serves only the
+management service and the others only inference and OpenAI, so an inference flood
+cannot starve ``/api/v1/agents`` or ``/metrics``; a single worker serves all three.
 """
 
 from __future__ import annotations
@@ -20,6 +25,14 @@ from paddler.http.common import DEFAULT_MAX_BODY_BYTES, HttpDeps
 from paddler.http.link import BrokerLink
 
 CONFIG_ENV = "PADDLER_HTTP_CONFIG"
+ROLE_ENV = "PADDLER_HTTP_ROLE"
+
+ROLES = {
+    "all": frozenset({"inference", "management", "openai"}),
+    "management": frozenset({"management"}),
+    "services": frozenset({"inference", "openai"}),
+}
+"""A worker's role -> the services it serves."""
 
 
 @dataclass
@@ -34,6 +47,10 @@ class HttpConfig:
     """App name -> SHA-256 digests (hex) of the keys it requires; none: open."""
     curve_keys: list[str] | None = None
     """With curve: the broker's public key file and the workers' secret key file."""
+
+    def apps_of(self, role: str) -> dict[str, str]:
+        """The ports (and their services) a worker of ``role`` serves."""
+        return {port: name for port, name in self.apps.items() if name in ROLES[role]}
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -50,11 +67,11 @@ MODULES = {
 }
 
 
-def build(config: HttpConfig) -> PortRouter:
-    """One app per configured port, sharing the worker's broker link."""
+def build(config: HttpConfig, role: str = "all") -> PortRouter:
+    """One app per port the worker's role serves, sharing the worker's broker link."""
     link = BrokerLink(config.clients_addr, curve_keys=config.curve_keys)
     apps: dict[int, ASGIApp] = {}
-    for port, name in config.apps.items():
+    for port, name in config.apps_of(role).items():
         deps = HttpDeps(
             link,
             config.max_body_bytes,
@@ -71,4 +88,4 @@ def build(config: HttpConfig) -> PortRouter:
 
 
 def get_app() -> PortRouter:
-    return build(HttpConfig.from_env(os.environ[CONFIG_ENV]))
+    return build(HttpConfig.from_env(os.environ[CONFIG_ENV]), os.environ.get(ROLE_ENV, "all"))

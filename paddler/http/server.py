@@ -3,6 +3,19 @@
 API keys reach the workers as digests in ``PADDLER_HTTP_CONFIG``; the key options'
 own environment variables are removed from gunicorn's environment. TLS is gunicorn's
 ``--certfile``/``--keyfile``, for every address it binds.
+
+Management gets a worker of its own. gunicorn runs ``--http-workers`` workers on every
+address; with two or more, the hooks below (this module is also gunicorn's config,
+``--config python:paddler.http.server``) make one of them listen only on the management
+address and the others only on the inference and OpenAI addresses. A flood of inference
+requests then queues in the inference workers' event loops and broker links, never in
+front of ``/api/v1/agents`` or ``/metrics``. The split costs no process, so every
+process of the balancer is still gunicorn's master or one of its workers, watched and
+stopped as before; a worker that dies is replaced in the role it had. With one worker,
+it serves all three services (there is nothing to split).
+
+gunicorn reads every module-level name of this module that is one of its settings:
+keep ``pre_fork`` and ``post_fork`` the only ones.
 """
 
 from __future__ import annotations
@@ -14,10 +27,11 @@ import ssl
 import subprocess
 import sys
 from dataclasses import fields
+from typing import Any
 
 from paddler.errors import ConfigurationError
 from paddler.http.api_keys import ApiKeys, read_api_keys
-from paddler.http.app import CONFIG_ENV, HttpConfig
+from paddler.http.app import CONFIG_ENV, ROLE_ENV, HttpConfig
 from paddler.http.settings import HttpSettings
 from paddler.lifetime import die_with_parent
 from paddler.settings import env_name
@@ -103,6 +117,8 @@ def gunicorn_command(settings: HttpSettings, log_level: str) -> list[str]:
         "-m",
         "gunicorn",
         "paddler.http.app:get_app()",
+        "--config",
+        f"python:{__name__}",  # pre_fork and post_fork: the workers' roles
         "--worker-class",
         "asgi",
         "--workers",
@@ -125,6 +141,39 @@ def gunicorn_command(settings: HttpSettings, log_level: str) -> list[str]:
     if settings.tls_cert and settings.tls_key:
         command += ["--certfile", settings.tls_cert, "--keyfile", settings.tls_key]
     return command
+
+
+def role_of_new_worker(workers: int, roles: list[str]) -> str:
+    """The role of a worker about to start, next to running workers of ``roles``:
+    ``management`` when no running worker has it (the first one, or the replacement of
+    a management worker that died), ``services`` otherwise; ``all`` when one worker
+    serves everything."""
+    if workers < 2:
+        return "all"
+    return "services" if "management" in roles else "management"
+
+
+def pre_fork(arbiter: Any, worker: Any) -> None:
+    """gunicorn hook, in the master before it forks a worker: choose the worker's role."""
+    roles = [getattr(running, "paddler_role", "") for running in arbiter.WORKERS.values()]
+    worker.paddler_role = role_of_new_worker(arbiter.num_workers, roles)
+
+
+def post_fork(arbiter: Any, worker: Any) -> None:
+    """gunicorn hook, in a new worker before it serves: keep only its role's listeners
+    and tell ``get_app()`` its role. The listeners it closes are this process's copies:
+    they stay open in the master and the other workers."""
+    role = getattr(worker, "paddler_role", "all")
+    os.environ[ROLE_ENV] = role
+    ports = {int(port) for port in HttpConfig.from_env(os.environ[CONFIG_ENV]).apps_of(role)}
+    kept = []
+    for listener in worker.sockets:
+        if listener.sock.getsockname()[1] in ports:
+            kept.append(listener)
+        else:
+            listener.sock.close()
+    worker.sockets = kept
+    log.debug("worker %d serves %s on ports %s", os.getpid(), role, sorted(ports))
 
 
 def gunicorn_env(config: HttpConfig) -> dict[str, str]:
@@ -155,11 +204,14 @@ class HttpServer:
             preexec_fn=die_with_parent(),  # and a balancer killed with SIGKILL takes it along
         )
         keyed = [name for name in settings.addresses() if config.api_keys.get(name)]
+        workers = settings.http_workers
         log.info(
-            "HTTP%s: %s (%d workers; API keys required by: %s)",
+            "HTTP%s: %s (%s; API keys required by: %s)",
             "S" if settings.tls_cert else "",
             ", ".join(f"{name} on {addr}" for name, addr in settings.addresses().items()),
-            settings.http_workers,
+            f"1 worker for management, {workers - 1} for the others"
+            if workers > 1
+            else "1 worker for every service",
             ", ".join(keyed) or "none",
         )
 
