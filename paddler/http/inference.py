@@ -15,7 +15,7 @@ import falcon.asgi
 from falcon import WebSocketDisconnected
 
 from paddler.client import Dispatched, Done
-from paddler.errors import BrokerUnreachable, InvalidRequest
+from paddler.errors import BrokerUnreachable, InvalidRequest, RequestFailed
 from paddler.http.api_keys import accepted_subprotocol
 from paddler.http.common import (
     ERROR_REPLY,
@@ -39,6 +39,9 @@ from paddler.protocol.requests import (
 from paddler.protocol.shapes import check
 
 log = logging.getLogger("paddler.http")
+
+CANCELLED_CODE = 499
+"""What reading a stream gives once it was cancelled (the client went away)."""
 
 NDJSON_CONTENT_TYPE = "application/json"
 EMBEDDING_PART_MIN_DOCUMENTS = 1
@@ -78,6 +81,10 @@ async def generation_events(
     except BrokerUnreachable as exc:
         await deps.link.reset()
         yield [error(request_id, 503, f"the balancer stopped answering: {exc}")]
+    except RequestFailed as exc:
+        if exc.code != CANCELLED_CODE:
+            raise
+        # the stream was cancelled under us (the client left): nothing more to say
     finally:
         stream.cancel()
 
