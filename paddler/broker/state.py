@@ -16,23 +16,22 @@ from typing import Any
 
 from paddler._core import InFlight, Registry, RequestBuffer
 from paddler.broker.metrics import BrokerMetrics, LogBudget
+from paddler.broker.queries import ClientQueries
 from paddler.broker.records import AgentInfo, Outgoing, RequestRecord, Target, error_frames
 from paddler.broker.settings import BrokerSettings
 from paddler.broker.store import StateStore
 from paddler.curve import fingerprint
-from paddler.errors import ConfigurationError, InvalidRequest, ProtocolError
+from paddler.errors import InvalidRequest, ProtocolError
 from paddler.protocol.codec import HEADER, encode, make_header, pack_body, unpack_body
 from paddler.protocol.desired_state import validate_desired_state
 from paddler.protocol.kinds import KNOWN_KINDS, PROTOCOL_VERSION, Kind
-from paddler.protocol.messages import AgentSnapshot, AgentStatus, ErrorBody, Register, body_value
+from paddler.protocol.messages import AgentSnapshot, AgentStatus, ErrorBody, Register
 
 __all__ = ["Broker", "Outgoing", "Target"]
 from paddler.protocol.requests import validate_request
 
 log = logging.getLogger("paddler.broker")
 
-AGENT_QUERY_TIMEOUT_S = 5.0
-"""How long an agent may take to answer a question about itself."""
 
 LIVENESS_INTERVALS = 3
 """A peer silent for this many heartbeat intervals is dead."""
@@ -76,11 +75,16 @@ class Broker:
         self.liveness_s = settings.heartbeat_interval_s * LIVENESS_INTERVALS
         self.metrics = BrokerMetrics()
         self.round_robin = settings.dispatch_policy == "round-robin"
-        self.queries: dict[int, tuple[bytes, int, bytes, float]] = {}
-        """Agent queries waiting: query id -> (client, client request id, agent, deadline)."""
+        self.client_queries = ClientQueries(self)
         self.drop_log = LogBudget(DROPS_LOGGED_PER_PEER, DROP_LOG_WINDOW_S, DROP_LOG_PEERS)
 
     # ------------------------------------------------------------------ helpers
+
+    def new_id(self) -> int:
+        """A fresh id for a request or an agent question (never reused)."""
+        request_id = self._next_request_id
+        self._next_request_id += 1
+        return request_id
 
     def _send_agent(self, identity: bytes, frames: list[bytes]) -> None:
         self.outbox.append((Target.AGENTS, identity, frames))
@@ -223,7 +227,7 @@ class Broker:
             elif kind == Kind.AGENT_STATUS:
                 self._on_status(info, AgentStatus.from_body(unpack_body(frames[1])), now)
             elif kind == Kind.AGENT_ANSWER:
-                self._on_agent_answer(identity, request_id, frames[1])
+                self.client_queries.agent_answer(identity, request_id, frames[1])
             elif kind == Kind.DEREGISTER:
                 log.info("agent %s (%s) deregistered", info.agent_id, info.name)
                 self.remove_agent(identity, now, reason="deregistered")
@@ -422,71 +426,7 @@ class Broker:
                 self._on_submit(identity, request_id, frames[1], now)
             elif kind == Kind.CANCEL:
                 self.cancel(identity, request_id, now)
-            elif kind == Kind.PING:
-                version = body_value(unpack_body(frames[1]), "version", (int,), "Ping")
-                if version != PROTOCOL_VERSION:
-                    self._send_client(
-                        identity,
-                        error_frames(
-                            request_id,
-                            400,
-                            "ProtocolVersionMismatch",
-                            f"client speaks protocol version {version}, this balancer "
-                            f"speaks version {PROTOCOL_VERSION}",
-                        ),
-                    )
-                else:
-                    self._send_client(
-                        identity, encode(Kind.PONG, request_id, {"version": PROTOCOL_VERSION})
-                    )
-            elif kind == Kind.GET_AGENTS:
-                self._send_client(
-                    identity,
-                    encode(
-                        Kind.AGENTS,
-                        request_id,
-                        {"agents": [agent.to_body() for agent in self.agent_snapshots()]},
-                    ),
-                )
-            elif kind == Kind.GET_BUFFERED:
-                self._send_client(
-                    identity, encode(Kind.BUFFERED, request_id, {"count": len(self.buffer)})
-                )
-            elif kind == Kind.GET_DESIRED_STATE:
-                state = self.desired_state
-                if state is None:
-                    state = validate_desired_state({})
-                self._send_client(identity, encode(Kind.STATE, request_id, {"state": state}))
-            elif kind == Kind.GET_APPLICABLE_STATE:
-                self._send_client(
-                    identity, encode(Kind.STATE, request_id, {"state": self.desired_state})
-                )
-            elif kind == Kind.GET_AGENT_INFO:
-                self._on_agent_info(identity, request_id, unpack_body(frames[1]), now)
-            elif kind == Kind.GET_METRICS:
-                self._send_client(
-                    identity,
-                    encode(
-                        Kind.METRICS,
-                        request_id,
-                        {
-                            "metrics": self.metrics.snapshot(),
-                            "agents": [agent.to_body() for agent in self.agent_snapshots()],
-                            "buffered": len(self.buffer),
-                        },
-                    ),
-                )
-            elif kind == Kind.PUT_DESIRED_STATE:
-                raw = body_value(unpack_body(frames[1]), "state", (dict,), "PutDesiredState")
-                try:
-                    self.put_desired_state(raw)
-                except ConfigurationError as exc:
-                    self._send_client(
-                        identity, error_frames(request_id, 400, "InvalidDesiredState", str(exc))
-                    )
-                else:
-                    self._send_client(identity, encode(Kind.ACK, request_id, {}))
-            else:
+            elif not self.client_queries.answer(identity, kind, request_id, frames[1], now):
                 raise ProtocolError(f"kind {kind} is not valid from a client")
         except ProtocolError as exc:
             self._drop("client", identity, str(exc), now)
@@ -518,8 +458,7 @@ class Broker:
                 client, error_frames(client_request_id, 400, "InvalidRequest", str(exc))
             )
             return
-        request_id = self._next_request_id
-        self._next_request_id += 1
+        request_id = self.new_id()
         record = RequestRecord(
             request_id,
             client,
@@ -568,45 +507,6 @@ class Broker:
             if owner == client:
                 self.cancel(client, client_request_id, now)
 
-    # ----------------------------------------------------------- agent queries
-
-    def _on_agent_info(self, client: bytes, client_request_id: int, body: Any, now: float) -> None:
-        """Ask an agent about itself (model metadata, chat template override)."""
-        agent_id = body_value(body, "agent_id", (str,), "GetAgentInfo")
-        what = body_value(body, "what", (str,), "GetAgentInfo")
-        identity = next((i for i, a in self.agents.items() if a.agent_id == agent_id), None)
-        if identity is None:
-            self._send_client(
-                client,
-                error_frames(client_request_id, 404, "UnknownAgent", f"no agent {agent_id!r}"),
-            )
-            return
-        query_id = self._next_request_id
-        self._next_request_id += 1
-        self.queries[query_id] = (client, client_request_id, identity, now + AGENT_QUERY_TIMEOUT_S)
-        self._send_agent(identity, encode(Kind.AGENT_QUERY, query_id, {"what": what}))
-
-    def _on_agent_answer(self, identity: bytes, query_id: int, body: bytes) -> None:
-        query = self.queries.get(query_id)
-        if query is None or query[2] != identity:
-            return
-        del self.queries[query_id]
-        self._send_client(query[0], [HEADER.pack(Kind.AGENT_INFO, query[1]), body])
-
-    def _expire_queries(self, now: float) -> None:
-        for query_id, (client, client_request_id, _, deadline) in list(self.queries.items()):
-            if now >= deadline:
-                del self.queries[query_id]
-                self._send_client(
-                    client,
-                    error_frames(
-                        client_request_id,
-                        504,
-                        "AgentTimeout",
-                        f"the agent did not answer within {AGENT_QUERY_TIMEOUT_S:g} s",
-                    ),
-                )
-
     # ------------------------------------------------------------ desired state
 
     def put_desired_state(self, raw: dict[str, Any]) -> None:
@@ -629,7 +529,7 @@ class Broker:
         for identity, info in list(self.agents.items()):
             if now - info.last_heard > self.liveness_s:
                 self.remove_agent(identity, now, reason="stopped answering")
-        self._expire_queries(now)
+        self.client_queries.expire(now)
         self._log_held_back_drops(now)
         for request_id in self.buffer.pop_expired(now):
             record = self.requests.get(request_id)

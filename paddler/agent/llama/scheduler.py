@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -54,7 +52,6 @@ from paddler.agent.engine import CANCELLED_CODE, Engine, EventSink
 from paddler.agent.llama.embedder import EmbeddingJob
 from paddler.agent.llama.loading import (
     LoadedModel,
-    ModelFetch,
     ModelResolver,
     apply_model_state,
     begin_model_state,
@@ -69,6 +66,7 @@ from paddler.agent.llama.native import LlamaModel
 from paddler.agent.llama.prompt import prompt_tokens
 from paddler.agent.llama.sampling import GrammarError, build_sampler, schema_problem
 from paddler.agent.llama.slot import Slot
+from paddler.agent.llama.status import Downloads, StatusBoard
 from paddler.errors import EngineError
 from paddler.protocol.messages import AgentStatus
 from paddler.protocol.requests import is_embedding_request
@@ -105,7 +103,6 @@ class LlamaEngine(Engine):
         self.slots_total = slots_total
         self.n_threads = n_threads or os.cpu_count() or 1
         self.resolver = resolver
-        self._resolver_cancels = takes_cancel(resolver)
         self.status_listener: Callable[[], None] | None = None
         self._loaded: LoadedModel | None = None
         self._slots = [Slot(seq_id) for seq_id in range(slots_total)]
@@ -118,15 +115,8 @@ class LlamaEngine(Engine):
         self._has_pending_state = False
         self._applied_key: Any = ("never",)
         self._applied_state: dict[str, Any] | None = None
-        self._status = AgentStatus(slots_total=slots_total, desired_slots_total=slots_total)
-        self._status_changed = False
-        self._status_lock = threading.Lock()
-        """Guards the status: a download thread reports its progress into it."""
-        self._last_progress = 0.0
-        self._fetch: ModelFetch | None = None
-        """The download of the applied state's model, until the engine loads it."""
-        self._cancelled_fetches: list[ModelFetch] = []
-        """Downloads cancelled by a newer state, until their threads are seen to end."""
+        self._board = StatusBoard(slots_total)
+        self._downloads = Downloads(self._board, resolver, takes_cancel(resolver))
         self.decode_steps = 0
         self.embedding_decodes = 0
         """Decodes on the embedding context (one document each) so far."""
@@ -134,55 +124,21 @@ class LlamaEngine(Engine):
     # ------------------------------------------------------------------- status
 
     def status(self) -> AgentStatus:
-        with self._status_lock:
-            return AgentStatus(**self._status.to_body())
+        return self._board.snapshot()
 
     def _set_status(self, **changes: Any) -> None:
-        with self._status_lock:
-            for name, value in changes.items():
-                setattr(self._status, name, value)
-            self._status_changed = True
+        self._board.set(**changes)
 
     def take_status_change(self) -> bool:
         """``True`` once after the status changed outside ``apply_state``; first loads
         a model whose download has finished (the worker calls this every loop)."""
         self._collect_fetch()
-        with self._status_lock:
-            changed = self._status_changed
-            self._status_changed = False
-        return changed
-
-    def _progress_of(self, fetch: ModelFetch) -> Callable[[int, int | None, str], None]:
-        """The progress callback of ``fetch`` (called on its thread): it writes the
-        status only while ``fetch`` is the engine's current one."""
-
-        def progress(current: int, total: int | None, filename: str) -> None:
-            with self._status_lock:
-                if fetch is not self._fetch or fetch.cancelled.is_set():
-                    return
-                self._status.download_current = current
-                self._status.download_total = total or 0
-                self._status.download_filename = filename
-                now = time.monotonic()
-                if now - self._last_progress > 0.2 or (total and current >= total):
-                    self._last_progress = now
-                    self._status_changed = True
-
-        return progress
+        return self._board.take_change()
 
     def _progress(self, current: int, total: int | None, filename: str) -> None:
         """Progress of a resolution on the engine thread (a local path: none, or a
         resolver that downloads what ``needs_download`` does not recognize)."""
-        with self._status_lock:
-            self._status.download_current = current
-            self._status.download_total = total or 0
-            self._status.download_filename = filename
-        now = time.monotonic()
-        if self.status_listener is not None and (
-            now - self._last_progress > 0.2 or (total and current >= total)
-        ):
-            self._last_progress = now
-            self.status_listener()
+        self._board.progress_now(current, total, filename, self.status_listener)
 
     def describe(self, what: str) -> Any:
         if what == "model_metadata":
@@ -220,7 +176,7 @@ class LlamaEngine(Engine):
         state = self._pending_state
         self._has_pending_state = False
         self._pending_state = None
-        self._cancel_fetch()
+        self._downloads.cancel()
         loaded, self._loaded = self._loaded, None
         if loaded is not None:
             loaded.close()  # if this raises, no step uses the handles again
@@ -244,25 +200,16 @@ class LlamaEngine(Engine):
         """Download the model of ``state`` on a thread of its own; the engine goes on
         without a model until ``_collect_fetch`` loads it."""
         begin_model_state(state, self._set_status)
-        self._reap_fetches()
-        fetch = ModelFetch(
-            state,
-            self.resolver,
-            cancellable=self._resolver_cancels,
-            after=self._cancelled_fetches,
-        )
-        with self._status_lock:
-            self._fetch = fetch
-        fetch.start(self._progress_of(fetch))
+        self._downloads.start(state)
 
     def _collect_fetch(self) -> None:
         """On the engine thread: load the model whose download finished, or report
         why it could not be had."""
-        fetch = self._fetch
-        if fetch is None or not fetch.finished or self._has_pending_state:
+        if self._has_pending_state:
             return  # a pending state replaces what the fetch got: no load for nothing
-        with self._status_lock:
-            self._fetch = None
+        fetch = self._downloads.take_finished()
+        if fetch is None:
+            return
         if fetch.error is not None:
             source_failed(fetch.state, fetch.error, self._set_status)
             return
@@ -273,21 +220,6 @@ class LlamaEngine(Engine):
             slots_total=self.slots_total,
             n_threads=self.n_threads,
         )
-
-    def _cancel_fetch(self) -> None:
-        """Cancel the download in progress, if any, without waiting for it to stop."""
-        fetch = self._fetch
-        if fetch is None:
-            return
-        with self._status_lock:
-            self._fetch = None
-        fetch.cancel()
-        self._cancelled_fetches.append(fetch)
-        log.info("cancelled the download of %r: a newer desired state", fetch.state["model"])
-
-    def _reap_fetches(self) -> None:
-        """Forget cancelled downloads whose threads have ended."""
-        self._cancelled_fetches = [f for f in self._cancelled_fetches if not f.join(0)]
 
     # ------------------------------------------------------------------ requests
 
@@ -501,7 +433,7 @@ class LlamaEngine(Engine):
         self._collect_fetch()
         loaded = self._loaded
         if loaded is None:
-            why = " (it is downloading it)" if self._fetch is not None else ""
+            why = " (it is downloading it)" if self._downloads.current is not None else ""
             self._fail_all(sink, 503, "AgentUnavailable", f"the agent has no model loaded{why}")
             if self._has_pending_state:
                 self._swap()
@@ -690,7 +622,7 @@ class LlamaEngine(Engine):
         self._cancelled_waiting.clear()
         self._by_request.clear()
         self._embedding.clear()
-        self._cancel_fetch()
+        self._downloads.cancel()
         for slot in self._slots:
             try:
                 slot.release()
@@ -707,20 +639,12 @@ class LlamaEngine(Engine):
         self._has_pending_state = False
         self._applied_key = ("never",)
         self._applied_state = None
-        with self._status_lock:
-            self._status = AgentStatus(
-                slots_total=self.slots_total, desired_slots_total=self.slots_total
-            )
-            self._status_changed = True
+        self._board.reset()
         self.apply_state(state)
 
     def close(self) -> None:
         self._embedding.clear()
-        self._cancel_fetch()
-        for fetch in self._cancelled_fetches:
-            if not fetch.join(FETCH_STOP_WAIT_S):
-                log.warning("a model download did not stop within %.0f s", FETCH_STOP_WAIT_S)
-        self._cancelled_fetches.clear()
+        self._downloads.stop_all(FETCH_STOP_WAIT_S)
         if self._loaded is not None:
             for slot in list(self._by_request.values()):
                 self._finish(self._loaded, slot)

@@ -1,0 +1,134 @@
+"""The broker's answers to a client's questions about the cluster: ping, the agents
+list, the buffered count, the desired state (read and write), metrics, and questions
+to one agent about itself (forwarded, answered within a deadline)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from paddler.broker.records import error_frames
+from paddler.errors import ConfigurationError
+from paddler.protocol.codec import HEADER, encode, unpack_body
+from paddler.protocol.desired_state import validate_desired_state
+from paddler.protocol.kinds import PROTOCOL_VERSION, Kind
+from paddler.protocol.messages import body_value
+
+if TYPE_CHECKING:
+    from paddler.broker.state import Broker
+
+AGENT_QUERY_TIMEOUT_S = 5.0
+"""How long an agent may take to answer a question about itself."""
+
+
+class ClientQueries:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.queries: dict[int, tuple[bytes, int, bytes, float]] = {}
+        """Agent questions waiting: query id -> (client, client request id, agent, deadline)."""
+
+    def _reply(self, identity: bytes, frames: list[bytes]) -> None:
+        self.broker._send_client(identity, frames)
+
+    def answer(self, identity: bytes, kind: int, request_id: int, body: bytes, now: float) -> bool:
+        """Answer a question of kind ``kind``; ``False`` if ``kind`` is not a question.
+        ``ProtocolError`` for a malformed body."""
+        broker = self.broker
+        if kind == Kind.PING:
+            version = body_value(unpack_body(body), "version", (int,), "Ping")
+            if version != PROTOCOL_VERSION:
+                self._reply(
+                    identity,
+                    error_frames(
+                        request_id,
+                        400,
+                        "ProtocolVersionMismatch",
+                        f"client speaks protocol version {version}, this balancer "
+                        f"speaks version {PROTOCOL_VERSION}",
+                    ),
+                )
+            else:
+                self._reply(identity, encode(Kind.PONG, request_id, {"version": PROTOCOL_VERSION}))
+        elif kind == Kind.GET_AGENTS:
+            self._reply(
+                identity,
+                encode(
+                    Kind.AGENTS,
+                    request_id,
+                    {"agents": [agent.to_body() for agent in broker.agent_snapshots()]},
+                ),
+            )
+        elif kind == Kind.GET_BUFFERED:
+            self._reply(identity, encode(Kind.BUFFERED, request_id, {"count": len(broker.buffer)}))
+        elif kind == Kind.GET_DESIRED_STATE:
+            state = broker.desired_state
+            if state is None:
+                state = validate_desired_state({})
+            self._reply(identity, encode(Kind.STATE, request_id, {"state": state}))
+        elif kind == Kind.GET_APPLICABLE_STATE:
+            self._reply(identity, encode(Kind.STATE, request_id, {"state": broker.desired_state}))
+        elif kind == Kind.GET_AGENT_INFO:
+            self._ask_agent(identity, request_id, unpack_body(body), now)
+        elif kind == Kind.GET_METRICS:
+            self._reply(
+                identity,
+                encode(
+                    Kind.METRICS,
+                    request_id,
+                    {
+                        "metrics": broker.metrics.snapshot(),
+                        "agents": [agent.to_body() for agent in broker.agent_snapshots()],
+                        "buffered": len(broker.buffer),
+                    },
+                ),
+            )
+        elif kind == Kind.PUT_DESIRED_STATE:
+            raw = body_value(unpack_body(body), "state", (dict,), "PutDesiredState")
+            try:
+                broker.put_desired_state(raw)
+            except ConfigurationError as exc:
+                self._reply(
+                    identity, error_frames(request_id, 400, "InvalidDesiredState", str(exc))
+                )
+            else:
+                self._reply(identity, encode(Kind.ACK, request_id, {}))
+        else:
+            return False
+        return True
+
+    def _ask_agent(self, client: bytes, client_request_id: int, body: Any, now: float) -> None:
+        """Ask an agent about itself (model metadata, chat template override)."""
+        agent_id = body_value(body, "agent_id", (str,), "GetAgentInfo")
+        what = body_value(body, "what", (str,), "GetAgentInfo")
+        identity = next((i for i, a in self.broker.agents.items() if a.agent_id == agent_id), None)
+        if identity is None:
+            self._reply(
+                client,
+                error_frames(client_request_id, 404, "UnknownAgent", f"no agent {agent_id!r}"),
+            )
+            return
+        query_id = self.broker.new_id()
+        self.queries[query_id] = (client, client_request_id, identity, now + AGENT_QUERY_TIMEOUT_S)
+        self.broker._send_agent(identity, encode(Kind.AGENT_QUERY, query_id, {"what": what}))
+
+    def agent_answer(self, identity: bytes, query_id: int, body: bytes) -> None:
+        """An agent's answer: forwarded to the client that asked."""
+        query = self.queries.get(query_id)
+        if query is None or query[2] != identity:
+            return
+        del self.queries[query_id]
+        self._reply(query[0], [HEADER.pack(Kind.AGENT_INFO, query[1]), body])
+
+    def expire(self, now: float) -> None:
+        """Answer 504 to the questions an agent left unanswered too long."""
+        for query_id, (client, client_request_id, _, deadline) in list(self.queries.items()):
+            if now >= deadline:
+                del self.queries[query_id]
+                self._reply(
+                    client,
+                    error_frames(
+                        client_request_id,
+                        504,
+                        "AgentTimeout",
+                        f"the agent did not answer within {AGENT_QUERY_TIMEOUT_S:g} s",
+                    ),
+                )
