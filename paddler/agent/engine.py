@@ -44,7 +44,6 @@ class EventSink(Protocol):
     def error(self, request_id: int, code: int, kind: str, description: str) -> None: ...
 
 
-CANCELLED_CODE = 499
 """Code of the error an engine reports for a request it ended on cancel."""
 
 

@@ -25,7 +25,7 @@ from paddler.client.events import TERMINAL, Event, Failed, Tokens, decode_event
 from paddler.client.queries import Query
 from paddler.errors import BrokerUnreachable, RequestFailed
 from paddler.protocol.codec import HEADER, HEADER_SIZE, encode, pack_body
-from paddler.protocol.kinds import PROTOCOL_VERSION, Kind
+from paddler.protocol.kinds import CANCELLED_CODE, PROTOCOL_VERSION, Kind
 
 DEFAULT_TIMEOUT_S = 5.0
 PING_AFTER_S = 1.0
@@ -118,7 +118,7 @@ class ClientCore:
         ``RequestFailed`` 499 if the client no longer knows the request."""
         queue = self._pending.get(request_id)
         if queue is None:
-            raise RequestFailed(499, "Cancelled", "the request was cancelled")
+            raise RequestFailed(CANCELLED_CODE, "Cancelled", "the request was cancelled")
         return queue.popleft() if queue else None
 
     def event(self, request_id: int, message: Message) -> Event:

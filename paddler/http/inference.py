@@ -29,6 +29,7 @@ from paddler.http.common import (
 from paddler.http.envelopes import embedding_messages, error, generation_messages, line, response
 from paddler.http.fanout import embed_fanned_out
 from paddler.http.openapi import OpenApiDocument, Operation, Reply
+from paddler.protocol.kinds import CANCELLED_CODE
 from paddler.protocol.nesting import json_depth_exceeds, too_deep_message
 from paddler.protocol.requests import (
     ConversationRequest,
@@ -40,8 +41,6 @@ from paddler.protocol.shapes import check
 
 log = logging.getLogger("paddler.http")
 
-CANCELLED_CODE = 499
-"""What reading a stream gives once it was cancelled (the client went away)."""
 
 NDJSON_CONTENT_TYPE = "application/json"
 EMBEDDING_PART_MIN_DOCUMENTS = 1

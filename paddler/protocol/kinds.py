@@ -6,6 +6,9 @@ from enum import IntEnum
 
 PROTOCOL_VERSION = 1
 
+CANCELLED_CODE = 499
+"""The code of a request that ends because its client cancelled it (nginx's 499)."""
+
 
 class Kind(IntEnum):
     """The first byte of every header frame."""

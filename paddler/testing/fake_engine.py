@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from paddler.agent.engine import CANCELLED_CODE, Engine, EventSink
+from paddler.agent.engine import Engine, EventSink
+from paddler.protocol.kinds import CANCELLED_CODE
 from paddler.protocol.messages import AgentStatus
 from paddler.protocol.requests import is_embedding_request
 

@@ -48,7 +48,7 @@ from collections.abc import Callable
 from typing import Any
 
 from paddler.agent.chat_template import ChatTemplateError
-from paddler.agent.engine import CANCELLED_CODE, Engine, EventSink
+from paddler.agent.engine import Engine, EventSink
 from paddler.agent.llama.embedder import EmbeddingJob
 from paddler.agent.llama.loading import (
     LoadedModel,
@@ -68,6 +68,7 @@ from paddler.agent.llama.sampling import GrammarError, build_sampler, schema_pro
 from paddler.agent.llama.slot import Slot
 from paddler.agent.llama.status import Downloads, StatusBoard
 from paddler.errors import EngineError
+from paddler.protocol.kinds import CANCELLED_CODE
 from paddler.protocol.messages import AgentStatus
 from paddler.protocol.requests import is_embedding_request
 
