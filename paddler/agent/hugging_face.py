@@ -318,25 +318,15 @@ def _download(
         plain_reporter.report(0, None, force=True)
     try:
         try:
-            if hooked:
-                result = hf_hub_download(
-                    repo_id=repo_id,
-                    filename=filename,
-                    revision=revision,
-                    cache_dir=hf_cache,
-                    endpoint=endpoint,
-                    etag_timeout=timeout_s,
-                    tqdm_class=reporter,
-                )
-            else:
-                result = hf_hub_download(
-                    repo_id=repo_id,
-                    filename=filename,
-                    revision=revision,
-                    cache_dir=hf_cache,
-                    endpoint=endpoint,
-                    etag_timeout=timeout_s,
-                )
+            result = hf_hub_download(
+                repo_id=repo_id,
+                filename=filename,
+                revision=revision,
+                cache_dir=hf_cache,
+                endpoint=endpoint,
+                etag_timeout=timeout_s,
+                tqdm_class=reporter,  # None: huggingface_hub's own bar
+            )
         except Exception as exc:
             raised = _raised_by_hook(exc)
             if raised is not None:
