@@ -185,6 +185,9 @@ class AsyncClient(CoreDriver):
             raise self._closed_with.with_traceback(None)
         message = core.next_message(request_id)
         if message is not None:
+            # a message already here: let the other tasks run first, so that one stream
+            # with a backlog cannot keep the event loop from every other stream
+            await asyncio.sleep(0)
             return message
         self.start()
         core.begin_wait(time.monotonic())
