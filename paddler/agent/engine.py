@@ -18,16 +18,27 @@ Errors that come from the engine itself, not from what a request asked (those ar
 - ``DecodeFailed`` (500): ``llama_decode`` failed (any code but 0 and 1); the requests
   with tokens in that batch end, the others go on.
 - ``AgentEngineRestarted`` (503): an exception escaped the engine loop; the worker
-  ended every request the engine held and restarted it (``Engine.reset``).
+  ended every request the engine held and restarted it (``Engine.reset``). The
+  broker continues a streamed one on another agent and dispatches the others again.
 - ``AgentUnavailable`` (503): the agent cannot take the request now (no model,
   shutting down, engine down after repeated failures); the broker sends a request
   that has not started elsewhere.
+- ``InvalidContinuation`` (400): a continued request's tokens do not fit this model
+  (an id out of its vocabulary, an end-of-generation token, a token its grammar
+  refuses) or its slot.
+
+A request continued from another agent (``continuation`` in the dispatched request,
+``paddler.protocol.requests.continued_tokens``) starts from its prompt plus the tokens
+already generated: they are prefilled with the prompt, replayed through the request's
+sampler chain (grammar state, penalties) and its text assembler (UTF-8 and stop
+strings across the seam), count toward ``max_tokens`` and in ``content_tokens``, and
+their text is not sent again.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from paddler.errors import EngineError
@@ -35,7 +46,13 @@ from paddler.protocol.messages import AgentStatus
 
 
 class EventSink(Protocol):
-    def tokens(self, request_id: int, pieces: list[str]) -> None: ...
+    def tokens(
+        self, request_id: int, pieces: list[str], token_ids: Sequence[int] | None = None
+    ) -> None:
+        """The text a request produced in one step. ``token_ids``: the tokens whose
+        text is now sent (including earlier ones that produced none, e.g. held back
+        as the start of a stop string): an engine that gives them lets the broker
+        continue the stream on another agent if this one is lost (``None``: it cannot)."""
 
     def embedding(self, request_id: int, result: dict[str, Any]) -> None: ...
 

@@ -2,7 +2,7 @@
 
 It talks to the I/O side over an inproc PAIR socket with protocol frames:
 commands in (DISPATCH, CANCEL, DESIRED_STATE, DEREGISTER = stop), events out
-(TOKENS, DONE, ERROR ready to forward verbatim, and AGENT_STATUS).
+(TOKENS with their token ids, DONE, ERROR ready to forward verbatim, and AGENT_STATUS).
 
 It also supervises the engine. The engine isolates a fault of one request itself;
 an exception that escapes ``Engine.step`` (or any other engine call of the loop)
@@ -22,13 +22,14 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import zmq
 
 from paddler.agent.engine import Engine
 from paddler.errors import ProtocolError
-from paddler.protocol.codec import HEADER, encode, pack_body, unpack_body
+from paddler.protocol.codec import HEADER, encode, pack_body, pack_token_ids, unpack_body
 from paddler.protocol.kinds import Kind
 from paddler.protocol.messages import AgentStatus, ErrorBody
 from paddler.protocol.requests import dispatched_request
@@ -55,8 +56,13 @@ class _SocketSink:
         self.socket = socket
         self.open: set[int] = set()
 
-    def tokens(self, request_id: int, pieces: list[str]) -> None:
-        self.socket.send_multipart([HEADER.pack(_TOKENS_HEADER, request_id), pack_body(pieces)])
+    def tokens(
+        self, request_id: int, pieces: list[str], token_ids: Sequence[int] | None = None
+    ) -> None:
+        frames = [HEADER.pack(_TOKENS_HEADER, request_id), pack_body(pieces)]
+        if token_ids is not None:
+            frames.append(pack_token_ids(token_ids))
+        self.socket.send_multipart(frames)
 
     def embedding(self, request_id: int, result: dict[str, Any]) -> None:
         self.socket.send_multipart(encode(Kind.EMBEDDING, request_id, result))

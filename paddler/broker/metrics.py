@@ -93,6 +93,7 @@ REQUEST_OUTCOMES = frozenset(
         "KvCacheExhausted",
         "SamplerError",
         "DetokenizationFailed",
+        "InvalidContinuation",
     }
 )
 """Every value the ``outcome`` label of ``paddler_requests_total`` takes besides
@@ -119,6 +120,8 @@ class BrokerMetrics:
         """Per agent label, only while an agent with that label is registered."""
         self.dropped_frames = 0
         """Malformed or unexpected frames dropped (every one, logged or not)."""
+        self.continuations = 0
+        """Streams that moved to another agent after losing theirs."""
 
     def count_outcome(self, kind: object) -> None:
         """One submitted request ended: ``done``, ``cancelled`` or an error kind."""
@@ -149,6 +152,7 @@ class BrokerMetrics:
             "tokens_by_agent": dict(self.tokens_by_agent),
             "requests_by_agent": dict(self.requests_by_agent),
             "dropped_frames": self.dropped_frames,
+            "continuations": self.continuations,
         }
 
 

@@ -58,7 +58,7 @@ class ClientQueries:
                 ),
             )
         elif kind == Kind.GET_BUFFERED:
-            self._reply(identity, encode(Kind.BUFFERED, request_id, {"count": len(broker.buffer)}))
+            self._reply(identity, encode(Kind.BUFFERED, request_id, {"count": broker.waiting()}))
         elif kind == Kind.GET_DESIRED_STATE:
             state = broker.desired_state
             if state is None:
@@ -77,7 +77,7 @@ class ClientQueries:
                     {
                         "metrics": broker.metrics.snapshot(),
                         "agents": [agent.to_body() for agent in broker.agent_snapshots()],
-                        "buffered": len(broker.buffer),
+                        "buffered": broker.waiting(),
                     },
                 ),
             )

@@ -42,7 +42,8 @@ class RequestRecord:
     """The normalized request, packed once; sent again on re-dispatch."""
     agent: bytes | None = None
     started: bool = False
-    """At least one token frame reached the client: the request cannot be re-dispatched."""
+    """At least one token frame reached the client: the request can only continue
+    elsewhere (from ``token_ids``), not start again."""
     cancelled: bool = False
     """The client is gone or was answered; waiting for the agent to confirm the end."""
     outcome: str | None = None
@@ -51,3 +52,17 @@ class RequestRecord:
     last_activity: float = 0.0
     buffered_at: float = 0.0
     submitted_at: float = 0.0
+    token_ids: bytearray | None = None
+    """The ids of the tokens whose text reached the client, packed as the agents send
+    them (appended, never unpacked on the way): what a continuation starts from.
+    ``None`` when the request cannot continue elsewhere (an embedding request,
+    continuations off, or an agent that does not send ids)."""
+    continuations: int = 0
+    """How many times the request moved to another agent after losing its own."""
+    model_path: str | None = None
+    """The model of the agent that streams it: a continuation goes to an agent with
+    the same model (the token ids mean nothing to another one)."""
+    continue_by: float = 0.0
+    """While waiting to continue: when it gives up (502 ``AgentLost``)."""
+    lost_reason: str = ""
+    """While waiting to continue: how its agent was lost (for the 502)."""

@@ -43,6 +43,15 @@ class BrokerSettings:
             minimum=1,
         ),
     )
+    max_continuations: int = field(
+        default=2,
+        metadata=option(
+            "How many times a request whose agent is lost mid-stream may continue on "
+            "another agent (from its prompt and the tokens already streamed, invisibly "
+            "to its client); past that, or with 0, it fails with 502 AgentLost.",
+            minimum=0,
+        ),
+    )
     state_database: str = field(
         default="memory://",
         metadata=option(

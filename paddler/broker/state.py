@@ -6,7 +6,12 @@ and the current monotonic time; it appends what must be sent to ``outbox`` as
 frames between ZeroMQ and this object, and reports send failures back.
 
 Token frames are forwarded without unpacking their bodies: only the 9-byte
-header is rewritten with the client's own request id.
+header is rewritten with the client's own request id. Their third frame, the ids of
+the tokens whose text they carry, is appended to the request's record (no
+unpacking either): when the agent is lost, a request that already streamed text
+continues on another agent from its prompt and those tokens (``continuing``: ahead
+of the buffer, at most ``--max-continuations`` times), and its client sees nothing
+but the rest of its stream.
 """
 
 from __future__ import annotations
@@ -22,13 +27,21 @@ from paddler.broker.settings import BrokerSettings
 from paddler.broker.store import StateStore
 from paddler.curve import fingerprint
 from paddler.errors import InvalidRequest, ProtocolError
-from paddler.protocol.codec import HEADER, encode, make_header, pack_body, unpack_body
+from paddler.protocol.codec import (
+    HEADER,
+    MAX_BODY_BYTES,
+    TOKEN_ID,
+    encode,
+    make_header,
+    pack_body,
+    unpack_body,
+)
 from paddler.protocol.desired_state import validate_desired_state
 from paddler.protocol.kinds import KNOWN_KINDS, PROTOCOL_VERSION, Kind
 from paddler.protocol.messages import AgentSnapshot, AgentStatus, ErrorBody, Register
 
 __all__ = ["Broker", "Outgoing", "Target"]
-from paddler.protocol.requests import validate_request
+from paddler.protocol.requests import CONTINUATION, is_embedding_request, validate_request
 
 log = logging.getLogger("paddler.broker")
 
@@ -48,6 +61,9 @@ _EMBEDDING = int(Kind.EMBEDDING)
 _DONE = int(Kind.DONE)
 _ERROR = int(Kind.ERROR)
 _TERMINAL = (_DONE, _ERROR)
+_ELSEWHERE = frozenset({"AgentUnavailable", "AgentEngineRestarted"})
+"""Errors with which an agent gives a request back: one that has not started goes
+back to the head of the buffer, one that has streamed continues elsewhere."""
 _BUG = "the balancer failed to handle this request (a bug, logged)"
 
 
@@ -68,6 +84,9 @@ class Broker:
         self.agents: dict[bytes, AgentInfo] = {}
         self.requests: dict[int, RequestRecord] = {}
         self.by_client: dict[tuple[bytes, int], int] = {}
+        self.continuing: dict[int, RequestRecord] = {}
+        """Streamed requests whose agent was lost, waiting (ahead of the buffer) for
+        an agent with the same model and a free slot, oldest first."""
         self.outbox: list[Outgoing] = []
         self.desired_state: dict[str, Any] | None = self.store.load()
         self._next_request_id = 1
@@ -113,6 +132,7 @@ class Broker:
         through here, so the tables cannot disagree about it."""
         request_id = record.request_id
         self.buffer.remove(request_id)
+        self.continuing.pop(request_id, None)
         self._release(record)
         if self.requests.get(request_id) is record:
             del self.requests[request_id]
@@ -142,6 +162,14 @@ class Broker:
         self.in_flight.add(record.request_id, agent)
         self._send_agent(agent, [make_header(Kind.DISPATCH, record.request_id), record.body])
         info = self.agents.get(agent)
+        record.model_path = info.status.model_path if info else None
+        self._tell_dispatched(record, agent, info, now - record.buffered_at)
+
+    def _tell_dispatched(
+        self, record: RequestRecord, agent: bytes, info: AgentInfo | None, waited_s: float
+    ) -> None:
+        """Tell the client which agent serves its request now (again after a
+        continuation) and how long it waited for it."""
         self._send_client(
             record.client,
             encode(
@@ -150,7 +178,7 @@ class Broker:
                 {
                     "agent_id": info.agent_id if info else agent.hex(),
                     "agent_name": info.name if info else None,
-                    "queued_ms": int((now - record.buffered_at) * 1000),
+                    "queued_ms": int(waited_s * 1000),
                 },
             ),
         )
@@ -165,7 +193,9 @@ class Broker:
         return self.registry.choose_and_acquire()
 
     def dispatch_buffered(self, now: float) -> None:
-        """Give free slots to the oldest waiters."""
+        """Give free slots to the oldest waiters: continuations first."""
+        if self.continuing:
+            self._dispatch_continuations(now)
         buffer = self.buffer
         while True:
             request_id = buffer.peek()
@@ -183,6 +213,91 @@ class Broker:
             buffer.pop()
             self._dispatch(record, agent, now)
 
+    # ----------------------------------------------------------- continuation
+
+    def _continue(self, record: RequestRecord, now: float, why: str) -> bool:
+        """Queue a streamed request whose agent is lost to continue on another (its
+        slot already released); ``False`` if it cannot (no token ids, or out of
+        continuations): then it fails as before."""
+        token_ids = record.token_ids
+        if (
+            not token_ids
+            or len(token_ids) % TOKEN_ID.size
+            or record.continuations >= self.settings.max_continuations
+        ):
+            return False
+        record.agent = None
+        record.continuations += 1
+        record.continue_by = now + self.settings.buffered_request_timeout_s
+        record.lost_reason = why
+        self.continuing[record.request_id] = record
+        self.metrics.continuations += 1
+        return True
+
+    def _agent_for(self, record: RequestRecord) -> bytes | None:
+        """A ready agent with a free slot and the model ``record`` was streamed with,
+        the least loaded first; ``None`` if there is none now."""
+        registry = self.registry
+        best: bytes | None = None
+        best_load = 0
+        for identity, info in self.agents.items():
+            if info.status.model_path != record.model_path or not registry.is_ready(identity):
+                continue
+            load = registry.in_flight(identity)
+            if load < registry.slots_total(identity) and (best is None or load < best_load):
+                best, best_load = identity, load
+        return best
+
+    def _dispatch_continuations(self, now: float) -> None:
+        for record in list(self.continuing.values()):
+            agent = self._agent_for(record)
+            if agent is None:
+                continue
+            del self.continuing[record.request_id]
+            assert record.token_ids is not None  # checked by ``_continue``
+            body = unpack_body(record.body)
+            body[CONTINUATION] = {"token_ids": bytes(record.token_ids)}
+            frame = pack_body(body)
+            if len(frame) > MAX_BODY_BYTES:
+                self._fail(
+                    record,
+                    502,
+                    "AgentLost",
+                    f"{record.lost_reason} while generating; the request is too large to "
+                    "continue elsewhere",
+                )
+                self._forget(record)
+                continue
+            self.registry.acquire(agent)
+            record.agent = agent
+            record.last_activity = now
+            self.in_flight.add(record.request_id, agent)
+            self._send_agent(agent, [make_header(Kind.DISPATCH, record.request_id), frame])
+            info = self.agents[agent]
+            waited_s = now - (record.continue_by - self.settings.buffered_request_timeout_s)
+            self._tell_dispatched(record, agent, info, waited_s)
+            log.info(
+                "request %d continues on agent %s (%s) after %d tokens (continuation %d of "
+                "at most %d)",
+                record.request_id,
+                info.agent_id,
+                info.name,
+                len(record.token_ids) // TOKEN_ID.size,
+                record.continuations,
+                self.settings.max_continuations,
+            )
+
+    def _expire_continuations(self, now: float) -> None:
+        for record in [r for r in self.continuing.values() if now >= r.continue_by]:
+            self._fail(
+                record,
+                502,
+                "AgentLost",
+                f"{record.lost_reason} while generating; no agent with its model was free "
+                f"to continue it within {self.settings.buffered_request_timeout} ms",
+            )
+            self._forget(record)
+
     # ------------------------------------------------------------ from agents
 
     def on_agent_message(
@@ -191,8 +306,9 @@ class Broker:
         """One message from the agents socket (identity stripped). Never raises
         for bad input: malformed frames are logged and dropped. ``peer_key``: with
         curve, the public key the connection authenticated with (read for REGISTER)."""
-        if len(frames) != 2 or len(frames[0]) != 9:
-            self._drop("agent", identity, f"bad frame layout ({len(frames)} frames)", now)
+        count = len(frames)
+        if (count != 2 and count != 3) or len(frames[0]) != 9:
+            self._drop("agent", identity, f"bad frame layout ({count} frames)", now)
             return
         kind, request_id = HEADER.unpack(frames[0])
         info = self.agents.get(identity)
@@ -211,7 +327,16 @@ class Broker:
                 self._send_client(
                     record.client, [HEADER.pack(kind, record.client_request_id), frames[1]]
                 )
+                token_ids = record.token_ids
+                if token_ids is not None:
+                    if count == 3 and not len(frames[2]) & 3:  # whole int32 ids
+                        token_ids += frames[2]
+                    else:  # text without its tokens: the request cannot continue elsewhere
+                        record.token_ids = None
             record.last_activity = now
+            return
+        if count == 3:
+            self._drop("agent", identity, "bad frame layout (3 frames, not tokens)", now)
             return
         try:
             if kind in _TERMINAL:
@@ -344,15 +469,24 @@ class Broker:
                     "ProtocolError",
                     "the agent ended the request with a malformed error",
                 )
-        refused = error is not None and error.kind == "AgentUnavailable"
-        if refused and not record.started and not record.cancelled:
-            # the agent refused before starting (draining, reloading): try another one
-            self._release(record)
-            record.agent = None
-            record.buffered_at = now
-            self.buffer.push_front(request_id, now + self.settings.buffered_request_timeout_s)
-            self.dispatch_buffered(now)
-            return
+        if error is not None and error.kind in _ELSEWHERE and not record.cancelled:
+            # the agent gave it back (draining, reloading, its engine restarted)
+            restarted = error.kind == "AgentEngineRestarted"
+            if not (restarted and record.continuations >= self.settings.max_continuations):
+                self._release(record)
+                record.agent = None
+                if not record.started:  # try another one from the start
+                    if restarted:  # a request that breaks engines moves a bounded number of times
+                        record.continuations += 1
+                    record.buffered_at = now
+                    self.buffer.push_front(
+                        request_id, now + self.settings.buffered_request_timeout_s
+                    )
+                    self.dispatch_buffered(now)
+                    return
+                if self._continue(record, now, f"agent gave it back ({error.kind})"):
+                    self.dispatch_buffered(now)
+                    return
         if not record.cancelled:
             self._send_client(record.client, [HEADER.pack(kind, record.client_request_id), body])
             record.cancelled = True
@@ -369,14 +503,15 @@ class Broker:
             self.registry.release(agent)
 
     def remove_agent(self, identity: bytes, now: float, reason: str) -> None:
-        """An agent is gone: streamed requests fail with 502, unstarted ones go back
-        to the head of the buffer, its slots leave the registry, and its series leave
-        the metrics (unless another agent has its label). Safe for any identity."""
+        """An agent is gone: streamed requests continue on another agent (or fail with
+        502 when they cannot), unstarted ones go back to the head of the buffer, its
+        slots leave the registry, and its series leave the metrics (unless another
+        agent has its label). Safe for any identity."""
         info = self.agents.pop(identity, None)
         self.registry.remove(identity)
         orphans = self.in_flight.of_agent(identity)
         redispatch: list[RequestRecord] = []
-        failed = 0
+        failed = continued = 0
         for request_id in orphans:
             self.in_flight.remove(request_id)
             record = self.requests.get(request_id)
@@ -388,6 +523,9 @@ class Broker:
             if record.cancelled:
                 self._forget(record)
             elif record.started:
+                if self._continue(record, now, f"agent {reason}"):
+                    continued += 1
+                    continue
                 self._fail(record, 502, "AgentLost", f"agent {reason} while generating")
                 self._forget(record)
                 failed += 1
@@ -405,10 +543,11 @@ class Broker:
                 self.metrics.forget_agent(label)
             if orphans or reason != "deregistered":
                 log.warning(
-                    "agent %s (%s) %s: %d requests failed, %d re-dispatched",
+                    "agent %s (%s) %s: %d requests continue elsewhere, %d failed, %d re-dispatched",
                     info.agent_id,
                     info.name,
                     reason,
+                    continued,
                     failed,
                     len(redispatch),
                 )
@@ -467,6 +606,8 @@ class Broker:
             buffered_at=now,
             submitted_at=now,
         )
+        if self.settings.max_continuations and not is_embedding_request(request):
+            record.token_ids = bytearray()
         if not len(self.buffer):
             agent = self._choose()
             if agent is not None:
@@ -531,6 +672,8 @@ class Broker:
                 self.remove_agent(identity, now, reason="stopped answering")
         self.client_queries.expire(now)
         self._log_held_back_drops(now)
+        if self.continuing:
+            self._expire_continuations(now)
         for request_id in self.buffer.pop_expired(now):
             record = self.requests.get(request_id)
             if record is None:  # cannot happen while every request leaves through ``_forget``
@@ -572,6 +715,10 @@ class Broker:
 
     # --------------------------------------------------------------- snapshots
 
+    def waiting(self) -> int:
+        """Requests waiting for a free slot: buffered, or waiting to continue."""
+        return len(self.buffer) + len(self.continuing)
+
     def agent_snapshots(self) -> list[AgentSnapshot]:
         """Every agent as the broker sees it, by name then id; ``slots_processing``
         is the broker's own count."""
@@ -605,7 +752,7 @@ class Broker:
         """A handler raised on this message (a bug): the request it was about ends
         with 500 ``InternalError``, so its client is not left waiting and its slot is
         not held forever. Called by the socket loop, which logs the bug."""
-        if len(frames) != 2 or len(frames[0]) != 9:
+        if len(frames) not in (2, 3) or len(frames[0]) != 9:
             return
         kind, request_id = HEADER.unpack(frames[0])
         if agents_side:
@@ -628,5 +775,6 @@ class Broker:
     def __repr__(self) -> str:
         return (
             f"<Broker agents={len(self.agents)} buffered={len(self.buffer)} "
-            f"in_flight={len(self.in_flight)} {self.registry!r}>"
+            f"continuing={len(self.continuing)} in_flight={len(self.in_flight)} "
+            f"{self.registry!r}>"
         )

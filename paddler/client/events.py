@@ -13,7 +13,9 @@ from paddler.protocol.messages import ErrorBody, Usage, body_value, token_pieces
 
 @dataclass(frozen=True, slots=True)
 class Dispatched:
-    """The request left the buffer for an agent."""
+    """The request left the buffer for an agent. It comes again mid-stream when the
+    request continues on another agent after losing its own (``queued_ms``: how long
+    it waited for that one); the stream itself goes on without a seam."""
 
     agent_id: str
     agent_name: str | None

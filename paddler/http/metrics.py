@@ -109,6 +109,11 @@ class SnapshotCollector(Collector):
             "Malformed frames the broker dropped.",
             value=metrics.get("dropped_frames", 0),
         )
+        yield CounterMetricFamily(
+            "paddler_continuations",
+            "Streams that continued on another agent after their agent was lost.",
+            value=metrics.get("continuations", 0),
+        )
         for name, key, help_text in HISTOGRAMS:
             yield _histogram(name, help_text, metrics[key])
 

@@ -4,6 +4,12 @@ A message on the wire is two frames after any ZeroMQ identity: a 9-byte header
 ``(kind: u8, request_id: u64 big-endian)`` and a msgpack body. The header stays
 separate so the broker can forward token frames without unpacking their bodies;
 it rewrites only the request id.
+
+A ``TOKENS`` message from an agent carries a third frame: the ids of the tokens
+whose text is in that step's pieces, packed as little-endian int32 (``pack_token_ids``).
+The broker keeps those bytes (an append, no unpacking) so that a stream whose
+agent is lost can continue elsewhere from the same tokens, and forwards only the
+first two frames to the client.
 """
 
 from __future__ import annotations
@@ -33,6 +39,25 @@ _NOT_CONTAINER_HEADER = bytes(
 16/32, map 16/32): a body has at most as many containers as it has such bytes."""
 
 _pack = msgpack.Packer(use_bin_type=True).pack
+
+
+TOKEN_ID = struct.Struct("<i")
+"""One token id in a ``TOKENS`` message's ids frame."""
+
+
+def pack_token_ids(token_ids: Sequence[int]) -> bytes:
+    """The ids frame of a ``TOKENS`` message (one id per step is the common case)."""
+    if len(token_ids) == 1:
+        return TOKEN_ID.pack(token_ids[0])
+    return struct.pack(f"<{len(token_ids)}i", *token_ids)
+
+
+def unpack_token_ids(data: bytes) -> list[int]:
+    """Token ids packed by ``pack_token_ids`` (frames joined); ``ProtocolError`` if
+    the length is not a whole number of ids."""
+    if len(data) % TOKEN_ID.size:
+        raise ProtocolError(f"token ids: {len(data)} bytes is not a whole number of int32")
+    return list(struct.unpack(f"<{len(data) // TOKEN_ID.size}i", data))
 
 
 def make_header(kind: int, request_id: int = 0) -> bytes:

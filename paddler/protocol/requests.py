@@ -21,6 +21,7 @@ from pydantic import AfterValidator, BeforeValidator, Discriminator, Field
 from pydantic_core import PydanticCustomError
 
 from paddler.errors import InvalidRequest, ProtocolError
+from paddler.protocol.codec import unpack_token_ids
 from paddler.protocol.grammar_limits import gbnf_problem, json_schema_problem
 from paddler.protocol.shapes import Says, Shape, check, member_tag
 
@@ -313,15 +314,38 @@ def parse_request(request: Any) -> RawPromptRequest | ConversationRequest | Embe
     return check(ConversationRequest, request, InvalidRequest)
 
 
+CONTINUATION = "continuation"
+"""The key the broker adds to a generation request it sends again after losing its
+agent: ``{"token_ids": bytes}``, the tokens already generated and streamed (packed
+as ``paddler.protocol.codec.pack_token_ids`` does). Never accepted from clients."""
+
+
 def dispatched_request(body: Any) -> dict[str, Any]:
     """A request as the broker dispatches it to an agent: validated where it entered,
     so only its shape is checked here (a map with exactly the keys of one request
-    kind's wire form), cheaply; ``ProtocolError`` otherwise."""
+    kind's wire form, plus ``continuation`` for a generation request continued from
+    another agent), cheaply; ``ProtocolError`` otherwise."""
     if isinstance(body, dict):
         keys = body.keys()
         if keys in (_RAW_KEYS, _CONVERSATION_KEYS, _EMBEDDING_KEYS):
             return body
+        if CONTINUATION in body and keys - {CONTINUATION} in (_RAW_KEYS, _CONVERSATION_KEYS):
+            continuation = body[CONTINUATION]
+            if not isinstance(continuation, dict) or not isinstance(
+                continuation.get("token_ids"), bytes
+            ):
+                raise ProtocolError("Dispatch: continuation.token_ids must be bytes")
+            return body
     raise ProtocolError("Dispatch: body must be a request in its wire form")
+
+
+def continued_tokens(request: dict[str, Any]) -> list[int]:
+    """The tokens a continued request already generated (none for a fresh one);
+    ``ProtocolError`` if they are malformed."""
+    continuation = request.get(CONTINUATION)
+    if continuation is None:
+        return []
+    return unpack_token_ids(continuation["token_ids"])
 
 
 def validate_request(request: Any) -> dict[str, Any]:
@@ -334,6 +358,7 @@ def validate_request(request: Any) -> dict[str, Any]:
 
 
 __all__ = [
+    "CONTINUATION",
     "DEFAULT_MAX_TOKENS",
     "MAX_DOCUMENTS",
     "MAX_PROMPT_CHARS",
@@ -351,6 +376,7 @@ __all__ = [
     "Stop",
     "Temperature",
     "TopK",
+    "continued_tokens",
     "dispatched_request",
     "is_embedding_request",
     "parse_request",

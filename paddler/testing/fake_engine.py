@@ -3,8 +3,11 @@ decode that releases the GIL) and gives every request ``tokens_per_step`` pieces
 after an optional ``first_token_delay_ms`` per request (a slow prefill, or a stall).
 Embedding requests get a small made-up vector per document at the next step.
 
-Piece ``i`` of a request is ``"t{i} "``; a request ends after ``max_tokens``
-pieces with usage counting the whitespace-separated words of its prompt.
+Piece ``i`` of a request is ``"t{i} "`` (token id ``i``); a request ends after
+``max_tokens`` pieces with usage counting the whitespace-separated words of its
+prompt. A continued request (``continuation``) given ``k`` tokens (``0..k-1`` when
+another fake engine generated them) goes on with piece ``k``, as the real engine
+goes on from the tokens another agent generated.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 from paddler.agent.engine import Engine, EventSink
 from paddler.protocol.kinds import CANCELLED_CODE
 from paddler.protocol.messages import AgentStatus
-from paddler.protocol.requests import is_embedding_request
+from paddler.protocol.requests import continued_tokens, is_embedding_request
 
 PIECES = [f"t{i} " for i in range(4096)]
 
@@ -76,10 +79,12 @@ class FakeEngine(Engine):
         prompt = request.get("raw_prompt")
         if prompt is None:
             prompt = " ".join(str(m.get("content", "")) for m in request["conversation_history"])
+        generated = continued_tokens(request)
         self.requests[request_id] = _Request(
             request["max_tokens"],
             len(prompt.split()),
             ready_at=time.monotonic() + self.first_token_delay_s,
+            produced=len(generated),
         )
 
     def cancel(self, request_id: int) -> None:
@@ -122,7 +127,9 @@ class FakeEngine(Engine):
                 continue  # still "prefilling"
             start = request.produced
             end = min(request.max_tokens, start + self.tokens_per_step)
-            sink.tokens(request_id, [PIECES[i % 4096] for i in range(start, end)])
+            sink.tokens(
+                request_id, [PIECES[i % 4096] for i in range(start, end)], range(start, end)
+            )
             request.produced = end
             if end >= request.max_tokens:
                 sink.done(

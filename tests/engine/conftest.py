@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,14 @@ class RecordingSink:
     def __init__(self, engine: LlamaEngine) -> None:
         self.engine = engine
         self.events: list[tuple[int, str, int, Any]] = []
+        self.frames: dict[int, list[tuple[str, list[int]]]] = defaultdict(list)
+        """Each request's token frames: their text and the token ids they carried."""
 
-    def tokens(self, request_id: int, pieces: list[str]) -> None:
+    def tokens(
+        self, request_id: int, pieces: list[str], token_ids: Sequence[int] | None = None
+    ) -> None:
         self.events.append((self.engine.decode_steps, "tokens", request_id, pieces))
+        self.frames[request_id].append(("".join(pieces), list(token_ids or ())))
 
     def embedding(self, request_id: int, result: dict[str, Any]) -> None:
         self.events.append((self.engine.decode_steps, "embedding", request_id, result))

@@ -4,6 +4,7 @@ cells included) serves the next request as if new."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import paddler.agent.llama.scheduler as scheduler
@@ -134,10 +135,12 @@ def test_a_request_whose_text_cannot_be_sent_ends_alone(make_engine) -> None:
     reference = run(engine, {9: GOOD}).text()[9]
 
     class RefusingSink(RecordingSink):
-        def tokens(self, request_id: int, pieces: list[str]) -> None:
+        def tokens(
+            self, request_id: int, pieces: list[str], token_ids: Sequence[int] | None = None
+        ) -> None:
             if request_id == 1 and len(self.text().get(1, "")) > 3:
                 raise ValueError("cannot send this")
-            super().tokens(request_id, pieces)
+            super().tokens(request_id, pieces, token_ids)
 
     sink = RefusingSink(engine)
     _serve(engine, sink, {1: FAULTY, 2: GOOD})

@@ -5,6 +5,7 @@ document's decode per token, and gives exactly what embedding it at once gives."
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from typing import Any
 
 from paddler.agent.llama.embedder import Embedder, embed_documents
@@ -24,7 +25,9 @@ class _Collector:
         self.results: list[dict[str, Any]] = []
         self.usage: dict[str, int] | None = None
 
-    def tokens(self, request_id: int, pieces: list[str]) -> None:
+    def tokens(
+        self, request_id: int, pieces: list[str], token_ids: Sequence[int] | None = None
+    ) -> None:
         raise AssertionError("an embedding request sends no tokens")
 
     def embedding(self, request_id: int, result: dict[str, Any]) -> None:
@@ -53,9 +56,9 @@ def test_a_stream_beside_a_thousand_documents_waits_at_most_one_document_per_tok
     decodes_at_tokens: dict[int, list[int]] = {}
     original_tokens = sink.tokens
 
-    def tokens(request_id: int, pieces: list[str]) -> None:
+    def tokens(request_id: int, pieces: list[str], token_ids: Sequence[int] | None = None) -> None:
         decodes_at_tokens.setdefault(request_id, []).append(engine.embedding_decodes)
-        original_tokens(request_id, pieces)
+        original_tokens(request_id, pieces, token_ids)
 
     sink.tokens = tokens  # type: ignore[method-assign]
 

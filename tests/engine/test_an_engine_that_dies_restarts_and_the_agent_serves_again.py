@@ -1,8 +1,10 @@
 """An exception that escapes the engine loop does not take the agent down: it stays
 registered, shows ``EngineFailed`` in the agents list while it reloads its model,
-ends the requests it held with ``AgentEngineRestarted``, and serves again. Too many
-failures in a row leave it down (not ready, the issue shown) until a new desired
-state arrives.
+gives the requests it held back with ``AgentEngineRestarted`` (the broker continues
+a streamed one where it stopped, here on the same agent once it is back), and
+serves again. With continuations off the client gets that error. Too many failures
+in a row leave it down (not ready, the issue shown) until a new desired state
+arrives.
 
 In one process: a real broker, a real agent service with the llama.cpp engine on
 the tiny model, a real client; the fault is a monkeypatched ``LlamaEngine.step``.
@@ -89,7 +91,10 @@ class Agent:
 
 
 @pytest.fixture
-def agent(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Agent]:
+def agent(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[Agent]:
+    broker_options: dict[str, Any] = getattr(request, "param", {})
     faults = Faults()
     real_step = LlamaEngine.step
     real_reset = LlamaEngine.reset
@@ -112,7 +117,9 @@ def agent(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Agent]:
 
     def run_broker() -> None:  # built here: its SQLite store belongs to this thread
         servers.append(
-            BrokerServer(BrokerSettings(agents_addr=agents_addr, clients_addr=clients_addr))
+            BrokerServer(
+                BrokerSettings(agents_addr=agents_addr, clients_addr=clients_addr, **broker_options)
+            )
         )
         servers[0].run()
 
@@ -143,16 +150,14 @@ def agent(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Agent]:
     assert service.exit_code == 0
 
 
-def test_the_agent_reports_the_failure_reloads_and_serves_again(agent: Agent) -> None:
-    reference, end = agent.generate()
+def test_the_agent_reports_the_failure_reloads_and_continues_the_stream(agent: Agent) -> None:
+    reference, end = agent.generate(max_tokens=200)
     assert isinstance(end, Done) and reference
     agent.reset_gate.clear()  # hold the reload to see the agent while it recovers
     agent.faults.arm(at=3)  # prefill, first token, then the bug
-    text, end = agent.generate(max_tokens=200)
-    assert isinstance(end, Failed), end
-    assert (end.code, end.kind) == (503, "AgentEngineRestarted")
-    assert "RuntimeError: an injected bug in step" in end.description
-    assert text and reference.startswith(text)  # what came before the fault was right
+    outcome: list[tuple[str, Any]] = []
+    streaming = threading.Thread(target=lambda: outcome.append(agent.generate(max_tokens=200)))
+    streaming.start()
     recovering = wait_until(
         lambda: (a := agent.one())["issues"] and a, timeout_s=10, what="an issue shown"
     )
@@ -161,13 +166,30 @@ def test_the_agent_reports_the_failure_reloads_and_serves_again(agent: Agent) ->
         {"EngineFailed": {"error": "RuntimeError: an injected bug in step", "restarting": True}}
     ]
     agent.reset_gate.set()
+    streaming.join(timeout=30)
+    ((text, end),) = outcome
+    assert isinstance(end, Done), end
+    assert text == reference  # continued where it stopped, nothing lost or repeated
     agent.wait_ready()
-    again, end = agent.generate()
+    again, end = agent.generate(max_tokens=200)
     assert isinstance(end, Done) and again == reference
     assert agent.service.worker.restarts == 1
     assert agent.service.worker.is_alive()
 
 
+@pytest.mark.parametrize("agent", [{"max_continuations": 0}], indirect=True)
+def test_with_continuations_off_the_client_gets_the_engine_restart(agent: Agent) -> None:
+    reference, _ = agent.generate(max_tokens=200)
+    agent.faults.arm(at=3)
+    text, end = agent.generate(max_tokens=200)
+    assert isinstance(end, Failed), end
+    assert (end.code, end.kind) == (503, "AgentEngineRestarted")
+    assert "RuntimeError: an injected bug in step" in end.description
+    assert text and reference.startswith(text)  # what came before the fault was right
+    agent.wait_ready()
+
+
+@pytest.mark.parametrize("agent", [{"max_continuations": 0}], indirect=True)
 def test_after_too_many_failures_the_agent_stays_down_until_a_new_desired_state(
     agent: Agent, tiny_model: Path
 ) -> None:

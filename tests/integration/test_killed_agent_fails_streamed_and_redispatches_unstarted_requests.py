@@ -7,10 +7,8 @@ from paddler.client import Dispatched, Done, Failed, Tokens
 from paddler.testing.cluster import wait_until
 
 
-def test_an_agent_killed_mid_stream_gives_502_and_redispatches_unstarted_requests(
-    make_cluster,
-) -> None:
-    cluster = make_cluster(buffered_request_timeout=30_000)
+def test_with_continuations_off_an_agent_killed_mid_stream_gives_502(make_cluster) -> None:
+    cluster = make_cluster(buffered_request_timeout=30_000, max_continuations=0)
     cluster.start_balancer()
     doomed = cluster.start_agent("doomed", slots=2, step_ms=20)
     client = cluster.client()
@@ -61,3 +59,24 @@ def test_unstarted_requests_of_a_killed_agent_are_served_by_another(make_cluster
     assert [(a["name"], a["slots_processing"], a["slots_total"]) for a in agents] == [
         ("rescuer", 0, 1)
     ]
+
+
+def test_a_stream_no_agent_can_continue_gets_502_after_the_buffered_request_timeout(
+    make_cluster,
+) -> None:
+    cluster = make_cluster(buffered_request_timeout=1500, heartbeat_interval=200)
+    cluster.start_balancer()
+    doomed = cluster.start_agent("doomed", slots=1, step_ms=20)
+    client = cluster.client()
+    cluster.wait_for_agents(client, 1)
+    events = iter(client.continue_from_raw_prompt("streams", max_tokens=100_000))
+    assert isinstance(next(events), Dispatched)
+    assert isinstance(next(events), Tokens)
+    doomed.signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    wait_until(lambda: client.buffered_requests() == 1, what="waiting to continue")
+    last = list(events)[-1]
+    assert isinstance(last, Failed) and (last.code, last.kind) == (502, "AgentLost")
+    assert "no agent with its model was free to continue it within 1500 ms" in last.description
+    assert 1.5 <= time.monotonic() - killed_at < 6.0
+    assert client.buffered_requests() == 0

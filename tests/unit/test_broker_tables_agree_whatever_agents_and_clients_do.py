@@ -28,15 +28,32 @@ from hypothesis.stateful import (
 from paddler.broker.metrics import OTHER_OUTCOME, REQUEST_OUTCOMES
 from paddler.broker.settings import BrokerSettings
 from paddler.broker.state import Broker, Target
-from paddler.protocol.codec import HEADER, encode, make_header, pack_body
+from paddler.protocol.codec import HEADER, encode, make_header, pack_body, pack_token_ids
 from paddler.protocol.kinds import PROTOCOL_VERSION, Kind
 
 AGENTS = (b"agent-0", b"agent-1")
 CLIENTS = (b"client-0", b"client-1")
 NAMES = (None, "box", "shared")
 """Agent names; two agents may share one (their per-agent series share a label)."""
-ERROR_KINDS = ("Cancelled", "AgentUnavailable", "DecodeFailed", "Invented-By-A-Peer", 7)
-AGENT_FRAMES = ("tokens", "tokens", "embedding", "done", "done", "error", "malformed error")
+ERROR_KINDS = (
+    "Cancelled",
+    "AgentUnavailable",
+    "AgentEngineRestarted",
+    "DecodeFailed",
+    "Invented-By-A-Peer",
+    7,
+)
+AGENT_FRAMES = (
+    "tokens",
+    "tokens with ids",
+    "tokens with ids",
+    "tokens with bad ids",
+    "embedding",
+    "done",
+    "done",
+    "error",
+    "malformed error",
+)
 TERMINAL = (int(Kind.DONE), int(Kind.ERROR))
 
 
@@ -69,8 +86,11 @@ class BrokerMachine(RuleBasedStateMachine):
         policy=st.sampled_from(["slots", "round-robin"]),
         max_buffered=st.integers(0, 3),
         agents=st.lists(st.sampled_from(AGENTS), unique=True, max_size=len(AGENTS)),
+        max_continuations=st.integers(0, 2),
     )
-    def start(self, policy: str, max_buffered: int, agents: list[bytes]) -> None:
+    def start(
+        self, policy: str, max_buffered: int, agents: list[bytes], max_continuations: int
+    ) -> None:
         self.broker.store.close()
         self.broker = Broker(
             BrokerSettings(
@@ -79,6 +99,7 @@ class BrokerMachine(RuleBasedStateMachine):
                 inference_item_timeout=3000,
                 heartbeat_interval=1000,
                 dispatch_policy=policy,
+                max_continuations=max_continuations,
             )
         )
         slots = type(self).slots
@@ -179,6 +200,10 @@ class BrokerMachine(RuleBasedStateMachine):
         agent, request_id = self._target(data)
         if what == "tokens":
             frames = [make_header(Kind.TOKENS, request_id), pack_body({"pieces": ["x"]})]
+        elif what == "tokens with ids":
+            frames = [make_header(Kind.TOKENS, request_id), pack_body(["x"]), pack_token_ids([7])]
+        elif what == "tokens with bad ids":
+            frames = [make_header(Kind.TOKENS, request_id), pack_body(["x"]), b"\x01"]
         elif what == "embedding":
             frames = [make_header(Kind.EMBEDDING, request_id), pack_body({"index": 0})]
         elif what == "done":
@@ -294,7 +319,13 @@ class BrokerMachine(RuleBasedStateMachine):
             assert request_id not in in_flight
             assert requests[request_id].agent is None
             assert not requests[request_id].cancelled
-        assert set(in_flight) | set(buffered) == set(requests)
+        continuing = broker.continuing
+        for request_id, record in continuing.items():
+            assert requests.get(request_id) is record, f"request {request_id} continues unknown"
+            assert request_id not in in_flight and request_id not in buffered
+            assert record.agent is None and not record.cancelled and record.started
+            assert record.continuations <= broker.settings.max_continuations
+        assert set(in_flight) | set(buffered) | set(continuing) == set(requests)
         assert len(broker.by_client) == len(requests)
         for request_id, record in requests.items():
             assert broker.by_client[(record.client, record.client_request_id)] == request_id
@@ -318,6 +349,7 @@ class BrokerMachine(RuleBasedStateMachine):
     def _every_submission_has_ended(self) -> None:
         assert not self.broker.requests and not len(self.broker.in_flight)
         assert not len(self.broker.buffer) and not self.broker.by_client
+        assert not self.broker.continuing
         assert sum(self.broker.metrics.requests.values()) == self.submitted
         for key, submission in self.submissions.items():
             if not submission.withdrawn:

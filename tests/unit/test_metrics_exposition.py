@@ -79,6 +79,7 @@ def test_every_family_and_its_exposed_sample_names() -> None:
         "paddler_agent_requests_total": "counter",
         "paddler_generated_tokens_total": "counter",
         "paddler_dropped_frames_total": "counter",
+        "paddler_continuations_total": "counter",
         "paddler_queue_wait_seconds": "histogram",
         "paddler_time_to_first_token_seconds": "histogram",
         "paddler_inter_token_latency_seconds": "histogram",
@@ -146,7 +147,7 @@ def test_histograms_keep_their_buckets_sum_and_count() -> None:
 def test_no_agents_and_no_requests_still_name_every_family() -> None:
     snapshot = {"metrics": BrokerMetrics().snapshot(), "agents": [], "buffered": 0}
     families = _families(management.render_metrics(snapshot))
-    assert len(families) == 14
+    assert len(families) == 15
     assert _values(families["paddler_slots_total"]) == {("paddler_slots_total", ()): 0}
     assert _values(families["paddler_agent_ready"]) == {}
     assert _values(families["paddler_requests"]) == {}

@@ -311,6 +311,8 @@ class SamplerChain:
 
     def __init__(self) -> None:
         self.ptr = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        self.grammar: Any = None
+        """The chain's grammar sampler (owned by the chain), if it has one."""
 
     def _add(self, sampler: Any) -> None:
         lc.llama_sampler_chain_add(self.ptr, sampler)
@@ -321,6 +323,7 @@ class SamplerChain:
         if not sampler:
             return False
         self._add(sampler)
+        self.grammar = sampler
         return True
 
     def add_penalties(
@@ -353,10 +356,28 @@ class SamplerChain:
         """Sample (and accept) a token from the logits at ``index`` of the last decode."""
         return int(lc.llama_sampler_sample(self.ptr, context.ptr, index))
 
+    def allows(self, token: int) -> bool:
+        """Whether the grammar (if any) lets ``token`` come next. Asked before
+        ``accept``: llama.cpp's grammar aborts the process on a token it refuses."""
+        if self.grammar is None:
+            return True
+        data = lc.llama_token_data(id=token, logit=0.0, p=0.0)
+        candidates = lc.llama_token_data_array(
+            data=ctypes.pointer(data), size=1, selected=-1, sorted=False
+        )
+        lc.llama_sampler_apply(self.grammar, ctypes.byref(candidates))
+        return bool(data.logit != float("-inf"))
+
+    def accept(self, token: int) -> None:
+        """Let every sampler of the chain see ``token`` as if it had sampled it (the
+        grammar advances, penalties remember it): replays a continued request."""
+        lc.llama_sampler_accept(self.ptr, token)
+
     def close(self) -> None:
         if self.ptr:
             lc.llama_sampler_free(self.ptr)
             self.ptr = None
+            self.grammar = None
 
     def __enter__(self) -> SamplerChain:
         return self

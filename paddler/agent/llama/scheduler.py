@@ -17,6 +17,12 @@ its own part of the KV cache: ``context_size`` cells each), and one loop:
    over several steps while the others keep generating);
 6. ``llama_decode`` runs once (ctypes releases the GIL: the I/O thread goes on).
 
+Each text piece goes out with the ids of the tokens it is the text of (a token whose
+text is held back goes with the next piece): the broker keeps them, and if this
+agent is lost another one continues the request from its prompt plus those tokens
+(``continuation``: replayed through the sampler chain and the text assembler, see
+``paddler.agent.engine``).
+
 Faults stay with the request they hit. An exception while admitting, sampling,
 detokenizing, emitting or finishing one request ends that request with an error
 (``SamplerError``, ``DetokenizationFailed``, ``EngineFault``: the kinds are listed in
@@ -67,10 +73,10 @@ from paddler.agent.llama.prompt import prompt_tokens
 from paddler.agent.llama.sampling import GrammarError, build_sampler, schema_problem
 from paddler.agent.llama.slot import Slot
 from paddler.agent.llama.status import Downloads, StatusBoard
-from paddler.errors import EngineError
+from paddler.errors import EngineError, ProtocolError
 from paddler.protocol.kinds import CANCELLED_CODE
 from paddler.protocol.messages import AgentStatus
-from paddler.protocol.requests import is_embedding_request
+from paddler.protocol.requests import continued_tokens, is_embedding_request
 
 log = logging.getLogger("paddler.agent")
 
@@ -282,14 +288,24 @@ class LlamaEngine(Engine):
         if not prompt:
             sink.error(request_id, 400, "InvalidRequest", "the prompt is empty")
             return
-        if len(prompt) >= loaded.n_ctx_seq:
+        try:
+            generated = continued_tokens(request)
+        except ProtocolError as exc:
+            sink.error(request_id, 400, "InvalidContinuation", str(exc))
+            return
+        if len(prompt) + len(generated) >= loaded.n_ctx_seq:
             sink.error(
                 request_id,
                 400,
                 "PromptTooLong",
-                f"the prompt has {len(prompt)} tokens; a slot holds {loaded.n_ctx_seq} "
-                "(raise inference_parameters.context_size or shorten the prompt)",
+                f"the prompt has {len(prompt) + len(generated)} tokens; a slot holds "
+                f"{loaded.n_ctx_seq} (raise inference_parameters.context_size or shorten "
+                "the prompt)",
             )
+            return
+        problem = self._continuation_problem(loaded.model, generated)
+        if problem:
+            sink.error(request_id, 400, "InvalidContinuation", problem)
             return
         try:
             sampler = build_sampler(loaded.model, loaded.parameters, request, loaded.n_ctx_seq)
@@ -298,13 +314,57 @@ class LlamaEngine(Engine):
             return
         slot = free[0]
         try:
-            slot.assign(request_id, request, prompt, sampler)
+            slot.assign(request_id, request, prompt, sampler, generated)
         except BaseException:
             slot.sampler = sampler  # closed by release, however far assign got
             slot.release()
             raise
         free.pop(0)
         self._by_request[request_id] = slot
+        if generated:
+            self._replay(sink, loaded, slot, generated)
+
+    @staticmethod
+    def _continuation_problem(model: LlamaModel, generated: list[int]) -> str | None:
+        """Why ``generated`` cannot be this model's output so far, if it cannot."""
+        n_vocab = model.n_vocab
+        for index, token in enumerate(generated):
+            if not 0 <= token < n_vocab:
+                return f"continued token {index} ({token}) is not in this model's vocabulary"
+            if model.is_eog(token):
+                return f"continued token {index} ({token}) ends generation"
+        return None
+
+    def _replay(
+        self, sink: EventSink, loaded: LoadedModel, slot: Slot, generated: list[int]
+    ) -> None:
+        """Bring a continued request's sampler chain (grammar, penalties) and text
+        assembler (UTF-8, stop strings) to where the lost agent left them; the text
+        is not sent again (its client has it)."""
+        sampler = slot.sampler
+        assert sampler is not None
+        model = loaded.model
+        for index, token in enumerate(generated):
+            if not sampler.allows(token):
+                sink.error(
+                    slot.request_id,
+                    400,
+                    "InvalidContinuation",
+                    f"continued token {index} ({token}) is refused by the request's grammar",
+                )
+                self._finish(loaded, slot)
+                return
+            sampler.accept(token)
+            text = slot.text.push(model.piece(token))
+            if slot.output is not None and text:
+                slot.output.append(text)
+        log.info(
+            "request %d continues a stream begun on another agent: %d tokens generated there",
+            slot.request_id,
+            len(generated),
+        )
+        if slot.text.stopped or slot.generated >= slot.max_tokens:
+            self._done(sink, loaded, slot)
 
     def _reclaimed(self, loaded: LoadedModel, slot: Slot) -> bool:
         """``True`` when a free slot holds no KV cells (freeing ones left behind now)."""
@@ -397,8 +457,10 @@ class LlamaEngine(Engine):
             self._finish(loaded, slot)
 
     def _emit(self, sink: EventSink, slot: Slot, text: str) -> None:
+        """Send ``text`` with the ids of the tokens sampled since the last piece."""
         if text:
-            sink.tokens(slot.request_id, [text])
+            token_ids, slot.unsent = slot.unsent, []
+            sink.tokens(slot.request_id, [text], token_ids)
             if slot.output is not None:
                 slot.output.append(text)
 
@@ -412,7 +474,7 @@ class LlamaEngine(Engine):
                 return
         sink.done(
             slot.request_id,
-            {"prompt_tokens": len(slot.prompt), "content_tokens": slot.generated},
+            {"prompt_tokens": slot.prompt_tokens, "content_tokens": slot.generated},
         )
         self._finish(loaded, slot)
 
@@ -486,6 +548,7 @@ class LlamaEngine(Engine):
             self._done(sink, loaded, slot)
             return
         slot.generated += 1
+        slot.unsent.append(token)
         try:
             text = slot.text.push(model.piece(token))
         except Exception as exc:

@@ -15,6 +15,10 @@ class Slot:
     seq_id: int
     request_id: int = -1
     prompt: list[int] = field(default_factory=list)
+    """What the slot prefills: the request's prompt, then (continued) the tokens
+    another agent already generated."""
+    prompt_tokens: int = 0
+    """The request's own prompt tokens (its usage's ``prompt_tokens``)."""
     prefilled: int = 0
     n_past: int = 0
     generated: int = 0
@@ -33,6 +37,9 @@ class Slot:
     """A JSON-schema request's schema: the output is checked against it at the end
     (the grammar converter cannot express every constraint, e.g. number ranges)."""
     output: list[str] | None = None
+    unsent: list[int] = field(default_factory=list)
+    """Tokens sampled since the last text went out (their text is held back): sent
+    with the next piece, so the broker knows which tokens the client has the text of."""
     stale: bool = False
     """Its KV cells could not be freed when its last request ended: they are freed
     again before the slot serves another request (and it serves none until they are)."""
@@ -42,14 +49,23 @@ class Slot:
         return self.request_id >= 0
 
     def assign(
-        self, request_id: int, request: dict[str, Any], prompt: list[int], sampler: SamplerChain
+        self,
+        request_id: int,
+        request: dict[str, Any],
+        prompt: list[int],
+        sampler: SamplerChain,
+        generated: list[int] | None = None,
     ) -> None:
-        """Serve a request from its first prompt token; the slot owns ``sampler`` now."""
+        """Serve a request from its first prompt token; the slot owns ``sampler`` now.
+        ``generated``: the tokens another agent generated for it (a continuation),
+        prefilled after the prompt and counted as generated."""
         self.request_id = request_id
-        self.prompt = prompt
+        self.prompt = prompt + generated if generated else prompt
+        self.prompt_tokens = len(prompt)
         self.prefilled = 0
         self.n_past = 0
-        self.generated = 0
+        self.generated = len(generated) if generated else 0
+        self.unsent = []
         self.max_tokens = request["max_tokens"]
         self.sampler = sampler
         self.text = TextAssembler(request.get("stop") or [])
@@ -71,6 +87,7 @@ class Slot:
         self.sampler = None
         self.text = None
         self.prompt = []
+        self.unsent = []
         self.logits_index = -1
         self.next_token = -1
         self.step_token = -1
