@@ -8,7 +8,9 @@ with the compiled ``_core`` and once with the pure-Python twin, side by side:
 - added latency: time to first token through the broker versus talking to an
   agent directly (this process plays a minimal broker: ROUTER, register, dispatch),
   same agent, same fake engine; the difference of the medians is what the broker adds;
-- dispatch decision time with 10, 100 and 1,000 agents and 10,000 buffered requests.
+- dispatch decision time with 10, 100 and 1,000 agents and 10,000 buffered requests;
+- the cost of CurveZMQ, and of the token ids every token frame carries (so a stream
+  can continue on another agent): the same runs with each off and on, side by side.
 
 Usage: ``python -m benchmarks.broker [--quick]``.
 """
@@ -261,13 +263,14 @@ def run_impl(impl: str, quick: bool, log_root: Path) -> dict[str, Any]:
     return out
 
 
-def curve_run(curve: bool, quick: bool, log_root: Path) -> dict[str, Any]:
+def curve_run(curve: bool, quick: bool, log_root: Path, token_ids: bool = True) -> dict[str, Any]:
     """Forwarding rate and time to first token through a balancer with CurveZMQ off
-    or on (compiled ``_core``; agents and the client authenticated when on)."""
-    log_dir = log_root / ("curve-on" if curve else "curve-off")
+    or on (compiled ``_core``; agents and the client authenticated when on), with
+    agents that send token ids (as real ones do) or text only."""
+    log_dir = log_root / f"curve-{'on' if curve else 'off'}-ids-{'on' if token_ids else 'off'}"
     keys = PrivateKeys("paddler-bench-keys-")
     options: dict[str, Any] = {}
-    agent_options: dict[str, Any] = {}
+    agent_options: dict[str, Any] = {} if token_ids else {"token_ids": "off"}
     client_options: dict[str, Any] = {}
     if curve:
         root = keys.path
@@ -277,7 +280,7 @@ def curve_run(curve: bool, quick: bool, log_root: Path) -> dict[str, Any]:
             "authorized_client_keys": root / "clients",
         }
         broker_key = root / "broker.key"
-        agent_options = {
+        agent_options |= {
             "broker_public_key": broker_key,
             "curve_secret_key": keys.make("agent", root / "agents"),
         }
@@ -288,7 +291,7 @@ def curve_run(curve: bool, quick: bool, log_root: Path) -> dict[str, Any]:
     cluster = LocalCluster(log_dir, max_buffered_requests=1000, **options)
     cluster.env = impl_env("c")
     cluster.start_balancer()
-    out: dict[str, Any] = {"curve": curve, "throughput": []}
+    out: dict[str, Any] = {"curve": curve, "token_ids": token_ids, "throughput": []}
     try:
         for tokens_per_step in (1, 16):
             for name in list(cluster.agents):
@@ -346,6 +349,27 @@ def curve_report(runs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def ids_report(runs: list[dict[str, Any]]) -> list[str]:
+    off, on = (next(r for r in runs if r["token_ids"] is flag) for flag in (False, True))
+    lines = [
+        "",
+        "Token ids off and on (each token frame carries its tokens' ids so the stream "
+        "can continue on another agent; compiled `_core`, curve off, 10 streams):",
+        "",
+        "| tokens/frame | tokens/s text only | tokens/s with ids | cost |",
+        "|---:|---:|---:|---:|",
+    ]
+    for row_off, row_on in zip(off["throughput"], on["throughput"], strict=True):
+        cost = 1 - row_on["tokens_per_s"] / row_off["tokens_per_s"]
+        lines.append(
+            f"| {row_off['tokens_per_frame']} | {row_off['tokens_per_s']:,} | "
+            f"{row_on['tokens_per_s']:,} | {cost:.1%} |"
+        )
+    added = on["ttft"]["p50_ms"] - off["ttft"]["p50_ms"]
+    lines += ["", f"Time to first token p50: {added:+.3f} ms with ids."]
+    return lines
+
+
 def report(result: dict[str, Any]) -> str:
     lines = ["## Broker", ""]
     lines.append("| impl | streams | tokens/frame | tokens/s | frames/s |")
@@ -391,6 +415,8 @@ def report(result: dict[str, Any]) -> str:
             )
     if result.get("curve"):
         lines += curve_report(result["curve"])
+    if result.get("token_ids"):
+        lines += ids_report(result["token_ids"])
     return "\n".join(lines) + "\n"
 
 
@@ -401,12 +427,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="paddler-bench-") as tmp:
         impls = [run_impl(impl, args.quick, Path(tmp)) for impl in ("c", "py")]
         curve = [curve_run(flag, args.quick, Path(tmp)) for flag in (False, True)]
+        ids = [curve_run(False, args.quick, Path(tmp), token_ids=flag) for flag in (False, True)]
     result = {
         "benchmark": "broker",
         "quick": args.quick,
         "machine": machine(),
         "impls": impls,
         "curve": curve,
+        "token_ids": ids,
     }
     result["summary_markdown"] = report(result)
     path = write_result("broker", result)

@@ -24,6 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-token-delay-ms", type=float, default=0.0)
     parser.add_argument("--shutdown-timeout", type=int, default=10_000)
     parser.add_argument("--identity", default=None)
+    parser.add_argument(
+        "--token-ids",
+        choices=("on", "off"),
+        default="on",
+        help="off: send text without token ids (its streams cannot continue elsewhere)",
+    )
     parser.add_argument("--broker-public-key", default=None)
     parser.add_argument("--curve-secret-key", default=None)
     args = parser.parse_args(argv)
@@ -41,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         step_ms=args.step_ms,
         tokens_per_step=args.tokens_per_step,
         first_token_delay_ms=args.first_token_delay_ms,
+        token_ids=args.token_ids == "on",
     )
     identity = args.identity.encode() if args.identity else agent_identity(args.name)
     service = AgentService(settings, engine, identity=identity)

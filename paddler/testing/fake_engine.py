@@ -40,11 +40,14 @@ class FakeEngine(Engine):
         step_ms: float = 5.0,
         tokens_per_step: int = 1,
         first_token_delay_ms: float = 0.0,
+        token_ids: bool = True,
     ) -> None:
         self.slots_total = slots_total
         self.first_token_delay_s = first_token_delay_ms / 1000.0
         self.step_s = step_ms / 1000.0
         self.tokens_per_step = tokens_per_step
+        self.token_ids = token_ids
+        """Send each piece's token id, as the real engine does (``False``: text only)."""
         self.requests: dict[int, _Request] = {}
         self.embeddings: dict[int, dict[str, Any]] = {}
         self.state: dict[str, Any] | None = None
@@ -128,7 +131,9 @@ class FakeEngine(Engine):
             start = request.produced
             end = min(request.max_tokens, start + self.tokens_per_step)
             sink.tokens(
-                request_id, [PIECES[i % 4096] for i in range(start, end)], range(start, end)
+                request_id,
+                [PIECES[i % 4096] for i in range(start, end)],
+                range(start, end) if self.token_ids else None,
             )
             request.produced = end
             if end >= request.max_tokens:
