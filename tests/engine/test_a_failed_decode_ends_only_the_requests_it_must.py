@@ -19,7 +19,7 @@ def test_no_room_for_prompt_chunks_retries_with_smaller_chunks_and_loses_nothing
     make_engine, monkeypatch
 ) -> None:
     engine = make_engine(slots=2)
-    reference = run(engine, {1: LONG, 2: SHORT}).text()
+    reference = run(make_engine(slots=2), {1: LONG, 2: SHORT}).text()
     real_decode = module.lc.llama_decode
     sizes: list[tuple[int, int]] = []
 

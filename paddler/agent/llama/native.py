@@ -254,6 +254,11 @@ class LlamaContext:
         """Free every KV cell of a sequence."""
         lc.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
 
+    def trim(self, seq_id: int, keep: int) -> bool:
+        """Free the KV cells of a sequence from position ``keep`` on; ``False`` if the
+        model's memory cannot drop part of a sequence (then nothing was freed)."""
+        return bool(lc.llama_memory_seq_rm(self.memory, seq_id, keep, -1))
+
     def clear(self) -> None:
         """Free every KV cell."""
         lc.llama_memory_clear(self.memory, True)

@@ -3,7 +3,10 @@
 One model, one context with ``n_seq_max = slots`` (every slot is a sequence id with
 its own part of the KV cache: ``context_size`` cells each), and one loop:
 
-1. requests that arrived join free slots (prompt rendered and tokenized);
+1. requests that arrived join free slots (prompt rendered and tokenized): each takes
+   the free slot whose kept tokens share the longest prefix with its prompt (ties:
+   the least recently used); the slot's KV cells past that prefix are freed and only
+   the rest of the prompt is prefilled (``cached_prompt_tokens`` in the usage);
 2. cancelled requests end (their KV cells are freed) before anything else runs;
 3. every slot whose logits came out of the last decode samples one token through
    its own sampler chain; text pieces go out (one frame per request per step),
@@ -71,7 +74,7 @@ from paddler.agent.llama.loading import (
 from paddler.agent.llama.native import LlamaModel
 from paddler.agent.llama.prompt import prompt_tokens
 from paddler.agent.llama.sampling import GrammarError, build_sampler, schema_problem
-from paddler.agent.llama.slot import Slot
+from paddler.agent.llama.slot import Slot, shared_prefix
 from paddler.agent.llama.status import Downloads, StatusBoard
 from paddler.errors import EngineError, ProtocolError
 from paddler.protocol.kinds import CANCELLED_CODE
@@ -190,7 +193,8 @@ class LlamaEngine(Engine):
         self._applied_key = state_key(state)
         self._applied_state = state
         for slot in self._slots:
-            slot.stale = False  # a new context: no cells left behind
+            slot.stale = False  # a new context: no cells left behind, nothing kept
+            slot.kv = []
         if state is not None and needs_download(state.get("model")):
             self._start_fetch(state)
             return
@@ -312,17 +316,36 @@ class LlamaEngine(Engine):
         except GrammarError as exc:
             sink.error(request_id, 400, exc.kind, str(exc))
             return
-        slot = free[0]
+        slot = self._best_slot(free, prompt + generated if generated else prompt)
         try:
             slot.assign(request_id, request, prompt, sampler, generated)
         except BaseException:
             slot.sampler = sampler  # closed by release, however far assign got
             slot.release()
             raise
-        free.pop(0)
+        free.remove(slot)
         self._by_request[request_id] = slot
+        self._reuse(loaded, slot)
         if generated:
             self._replay(sink, loaded, slot, generated)
+
+    @staticmethod
+    def _best_slot(free: list[Slot], tokens: list[int]) -> Slot:
+        """The free slot whose kept tokens share the longest prefix with ``tokens``;
+        among equals, the one used least recently."""
+        return max(free, key=lambda slot: (shared_prefix(slot.kv, tokens), -slot.last_used))
+
+    def _reuse(self, loaded: LoadedModel, slot: Slot) -> None:
+        """Keep the KV cells of the slot's kept tokens that start its new prompt and
+        free the rest; prefilling starts after them. The last prompt token is always
+        decoded again: its logits give the first token."""
+        common = min(shared_prefix(slot.kv, slot.prompt), len(slot.prompt) - 1)
+        if common < len(slot.kv):
+            if not loaded.context.trim(slot.seq_id, common):
+                loaded.context.forget(slot.seq_id)  # a memory that cannot cut a sequence
+                common = 0
+            del slot.kv[common:]
+        slot.prefilled = slot.n_past = slot.cached = common
 
     @staticmethod
     def _continuation_problem(model: LlamaModel, generated: list[int]) -> str | None:
@@ -376,6 +399,7 @@ class LlamaEngine(Engine):
             log.debug("slot %d still holds KV cells: %s", slot.seq_id, exc)
             return False
         slot.stale = False
+        slot.kv = []
         return True
 
     def _embed(
@@ -419,15 +443,22 @@ class LlamaEngine(Engine):
         if not ended:
             self._embedding.append(job)
 
-    def _finish(self, loaded: LoadedModel, slot: Slot) -> None:
-        """Free a slot: its KV cells and its sampler chain. Never raises: a failure is
-        logged, and cells that could not be freed are freed before the slot is reused."""
+    def _finish(self, loaded: LoadedModel, slot: Slot, keep: bool = True) -> None:
+        """Free a slot and its sampler chain. Its KV cells stay for a later prompt
+        that starts the same way, unless ``keep`` is false (cells in doubt, or wanted
+        back). Never raises: a failure is logged, and cells that could not be freed
+        are freed before the slot is reused."""
         self._by_request.pop(slot.request_id, None)
-        try:
-            loaded.context.forget(slot.seq_id)
-        except Exception:
-            log.exception("freeing the KV cells of slot %d failed; again before reuse", slot.seq_id)
-            slot.stale = True
+        slot.last_used = self.decode_steps
+        if not keep:
+            slot.kv = []
+            try:
+                loaded.context.forget(slot.seq_id)
+            except Exception:
+                log.exception(
+                    "freeing the KV cells of slot %d failed; again before reuse", slot.seq_id
+                )
+                slot.stale = True
         try:
             slot.release()
         except Exception:
@@ -472,10 +503,10 @@ class LlamaEngine(Engine):
                 sink.error(slot.request_id, 422, "GrammarRejectedModelOutput", problem)
                 self._finish(loaded, slot)
                 return
-        sink.done(
-            slot.request_id,
-            {"prompt_tokens": slot.prompt_tokens, "content_tokens": slot.generated},
-        )
+        usage = {"prompt_tokens": slot.prompt_tokens, "content_tokens": slot.generated}
+        if slot.cached:  # absent is 0
+            usage["cached_prompt_tokens"] = min(slot.cached, slot.prompt_tokens)
+        sink.done(slot.request_id, usage)
         self._finish(loaded, slot)
 
     def _fail_all(self, sink: EventSink, code: int, kind: str, message: str) -> None:
@@ -573,6 +604,7 @@ class LlamaEngine(Engine):
             slot.step_token = slot.next_token
             if slot.next_token >= 0:
                 slot.logits_index = builder.add(slot.next_token, slot.n_past, slot.seq_id, True)
+                slot.kv.append(slot.next_token)
                 slot.n_past += 1
                 slot.next_token = -1
         room = min(loaded.n_batch - builder.n_tokens, prefill_limit)
@@ -594,6 +626,7 @@ class LlamaEngine(Engine):
             )
             if count == remaining:
                 slot.logits_index = last
+            slot.kv += slot.prompt[slot.prefilled : slot.prefilled + count]
             slot.prefilled += count
             slot.n_past += count
             slot.step_prefill = count
@@ -642,6 +675,7 @@ class LlamaEngine(Engine):
                 slot.next_token = slot.step_token
             slot.prefilled -= slot.step_prefill
             slot.n_past -= slot.step_prefill
+            del slot.kv[slot.n_past :]
             slot.step_token = -1
             slot.step_prefill = 0
 
@@ -663,7 +697,7 @@ class LlamaEngine(Engine):
             )
             for slot in in_batch:
                 sink.error(slot.request_id, 500, "DecodeFailed", f"llama_decode returned {result}")
-                self._finish(loaded, slot)
+                self._finish(loaded, slot, keep=False)  # part of the batch may be in
             return
         self._roll_back(in_batch)
         holders = [s for s in self._by_request.values() if s.n_past > 0] or in_batch
@@ -675,7 +709,7 @@ class LlamaEngine(Engine):
                 "KvCacheExhausted",
                 f"the KV cache is full; this request held {victim.n_past} tokens",
             )
-            self._finish(loaded, victim)
+            self._finish(loaded, victim, keep=False)
         log.warning("decode found no room in the KV cache; one request ended")
 
     def reset(self, state: dict[str, Any] | None) -> None:

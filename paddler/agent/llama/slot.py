@@ -1,4 +1,5 @@
-"""A slot: one sequence id of the shared context and the request it serves."""
+"""A slot: one sequence id of the shared context, the request it serves, and the
+tokens its KV cells hold (kept after the request ends, for the next one to reuse)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,22 @@ from typing import Any
 
 from paddler._core import TextAssembler
 from paddler.agent.llama.native import SamplerChain
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens ``a`` and ``b`` share from the start (slice comparisons run
+    in C: a binary search over them beats a Python loop over tokens)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    low, high = 0, n - 1  # a[:high + 1] differs
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 @dataclass
@@ -40,6 +57,15 @@ class Slot:
     unsent: list[int] = field(default_factory=list)
     """Tokens sampled since the last text went out (their text is held back): sent
     with the next piece, so the broker knows which tokens the client has the text of."""
+    kv: list[int] = field(default_factory=list)
+    """The tokens whose KV cells the sequence holds, by position (``len(kv) == n_past``
+    while it serves a request); kept when the request ends, so a later prompt that
+    starts the same way prefills only what differs."""
+    last_used: int = 0
+    """When its last request ended (a step count): among equal prefixes, the slot
+    used least recently is taken."""
+    cached: int = 0
+    """Prompt tokens of the current request found in ``kv`` (not prefilled again)."""
     stale: bool = False
     """Its KV cells could not be freed when its last request ended: they are freed
     again before the slot serves another request (and it serves none until they are)."""
@@ -64,6 +90,7 @@ class Slot:
         self.prompt_tokens = len(prompt)
         self.prefilled = 0
         self.n_past = 0
+        self.cached = 0
         self.generated = len(generated) if generated else 0
         self.unsent = []
         self.max_tokens = request["max_tokens"]
