@@ -7,14 +7,19 @@ bounded.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
+from collections import deque
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,10 +28,32 @@ from paddler.client import Client
 T = TypeVar("T")
 
 
+RECENT_PORTS = 4096
+"""How many of the ports it handed out ``free_port`` remembers, and does not hand out again."""
+
+# Process-wide on purpose: every caller of ``free_port`` (a cluster picks five ports,
+# tests pick more for their own servers) must get ports distinct from the others'.
+_recent_ports: deque[int] = deque(maxlen=RECENT_PORTS)
+_recent_ports_lock = threading.Lock()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port of 127.0.0.1 that nothing listens on, and that this process was not
+    given by an earlier call (of the last ``RECENT_PORTS``).
+
+    The port is only free until someone binds it, and the kernel may well give the
+    same port to the next ``bind(0)``: without the memory, two services of one cluster
+    sometimes got the same port (about one cluster in two thousand), and the balancer
+    exited at once ("port ... is already used") or gunicorn could not bind."""
+    with _recent_ports_lock, contextlib.ExitStack() as held:
+        while True:
+            # a port given before is kept bound while looking on: the next is another
+            s = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+            if port not in _recent_ports:
+                _recent_ports.append(port)
+                return port
 
 
 def wait_until(
@@ -44,6 +71,21 @@ def wait_until(
             return last  # type: ignore[no-any-return]
         time.sleep(interval_s)
     raise TimeoutError(f"not reached within {timeout_s} s: {what or predicate} (last: {last!r})")
+
+
+def health_answer(url: str, timeout_s: float) -> tuple[int | None, str]:
+    """What ``GET {url}/health`` answers: the status (None without one) and a short
+    description (the status and body, or why there was no answer)."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout_s) as response:
+            status = int(response.status)
+            return status, f"{status} {response.read(300).decode(errors='replace')!r}"
+    except urllib.error.HTTPError as exc:
+        return exc.code, f"{exc.code} {exc.read(300).decode(errors='replace')!r}"
+    except urllib.error.URLError as exc:
+        return None, f"no answer: {exc.reason}"
+    except (OSError, http.client.HTTPException) as exc:  # a timeout; not HTTP on the port
+        return None, f"no answer: {type(exc).__name__}: {exc}"
 
 
 class Process:
@@ -202,20 +244,34 @@ class LocalCluster:
         return wait_until(registered, timeout_s, what=f"{count} agents registered")
 
     def wait_for_http(self, timeout_s: float = 20.0) -> None:
-        """Until every HTTP service answers ``/health``."""
-        import urllib.error
-        import urllib.request
-
-        def healthy(url: str) -> bool:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
-                    return bool(response.status == 200)
-            except (urllib.error.URLError, OSError):
-                return False
-
+        """Until every HTTP service answers ``/health`` with 200. ``TimeoutError`` says
+        what ``/health`` last answered; a balancer that exits fails the wait at once,
+        with its exit code and the end of its log."""
         for url in (self.inference_url, self.management_url, self.openai_url):
             if url:
-                wait_until(partial(healthy, url), timeout_s, 0.05, f"{url}/health")
+                self._wait_for_health(url, timeout_s)
+
+    def _wait_for_health(self, url: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        last = "nothing yet"
+        while True:
+            # /health may wait up to ~3 s for its first check of the broker: give it the time
+            status, last = health_answer(url, max(0.1, min(5.0, deadline - time.monotonic())))
+            if status == 200:
+                return
+            balancer = self.balancer
+            if balancer is not None and not balancer.alive():
+                raise RuntimeError(
+                    f"{url}/health: the balancer exited with code {balancer.popen.returncode}"
+                    f" (/health last answered: {last}); the end of its log:\n"
+                    f"{balancer.log_path.read_text(errors='replace')[-2000:]}"
+                )
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"not reached within {timeout_s} s: {url}/health answers 200"
+                    f" (it last answered: {last})"
+                )
+            time.sleep(0.05)
 
     def close(self) -> None:
         for client in self._clients:

@@ -71,6 +71,30 @@ def test_health_is_ok_at_once_on_a_fresh_worker_then_503_while_the_broker_is_sil
     asyncio.run(asyncio.wait_for(scenario(), 30))
 
 
+def test_a_worker_whose_first_check_went_unanswered_is_ok_once_the_broker_answers(
+    broker: ScriptedBroker,
+) -> None:
+    """A broker slow to answer a fresh worker (a loaded machine) makes its first check
+    fail: 503, but no longer than the next check takes once the broker answers."""
+
+    async def scenario() -> None:
+        broker.silent.set()
+        link = BrokerLink(broker.address, timeout_s=5.0)
+        app = inference.create_app(HttpDeps(link=link))
+        try:
+            async with falcon.testing.ASGIConductor(app) as conductor:
+                first = await asyncio.wait_for(_health(conductor), PROBE_TIMEOUT_S + 2)
+                assert first.status_code == 503, first.text
+                assert "no answer" in first.text and broker.address in first.text
+                broker.silent.clear()
+                up = await _until_status(conductor, 200, PROBE_INTERVAL_S + 1)
+                assert (up.status_code, up.text) == (200, "OK")
+        finally:
+            await link.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
 def test_health_that_is_asked_often_pings_at_most_once_a_second(broker: ScriptedBroker) -> None:
     async def scenario() -> None:
         link = BrokerLink(broker.address)
