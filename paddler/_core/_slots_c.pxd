@@ -25,6 +25,8 @@ cdef class Registry:
     cdef object _free_slots
     cdef long long _clock
     cdef long long _rotation
+    cdef dict _holders
+    cdef dict _held
 
     cdef long long _tick(self)
 
@@ -59,6 +61,15 @@ cdef class Registry:
     cpdef bint release(self, bytes agent_id) except -1
 
     cpdef object choose_and_acquire(self)
+
+    @cython.locals(held=dict, holders=dict, counts=dict, left=Py_ssize_t)
+    cpdef hold(self, bytes agent_id, Py_ssize_t slot, list fingerprints)
+
+    @cython.locals(holders=dict, bound=Py_ssize_t, low=Py_ssize_t, high=Py_ssize_t,
+                   middle=Py_ssize_t, depth=Py_ssize_t, tries=Py_ssize_t, agent=_Agent)
+    cpdef tuple choose_prefix(self, list fingerprints, Py_ssize_t slack)
+
+    cpdef tuple choose_prefix_and_acquire(self, list fingerprints, Py_ssize_t slack)
 
 
 cdef class RequestBuffer:

@@ -18,6 +18,11 @@ except ImportError:  # pragma: no cover
     COMPILED = False
 
 
+PREFIX_STEPS_DOWN = 8
+"""How many shallower prefixes ``choose_prefix`` tries when no holder of the
+deepest match may take the request."""
+
+
 class SlotError(Exception):
     """A slot operation that would break the bookkeeping (oversubscribe, release twice)."""
 
@@ -61,6 +66,10 @@ class Registry:
     ``_goes_first``, each agent knowing its position in it, so ``choose`` reads the
     root in O(1) and every change of an agent moves it in O(log n). The free slots
     are a running total, kept by every change.
+
+    The prefix index (``hold``, ``choose_prefix``) knows which agents hold which
+    prefix fingerprints (``paddler.protocol.prefixes``) in their slots' KV caches:
+    for each fingerprint, how many slots of each agent hold it.
     """
 
     def __init__(self) -> None:
@@ -69,6 +78,10 @@ class Registry:
         self._free_slots = 0
         self._clock = 0
         self._rotation = 0
+        self._holders: dict[int, dict[bytes, int]] = {}
+        """Fingerprint -> {agent: slots of that agent holding it}."""
+        self._held: dict[bytes, dict[int, list[int]]] = {}
+        """Agent -> {slot: its fingerprint chain}."""
 
     def _tick(self) -> int:
         self._clock += 1
@@ -168,6 +181,9 @@ class Registry:
         agent = self._agents.pop(agent_id, None)
         if agent is None:
             return False
+        for slot in list(self._held.get(agent_id, {})):
+            self.hold(agent_id, slot, [])
+        self._held.pop(agent_id, None)
         if agent.index >= 0:
             self._free_slots -= agent.slots_total - agent.in_flight
             self._remove(agent)
@@ -253,6 +269,86 @@ class Registry:
         if agent_id is not None:
             self.acquire(agent_id)
         return agent_id
+
+    # -- prefixes ----------------------------------------------------------------
+
+    def hold(self, agent_id: bytes, slot: int, fingerprints: list[int]) -> None:
+        """Slot ``slot`` of a registered agent now holds the prefix ``fingerprints``
+        (a chain, shortest first; empty: nothing). Unknown agents are ignored."""
+        if agent_id not in self._agents:
+            return
+        held = self._held.setdefault(agent_id, {})
+        holders = self._holders
+        for fingerprint in held.pop(slot, ()):
+            counts = holders.get(fingerprint)
+            if counts is None:
+                continue
+            left = counts.get(agent_id, 0) - 1
+            if left > 0:
+                counts[agent_id] = left
+            else:
+                counts.pop(agent_id, None)
+                if not counts:
+                    del holders[fingerprint]
+        if fingerprints:
+            held[slot] = list(fingerprints)
+            for fingerprint in fingerprints:
+                counts = holders.get(fingerprint)
+                if counts is None:
+                    holders[fingerprint] = {agent_id: 1}
+                else:
+                    counts[agent_id] = counts.get(agent_id, 0) + 1
+
+    def held_fingerprints(self) -> int:
+        """Fingerprints held, counted once per slot (the index's size)."""
+        return sum(len(chain) for slots in self._held.values() for chain in slots.values())
+
+    def choose_prefix(self, fingerprints: list[int], slack: int) -> tuple[bytes | None, int]:
+        """The agent for a request whose prompt has the chain ``fingerprints``, and
+        how deep its prefix matched there (0: no match, the ``choose`` agent).
+
+        Among agents with a free slot whose requests in flight are at most ``slack``
+        more than the least loaded one's, the one holding the deepest prefix (ties:
+        as ``choose``). The bound keeps one hot prefix from piling every request on
+        one agent while others idle. The deepest fingerprint held anywhere is found
+        by binary search (a holder of a chain's fingerprint holds those before it),
+        then at most ``PREFIX_STEPS_DOWN`` shallower ones are tried when no holder
+        of it is eligible."""
+        best = self.choose()
+        if best is None or not fingerprints or not self._holders:
+            return best, 0
+        holders = self._holders
+        bound = self._agents[best].in_flight + slack
+        low, high = 0, len(fingerprints)  # the deepest held depth is in [low, high]
+        while low < high:
+            middle = (low + high + 1) // 2
+            if fingerprints[middle - 1] in holders:
+                low = middle
+            else:
+                high = middle - 1
+        depth = low
+        tries = 0
+        while depth > 0 and tries < PREFIX_STEPS_DOWN:
+            pick: _Agent | None = None
+            for agent_id in holders.get(fingerprints[depth - 1], ()):
+                agent = self._agents.get(agent_id)
+                if agent is None or agent.index < 0 or agent.in_flight > bound:
+                    continue
+                if pick is None or _goes_first(agent, pick):
+                    pick = agent
+            if pick is not None:
+                return pick.agent_id, depth
+            depth -= 1
+            tries += 1
+        return best, 0
+
+    def choose_prefix_and_acquire(
+        self, fingerprints: list[int], slack: int
+    ) -> tuple[bytes | None, int]:
+        agent_id, depth = self.choose_prefix(fingerprints, slack)
+        if agent_id is not None:
+            self.acquire(agent_id)
+        return agent_id, depth
 
     def __repr__(self) -> str:
         busy = sum(a.in_flight for a in self._agents.values())

@@ -112,6 +112,12 @@ class Engine(ABC):
         one more failure of the engine."""
         raise EngineError(f"{type(self).__name__} cannot restart after a fault")
 
+    def take_held(self) -> dict[int, list[int]]:
+        """Slots whose kept KV cells changed since the last call, with the prefix
+        fingerprints of what each holds now (``paddler.protocol.prefixes``; empty:
+        nothing). The worker reports them to the broker for prefix-aware dispatch."""
+        return {}
+
     def take_status_change(self) -> bool:
         """``True`` once after the status changed outside ``apply_state`` (downloads)."""
         return False

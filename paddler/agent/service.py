@@ -62,6 +62,8 @@ class AgentService:
         self.dealer: zmq.Socket[bytes] | None = None
         self.status: AgentStatus = engine.status()
         self.active: set[int] = set()
+        self.held: dict[int, bytes] = {}
+        """What each slot's kept KV cells hold (packed fingerprints), as last reported."""
         self.registered = False
         self.draining = False
         self.heartbeat_s = DEFAULT_HEARTBEAT_S
@@ -161,6 +163,9 @@ class AgentService:
                 self.heartbeat_s = max(0.05, interval_ms / 1000.0)
                 self.registered = True
                 log.info("registered with the balancer at %s", self.settings.broker_addr)
+                if self.held:  # a new session of the balancer knows nothing of them
+                    held = [[slot, packed] for slot, packed in sorted(self.held.items())]
+                    self._send(encode(Kind.SLOT_PREFIXES, 0, {"held": held}))
             elif kind == Kind.DESIRED_STATE:
                 body_value(unpack_body(frames[1]), "state", (dict, type(None)), "DesiredState")
                 self.pipe.send_multipart(frames)
@@ -183,6 +188,11 @@ class AgentService:
             self._send(encode(Kind.AGENT_STATUS, 0, self._status_body()))
             return
         if kind == Kind.AGENT_ANSWER:
+            self._send(frames)
+            return
+        if kind == Kind.SLOT_PREFIXES:
+            for slot, packed in unpack_body(frames[1])["held"]:
+                self.held[slot] = packed
             self._send(frames)
             return
         if request_id not in self.active:

@@ -32,6 +32,7 @@ from paddler.errors import ProtocolError
 from paddler.protocol.codec import HEADER, encode, pack_body, pack_token_ids, unpack_body
 from paddler.protocol.kinds import Kind
 from paddler.protocol.messages import AgentStatus, ErrorBody
+from paddler.protocol.prefixes import pack_fingerprints
 from paddler.protocol.requests import dispatched_request
 
 log = logging.getLogger("paddler.agent")
@@ -130,6 +131,12 @@ class EngineWorker(threading.Thread):
             status.issues = [*status.issues, self._issue]
         socket.send_multipart(encode(Kind.AGENT_STATUS, 0, status.to_body()))
 
+    @staticmethod
+    def _send_held(socket: zmq.Socket[bytes], held: dict[int, list[int]]) -> None:
+        """What the slots whose kept cells changed hold now (``SLOT_PREFIXES``)."""
+        body = {"held": [[slot, pack_fingerprints(chain)] for slot, chain in sorted(held.items())]}
+        socket.send_multipart(encode(Kind.SLOT_PREFIXES, 0, body))
+
     def _command(self, socket: zmq.Socket[bytes], sink: _SocketSink, frames: list[bytes]) -> bool:
         """Handle one command; ``False`` to stop."""
         kind, request_id = HEADER.unpack(frames[0])
@@ -216,6 +223,9 @@ class EngineWorker(threading.Thread):
                 engine.step(sink)
             if engine.take_status_change():
                 self._send_status(socket)
+            held = engine.take_held()
+            if held:
+                self._send_held(socket, held)
 
     def _recover(self, socket: zmq.Socket[bytes], sink: _SocketSink, failure: Exception) -> None:
         """End every open request, then rebuild the engine from the last desired state

@@ -122,6 +122,8 @@ class BrokerMetrics:
         """Malformed or unexpected frames dropped (every one, logged or not)."""
         self.continuations = 0
         """Streams that moved to another agent after losing theirs."""
+        self.prefix_matches = 0
+        """Dispatches (``prefix`` policy) to an agent holding part of the prompt."""
 
     def count_outcome(self, kind: object) -> None:
         """One submitted request ended: ``done``, ``cancelled`` or an error kind."""
@@ -153,6 +155,7 @@ class BrokerMetrics:
             "requests_by_agent": dict(self.requests_by_agent),
             "dropped_frames": self.dropped_frames,
             "continuations": self.continuations,
+            "prefix_matches": self.prefix_matches,
         }
 
 

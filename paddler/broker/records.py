@@ -64,5 +64,7 @@ class RequestRecord:
     the same model (the token ids mean nothing to another one)."""
     continue_by: float = 0.0
     """While waiting to continue: when it gives up (502 ``AgentLost``)."""
+    fingerprints: list[int] | None = None
+    """Under the ``prefix`` policy: the chain of its prompt (``paddler.protocol.prefixes``)."""
     lost_reason: str = ""
     """While waiting to continue: how its agent was lost (for the 502)."""

@@ -70,9 +70,11 @@ class BrokerSettings:
         default="slots",
         metadata=option(
             "How to pick an agent: 'slots' (a free slot on the agent with the fewest "
-            "requests in flight) or 'round-robin' (the next agent in turn, slots or not: "
+            "requests in flight), 'prefix' (like slots, but an agent whose slots hold "
+            "the start of the prompt goes first unless it is 2 requests busier than "
+            "the least busy) or 'round-robin' (the next agent in turn, slots or not: "
             "only for comparison benchmarks; agents queue what they cannot start).",
-            choices=("slots", "round-robin"),
+            choices=("slots", "prefix", "round-robin"),
         ),
     )
 

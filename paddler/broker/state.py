@@ -41,10 +41,16 @@ from paddler.protocol.kinds import KNOWN_KINDS, PROTOCOL_VERSION, Kind
 from paddler.protocol.messages import AgentSnapshot, AgentStatus, ErrorBody, Register
 
 __all__ = ["Broker", "Outgoing", "Target"]
+from paddler.protocol.prefixes import request_fingerprints, unpack_fingerprints
 from paddler.protocol.requests import CONTINUATION, is_embedding_request, validate_request
 
 log = logging.getLogger("paddler.broker")
 
+
+PREFIX_LOAD_SLACK = 2
+"""Under the ``prefix`` policy, an agent holding a request's prefix takes it while it
+has at most this many more requests in flight than the least loaded agent with a
+free slot (SGLang's cache-aware router balances with a threshold of this kind)."""
 
 LIVENESS_INTERVALS = 3
 """A peer silent for this many heartbeat intervals is dead."""
@@ -94,6 +100,7 @@ class Broker:
         self.liveness_s = settings.heartbeat_interval_s * LIVENESS_INTERVALS
         self.metrics = BrokerMetrics()
         self.round_robin = settings.dispatch_policy == "round-robin"
+        self.prefix_policy = settings.dispatch_policy == "prefix"
         self.client_queries = ClientQueries(self)
         self.drop_log = LogBudget(DROPS_LOGGED_PER_PEER, DROP_LOG_WINDOW_S, DROP_LOG_PEERS)
 
@@ -183,12 +190,19 @@ class Broker:
             ),
         )
 
-    def _choose(self) -> bytes | None:
-        """The agent for the next request, its slot taken; ``None`` if none fits."""
+    def _choose(self, record: RequestRecord) -> bytes | None:
+        """The agent for ``record``, its slot taken; ``None`` if none fits."""
         if self.round_robin:
             agent = self.registry.next_in_rotation()
             if agent is not None:
                 self.registry.acquire(agent, True)
+            return agent
+        if record.fingerprints:
+            agent, depth = self.registry.choose_prefix_and_acquire(
+                record.fingerprints, PREFIX_LOAD_SLACK
+            )
+            if depth:
+                self.metrics.prefix_matches += 1
             return agent
         return self.registry.choose_and_acquire()
 
@@ -207,7 +221,7 @@ class Broker:
                 log.error("request %d was buffered but is not waiting; dropped it", request_id)
                 buffer.remove(request_id)
                 continue
-            agent = self._choose()
+            agent = self._choose(record)
             if agent is None:
                 return
             buffer.pop()
@@ -349,6 +363,8 @@ class Broker:
                     self._send_agent(identity, encode(Kind.REREGISTER, 0, {}))
             elif kind == Kind.HEARTBEAT:
                 pass
+            elif kind == Kind.SLOT_PREFIXES:
+                self._on_held(info, unpack_body(frames[1]))
             elif kind == Kind.AGENT_STATUS:
                 self._on_status(info, AgentStatus.from_body(unpack_body(frames[1])), now)
             elif kind == Kind.AGENT_ANSWER:
@@ -442,6 +458,26 @@ class Broker:
         if self.desired_state is not None:
             self._send_agent(identity, encode(Kind.DESIRED_STATE, 0, {"state": self.desired_state}))
         self.dispatch_buffered(now)
+
+    def _on_held(self, info: AgentInfo, body: Any) -> None:
+        """What some slots of an agent hold now: the prefix index learns it. The whole
+        frame is checked before any of it is used."""
+        held = body.get("held") if isinstance(body, dict) else None
+        if not isinstance(held, list) or len(held) > max(1, info.status.slots_total):
+            raise ProtocolError("SlotPrefixes.held: expected a list of at most one per slot")
+        chains = []
+        for entry in held:
+            if not (
+                isinstance(entry, list)
+                and len(entry) == 2
+                and type(entry[0]) is int
+                and 0 <= entry[0] < max(1, info.status.slots_total)
+                and isinstance(entry[1], bytes)
+            ):
+                raise ProtocolError("SlotPrefixes.held: expected [slot, fingerprints] pairs")
+            chains.append((entry[0], unpack_fingerprints(entry[1])))
+        for slot, chain in chains:
+            self.registry.hold(info.identity, slot, chain)
 
     def _on_status(self, info: AgentInfo, status: AgentStatus, now: float) -> None:
         info.status = status
@@ -608,8 +644,10 @@ class Broker:
         )
         if self.settings.max_continuations and not is_embedding_request(request):
             record.token_ids = bytearray()
+        if self.prefix_policy:
+            record.fingerprints = request_fingerprints(request)
         if not len(self.buffer):
-            agent = self._choose()
+            agent = self._choose(record)
             if agent is not None:
                 self.requests[request_id] = record
                 self.by_client[(client, client_request_id)] = request_id

@@ -18,6 +18,7 @@ class Kind(IntEnum):
     AGENT_STATUS = 2
     HEARTBEAT = 3  # both ways, agents and broker
     DEREGISTER = 4
+    SLOT_PREFIXES = 5  # what some slots' KV caches hold now (paddler.protocol.prefixes)
     # agent -> broker -> client (forwarded with only the header rewritten)
     TOKENS = 10
     DONE = 11

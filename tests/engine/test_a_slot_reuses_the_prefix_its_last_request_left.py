@@ -10,6 +10,7 @@ from conftest import RecordingSink, run, state_for
 
 from paddler.agent.llama.slot import shared_prefix
 from paddler.agent.llama_engine import LlamaEngine
+from paddler.protocol.prefixes import held_fingerprints, request_fingerprints
 from paddler.protocol.requests import validate_request
 
 SYSTEM = "You are a careful assistant who answers in long sentences about the sea. " * 3
@@ -122,3 +123,19 @@ def test_a_request_that_filled_its_slot_leaves_reusable_cells(make_engine) -> No
     text, usage = _one(engine, request)
     assert usage["cached_prompt_tokens"] > 0
     assert text == _one(fresh, request)[0]
+
+
+def test_the_engine_reports_what_each_slot_holds(make_engine, other_tiny_model) -> None:
+    engine = make_engine(slots=2)
+    engine.take_held()  # loading the model said every slot holds nothing
+    request = _chat("Tell me about waves")
+    text, _ = _one(engine, request)
+    held = engine.take_held()
+    (chain,) = held.values()
+    assert chain == held_fingerprints(validate_request(request), text)
+    assert engine.take_held() == {}
+    # the broker's chain of the next turn starts with it
+    following = validate_request(_chat("Tell me about waves", "And tides?", replies=(text,)))
+    assert request_fingerprints(following)[: len(chain)] == chain
+    engine.apply_state(state_for(other_tiny_model))
+    assert engine.take_held() == {0: [], 1: []}

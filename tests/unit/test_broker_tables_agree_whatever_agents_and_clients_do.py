@@ -30,6 +30,7 @@ from paddler.broker.settings import BrokerSettings
 from paddler.broker.state import Broker, Target
 from paddler.protocol.codec import HEADER, encode, make_header, pack_body, pack_token_ids
 from paddler.protocol.kinds import PROTOCOL_VERSION, Kind
+from paddler.protocol.prefixes import pack_fingerprints, request_fingerprints
 
 AGENTS = (b"agent-0", b"agent-1")
 CLIENTS = (b"client-0", b"client-1")
@@ -48,6 +49,8 @@ AGENT_FRAMES = (
     "tokens with ids",
     "tokens with ids",
     "tokens with bad ids",
+    "held prefixes",
+    "bad held prefixes",
     "embedding",
     "done",
     "done",
@@ -83,7 +86,7 @@ class BrokerMachine(RuleBasedStateMachine):
         self.next_client_request_id = 1
 
     @initialize(
-        policy=st.sampled_from(["slots", "round-robin"]),
+        policy=st.sampled_from(["slots", "round-robin", "prefix"]),
         max_buffered=st.integers(0, 3),
         agents=st.lists(st.sampled_from(AGENTS), unique=True, max_size=len(AGENTS)),
         max_continuations=st.integers(0, 2),
@@ -204,6 +207,14 @@ class BrokerMachine(RuleBasedStateMachine):
             frames = [make_header(Kind.TOKENS, request_id), pack_body(["x"]), pack_token_ids([7])]
         elif what == "tokens with bad ids":
             frames = [make_header(Kind.TOKENS, request_id), pack_body(["x"]), b"\x01"]
+        elif what == "held prefixes":
+            # what the agent's slots hold now: the prompt the machine submits, or not
+            chain = request_fingerprints({"raw_prompt": "x" * 600})
+            held = [[0, pack_fingerprints(chain[: data.draw(st.integers(0, 2))])]]
+            frames = encode(Kind.SLOT_PREFIXES, 0, {"held": held})
+        elif what == "bad held prefixes":
+            bad = data.draw(st.sampled_from([{"held": [[99, b""]]}, {"held": [[0, b"x"]]}, {}]))
+            frames = encode(Kind.SLOT_PREFIXES, 0, bad)
         elif what == "embedding":
             frames = [make_header(Kind.EMBEDDING, request_id), pack_body({"index": 0})]
         elif what == "done":
@@ -237,7 +248,7 @@ class BrokerMachine(RuleBasedStateMachine):
                 body = b"\xc1"
             else:
                 max_tokens = 3 if validity == "yes" else -1
-                body = pack_body({"raw_prompt": "x", "max_tokens": max_tokens})
+                body = pack_body({"raw_prompt": "x" * 600, "max_tokens": max_tokens})
             self._from_client(client, [make_header(Kind.SUBMIT, client_request_id), body])
 
     @rule(data=st.data())

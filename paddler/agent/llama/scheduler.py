@@ -79,6 +79,7 @@ from paddler.agent.llama.status import Downloads, StatusBoard
 from paddler.errors import EngineError, ProtocolError
 from paddler.protocol.kinds import CANCELLED_CODE
 from paddler.protocol.messages import AgentStatus
+from paddler.protocol.prefixes import held_fingerprints
 from paddler.protocol.requests import continued_tokens, is_embedding_request
 
 log = logging.getLogger("paddler.agent")
@@ -117,6 +118,8 @@ class LlamaEngine(Engine):
         self._loaded: LoadedModel | None = None
         self._slots = [Slot(seq_id) for seq_id in range(slots_total)]
         self._by_request: dict[int, Slot] = {}
+        self._held: dict[int, list[int]] = {}
+        """Slots whose kept cells changed, and what they hold now (``take_held``)."""
         self._incoming: deque[tuple[int, dict[str, Any]]] = deque()
         self._embedding: deque[EmbeddingJob] = deque()
         """Embedding requests in progress, in turn order."""
@@ -138,6 +141,10 @@ class LlamaEngine(Engine):
 
     def _set_status(self, **changes: Any) -> None:
         self._board.set(**changes)
+
+    def take_held(self) -> dict[int, list[int]]:
+        held, self._held = self._held, {}
+        return held
 
     def take_status_change(self) -> bool:
         """``True`` once after the status changed outside ``apply_state``; first loads
@@ -195,6 +202,7 @@ class LlamaEngine(Engine):
         for slot in self._slots:
             slot.stale = False  # a new context: no cells left behind, nothing kept
             slot.kv = []
+            self._held[slot.seq_id] = []
         if state is not None and needs_download(state.get("model")):
             self._start_fetch(state)
             return
@@ -379,8 +387,10 @@ class LlamaEngine(Engine):
                 return
             sampler.accept(token)
             text = slot.text.push(model.piece(token))
-            if slot.output is not None and text:
-                slot.output.append(text)
+            if text:
+                slot.answer.append(text)
+                if slot.output is not None:
+                    slot.output.append(text)
         log.info(
             "request %d continues a stream begun on another agent: %d tokens generated there",
             slot.request_id,
@@ -443,13 +453,25 @@ class LlamaEngine(Engine):
         if not ended:
             self._embedding.append(job)
 
-    def _finish(self, loaded: LoadedModel, slot: Slot, keep: bool = True) -> None:
+    def _finish(
+        self, loaded: LoadedModel, slot: Slot, keep: bool = True, answered: bool = False
+    ) -> None:
         """Free a slot and its sampler chain. Its KV cells stay for a later prompt
         that starts the same way, unless ``keep`` is false (cells in doubt, or wanted
-        back). Never raises: a failure is logged, and cells that could not be freed
-        are freed before the slot is reused."""
+        back); ``answered``: the request ended with its whole answer, which the cells
+        hold too (for the fingerprints). Never raises: a failure is logged, and cells
+        that could not be freed are freed before the slot is reused."""
         self._by_request.pop(slot.request_id, None)
         slot.last_used = self.decode_steps
+        if keep and slot.request is not None:
+            try:
+                answer = "".join(slot.answer) if answered else None
+                self._held[slot.seq_id] = held_fingerprints(slot.request, answer)
+            except Exception:
+                log.exception("fingerprinting what slot %d holds failed", slot.seq_id)
+                self._held[slot.seq_id] = []
+        else:
+            self._held[slot.seq_id] = []
         if not keep:
             slot.kv = []
             try:
@@ -492,6 +514,7 @@ class LlamaEngine(Engine):
         if text:
             token_ids, slot.unsent = slot.unsent, []
             sink.tokens(slot.request_id, [text], token_ids)
+            slot.answer.append(text)
             if slot.output is not None:
                 slot.output.append(text)
 
@@ -507,7 +530,7 @@ class LlamaEngine(Engine):
         if slot.cached:  # absent is 0
             usage["cached_prompt_tokens"] = min(slot.cached, slot.prompt_tokens)
         sink.done(slot.request_id, usage)
-        self._finish(loaded, slot)
+        self._finish(loaded, slot, answered=True)
 
     def _fail_all(self, sink: EventSink, code: int, kind: str, message: str) -> None:
         while self._incoming:
@@ -727,6 +750,7 @@ class LlamaEngine(Engine):
             except Exception:
                 log.exception("closing the sampler chain of slot %d failed", slot.seq_id)
         self._slots = [Slot(seq_id) for seq_id in range(self.slots_total)]
+        self._held = {slot.seq_id: [] for slot in self._slots}
         loaded, self._loaded = self._loaded, None
         if loaded is not None:
             try:

@@ -66,6 +66,10 @@ class Slot:
     used least recently is taken."""
     cached: int = 0
     """Prompt tokens of the current request found in ``kv`` (not prefilled again)."""
+    request: dict[str, Any] | None = None
+    """The request it serves (what its kept cells will hold, for the fingerprints)."""
+    answer: list[str] = field(default_factory=list)
+    """The text its client has received so far."""
     stale: bool = False
     """Its KV cells could not be freed when its last request ended: they are freed
     again before the slot serves another request (and it serves none until they are)."""
@@ -91,6 +95,8 @@ class Slot:
         self.prefilled = 0
         self.n_past = 0
         self.cached = 0
+        self.request = request
+        self.answer = []
         self.generated = len(generated) if generated else 0
         self.unsent = []
         self.max_tokens = request["max_tokens"]
@@ -115,6 +121,8 @@ class Slot:
         self.text = None
         self.prompt = []
         self.unsent = []
+        self.request = None
+        self.answer = []
         self.logits_index = -1
         self.next_token = -1
         self.step_token = -1
