@@ -120,7 +120,8 @@ def settings_command(
     "balancer",
     (BrokerSettings, HttpSettings),
     "Run the balancer: the broker that owns cluster state and dispatches requests to "
-    "agents, and the HTTP services (inference, management, OpenAI-compatible).",
+    "agents, and the HTTP services (inference, management, OpenAI-compatible, web admin "
+    "panel).",
 )
 def run_balancer(settings: BrokerSettings, http: HttpSettings, log_level: str = "info") -> int:
     import zmq
@@ -143,7 +144,11 @@ def run_balancer(settings: BrokerSettings, http: HttpSettings, log_level: str = 
             raise ConfigurationError("--agents-addr/--clients-addr", f"cannot bind: {exc}") from exc
         server.install_signal_handlers()
         web = HttpServer(
-            http, settings.clients_addr, log_level, worker_keys.files if worker_keys else None
+            http,
+            settings.clients_addr,
+            log_level,
+            worker_keys.files if worker_keys else None,
+            broker=settings,  # what the web admin panel shows about the balancer
         )
         try:
             server.run(watch=web.alive)

@@ -17,7 +17,8 @@ from urllib.parse import urlparse
 from paddler.broker.settings import BrokerSettings
 from paddler.curve import PrivateKeys
 from paddler.errors import BrokerUnreachable, PaddlerError
-from paddler.http.settings import HttpSettings
+from paddler.http.admin.config import reachable_address
+from paddler.http.settings import CLUSTER_PANEL_ADDR, HttpSettings
 from paddler.lifetime import die_with_parent
 from paddler.settings import env_name, flag_name, option
 
@@ -154,6 +155,8 @@ def run_cluster(
     changed; an outer supervisor (systemd, docker) restarts the whole command cleanly,
     as every child dies with this process (``paddler.lifetime``)."""
     source, notice = model_source(cluster.model)
+    if http.web_admin_panel_addr is None:  # the panel is on unless turned off ('off')
+        http = dataclasses.replace(http, web_admin_panel_addr=CLUSTER_PANEL_ADDR)
     if notice:
         print(notice, flush=True)
     threads = cluster.agent_threads or max(1, (os.cpu_count() or 1) // cluster.agents)
@@ -346,6 +349,11 @@ def _announce(http: HttpSettings, cluster: ClusterSettings) -> None:
         + (
             f"  OpenAI      {scheme}://{http.compat_openai_addr}/v1\n"
             if http.compat_openai_addr
+            else ""
+        )
+        + (
+            f"  admin panel {scheme}://{reachable_address(http.panel_addr, None)}/\n"
+            if http.panel_addr
             else ""
         )
         + "Try:\n"

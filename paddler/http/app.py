@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,11 +29,12 @@ CONFIG_ENV = "PADDLER_HTTP_CONFIG"
 ROLE_ENV = "PADDLER_HTTP_ROLE"
 
 ROLES = {
-    "all": frozenset({"inference", "management", "openai"}),
-    "management": frozenset({"management"}),
+    "all": frozenset({"inference", "management", "openai", "admin"}),
+    "management": frozenset({"management", "admin"}),
     "services": frozenset({"inference", "openai"}),
 }
-"""A worker's role -> the services it serves."""
+"""A worker's role -> the services it serves (the web admin panel serves only files:
+it goes with management, away from inference floods)."""
 
 
 @dataclass
@@ -47,6 +49,8 @@ class HttpConfig:
     """App name -> SHA-256 digests (hex) of the keys it requires; none: open."""
     curve_keys: list[str] | None = None
     """With curve: the broker's public key file and the workers' secret key file."""
+    panel: dict[str, Any] = field(default_factory=dict)
+    """What the web admin panel tells the browser (``PanelSettings``)."""
 
     def apps_of(self, role: str) -> dict[str, str]:
         """The ports (and their services) a worker of ``role`` serves."""
@@ -64,6 +68,7 @@ MODULES = {
     "inference": "paddler.http.inference",
     "management": "paddler.http.management",
     "openai": "paddler.http.openai",
+    "admin": "paddler.http.admin",
 }
 
 
@@ -71,20 +76,31 @@ def build(config: HttpConfig, role: str = "all") -> PortRouter:
     """One app per port the worker's role serves, sharing the worker's broker link."""
     link = BrokerLink(config.clients_addr, curve_keys=config.curve_keys)
     apps: dict[int, ASGIApp] = {}
+    starting: list[Callable[[], Awaitable[None]]] = []
+    stopping: list[Callable[[], Awaitable[None]]] = []
     for port, name in config.apps_of(role).items():
         deps = HttpDeps(
             link,
             config.max_body_bytes,
             list(config.cors.get(name, [])),
             api_keys=ApiKeys.from_hex(config.api_keys.get(name, [])),
+            panel=config.panel,
+            on_startup=starting,
+            on_shutdown=stopping,
         )
         app: Any = importlib.import_module(MODULES[name]).create_app(deps)
         apps[int(port)] = app
 
+    async def startup() -> None:
+        for hook in starting:
+            await hook()
+
     async def shutdown() -> None:
+        for hook in stopping:
+            await hook()
         await link.close()
 
-    return PortRouter(apps, on_shutdown=shutdown)
+    return PortRouter(apps, on_startup=startup, on_shutdown=shutdown)
 
 
 def get_app() -> PortRouter:

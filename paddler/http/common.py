@@ -39,6 +39,12 @@ class HttpDeps:
     cors_origins: list[str] = field(default_factory=list)
     api_keys: ApiKeys = field(default_factory=ApiKeys)
     """Keys the service requires (``Authorization: Bearer``); none: it is open."""
+    panel: dict[str, Any] = field(default_factory=dict)
+    """The web admin panel's settings (``paddler.http.admin.config.PanelSettings``)."""
+    on_startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    """Run when the worker starts serving (the app adds its background tasks here)."""
+    on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    """Run when the worker stops, before its broker link closes."""
 
 
 class BodyTooLarge(PaddlerError):

@@ -24,6 +24,7 @@ from paddler.http.common import (
     until_disconnect,
 )
 from paddler.http.metrics import METRICS_CONTENT_TYPE, render_metrics
+from paddler.http.metrics_history import MetricsHistory
 from paddler.http.openapi import JSON, OpenApiDocument, Operation, Reply
 from paddler.protocol.desired_state import DesiredState as Desired
 from paddler.protocol.messages import AgentSnapshot
@@ -206,8 +207,61 @@ class Metrics(_Base):
         resp.text = render_metrics(snapshot)
 
 
+class MetricsStream(_Base):
+    """``/api/v1/metrics/stream``: the chart points of ``MetricsHistory``, the kept ones
+    at once, then each new one (every ``SAMPLE_INTERVAL_S``)."""
+
+    OPERATIONS = {
+        "get": Operation(
+            "Chart points of the balancer's metrics: the last 15 minutes, then live",
+            replies={
+                200: Reply(
+                    'Server-sent events: first {"interval_s", "window_s", "points": [...]} '
+                    'with every point kept, then {"points": [point]} every couple of '
+                    "seconds. A point: t (Unix s), dt_s, tokens_per_s, requests_per_s "
+                    "({outcome: rate}), ttft_p50_s, ttft_p99_s (null without first tokens), "
+                    "buffered, slots_processing, slots_total, agents ([{name, busy, total}])",
+                    sse.CONTENT_TYPE,
+                    {"type": "string"},
+                )
+            },
+        )
+    }
+
+    def __init__(self, deps: HttpDeps, history: MetricsHistory) -> None:
+        super().__init__(deps)
+        self.history = history
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        history = self.history
+        history.ensure_running()
+
+        async def points() -> AsyncGenerator[bytes, None]:
+            position = history.appended
+            yield sse.event(
+                {
+                    "interval_s": history.interval_s,
+                    "window_s": history.window_s,
+                    "points": history.since(position - len(history.points)),
+                }
+            )
+            while True:
+                await history.wait_after(position, SSE_KEEPALIVE_S)
+                new = history.since(position)
+                position = history.appended
+                yield sse.event({"points": new}) if new else sse.KEEP_ALIVE
+
+        chunks = points()
+        sse.set_headers(resp)
+        resp.stream = ClosingStream(until_disconnect(req, chunks, lambda: None), chunks)
+
+
 def create_app(deps: HttpDeps) -> falcon.asgi.App[Any, Any]:
     app = make_app(deps)
+    base = _Base(deps)
+    history = MetricsHistory(lambda: base.call(lambda c: c.metrics()))
+    deps.on_startup.append(history.start)
+    deps.on_shutdown.append(history.stop)
     app.add_route("/api/v1/agents", Agents(deps))
     app.add_route("/api/v1/agents/stream", AgentsStream(deps))
     app.add_route("/api/v1/buffered_requests", Buffered(deps))
@@ -220,5 +274,6 @@ def create_app(deps: HttpDeps) -> falcon.asgi.App[Any, Any]:
         AgentInfo(deps, "chat_template_override"),
     )
     app.add_route("/metrics", Metrics(deps))
+    app.add_route("/api/v1/metrics/stream", MetricsStream(deps, history))
     app.add_route("/openapi.json", OpenApiDocument(app, "paddler management", ERROR_REPLY))
     return app

@@ -27,14 +27,18 @@ import ssl
 import subprocess
 import sys
 from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from paddler.errors import ConfigurationError
+from paddler.http.admin.config import PanelSettings, panel_origins
 from paddler.http.api_keys import ApiKeys, read_api_keys
 from paddler.http.app import CONFIG_ENV, ROLE_ENV, HttpConfig
-from paddler.http.settings import HttpSettings
+from paddler.http.settings import FLAGS, HttpSettings
 from paddler.lifetime import die_with_parent
 from paddler.settings import env_name
+
+if TYPE_CHECKING:
+    from paddler.broker.settings import BrokerSettings
 
 log = logging.getLogger("paddler.http")
 
@@ -49,20 +53,30 @@ def split_address(address: str, flag: str) -> tuple[str, int]:
 
 
 def http_config(
-    settings: HttpSettings, clients_addr: str, curve_keys: list[str] | None = None
+    settings: HttpSettings,
+    clients_addr: str,
+    curve_keys: list[str] | None = None,
+    broker: BrokerSettings | None = None,
 ) -> HttpConfig:
+    """The workers' configuration; ``broker``: the balancer's settings the web admin
+    panel shows (its buffer's bounds, the agents address, whether curve is on)."""
     apps: dict[str, str] = {}
     for name, address in settings.addresses().items():
-        _, port = split_address(address, f"--{name}-addr")
+        _, port = split_address(address, FLAGS[name])
         if str(port) in apps:
             raise ConfigurationError(
-                f"--{name}-addr", f"port {port} is already used by the {apps[str(port)]} service"
+                FLAGS[name], f"port {port} is already used by the {apps[str(port)]} service"
             )
         apps[str(port)] = name
+    # the panel's page calls inference and management from its own origin
+    tls = bool(settings.tls_cert)
+    panel_addr = settings.panel_addr
+    from_panel = panel_origins(panel_addr, tls) if panel_addr else []
+    inference_origins = list(dict.fromkeys([*settings.inference_cors_allowed_host, *from_panel]))
     cors = {
-        "inference": list(settings.inference_cors_allowed_host),
+        "inference": inference_origins,
         "openai": list(settings.inference_cors_allowed_host),
-        "management": list(settings.management_cors_allowed_host),
+        "management": list(dict.fromkeys([*settings.management_cors_allowed_host, *from_panel])),
     }
     config = HttpConfig(clients_addr, apps, settings.max_request_body_bytes, cors)
     inference_keys = ApiKeys.of(
@@ -77,7 +91,35 @@ def http_config(
     }
     check_tls(settings)
     config.curve_keys = curve_keys
+    if panel_addr:
+        config.panel = panel_settings(settings, config, broker).to_dict()
     return config
+
+
+def panel_settings(
+    settings: HttpSettings, config: HttpConfig, broker: BrokerSettings | None
+) -> PanelSettings:
+    """What the web admin panel tells the browser: addresses, whether keys are needed
+    (never the keys), the buffer's bounds."""
+    facts: dict[str, Any] = {}
+    if broker is not None:
+        facts = {
+            "agents_addr": broker.agents_addr,
+            "curve": broker.curve_secret_key is not None,
+            "max_buffered_requests": broker.max_buffered_requests,
+            "buffered_request_timeout_ms": broker.buffered_request_timeout,
+            "inference_item_timeout_ms": broker.inference_item_timeout,
+        }
+    return PanelSettings(
+        inference_addr=settings.inference_addr,
+        management_addr=settings.management_addr,
+        openai_addr=settings.compat_openai_addr,
+        panel_addr=settings.panel_addr,
+        tls=bool(settings.tls_cert),
+        inference_api_key=bool(config.api_keys.get("inference")),
+        management_api_key=bool(config.api_keys.get("management")),
+        **facts,
+    )
 
 
 def _encrypted_key() -> bytes:
@@ -194,9 +236,10 @@ class HttpServer:
         clients_addr: str,
         log_level: str = "info",
         curve_keys: list[str] | None = None,
+        broker: BrokerSettings | None = None,
     ) -> None:
         self.settings = settings
-        config = http_config(settings, clients_addr, curve_keys)
+        config = http_config(settings, clients_addr, curve_keys, broker)
         self.process = subprocess.Popen(
             gunicorn_command(settings, log_level if log_level != "info" else "warning"),
             env=gunicorn_env(config),

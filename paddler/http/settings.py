@@ -13,6 +13,12 @@ SECRET = {"secret": True}
 balancer in the environment, never on a command line (``ps`` shows command lines)."""
 
 
+PANEL_OFF = frozenset({"", "off", "none"})
+"""Values of ``--web-admin-panel-addr`` that turn the panel off."""
+CLUSTER_PANEL_ADDR = "127.0.0.1:8062"
+"""Where ``paddler cluster`` serves the web admin panel unless told otherwise."""
+
+
 def default_http_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
@@ -32,6 +38,14 @@ class HttpSettings:
     compat_openai_addr: str | None = field(
         default=None,
         metadata=option("host:port of the OpenAI-compatible service; off unless given."),
+    )
+    web_admin_panel_addr: str | None = field(
+        default=None,
+        metadata=option(
+            "host:port of the web admin panel (dashboard, live charts, model, prompt "
+            "playground); off unless given (paddler cluster: 127.0.0.1:8062; 'off' turns "
+            "it off). Its origin is allowed on the inference and management services."
+        ),
     )
     http_workers: int = field(
         default_factory=default_http_workers,
@@ -90,9 +104,26 @@ class HttpSettings:
         metadata=option("The PEM private key file of --tls-cert (not encrypted)."),
     )
 
+    @property
+    def panel_addr(self) -> str | None:
+        """The web admin panel's host:port, or ``None`` when it is off."""
+        value = self.web_admin_panel_addr
+        return None if value is None or value.strip().lower() in PANEL_OFF else value
+
     def addresses(self) -> dict[str, str]:
         """App name -> host:port, for the services that are on."""
         out = {"inference": self.inference_addr, "management": self.management_addr}
         if self.compat_openai_addr:
             out["openai"] = self.compat_openai_addr
+        if self.panel_addr:
+            out["admin"] = self.panel_addr
         return out
+
+
+FLAGS = {
+    "inference": "--inference-addr",
+    "management": "--management-addr",
+    "openai": "--compat-openai-addr",
+    "admin": "--web-admin-panel-addr",
+}
+"""The option that sets each service's address (app name -> flag)."""

@@ -14,7 +14,7 @@ from paddler.testing.processes import processes_with
 
 
 def test_paddler_cluster_serves_the_demo_model_and_stops_cleanly(tmp_path) -> None:
-    inference, management, openai = (f"127.0.0.1:{free_port()}" for _ in range(3))
+    inference, management, openai, panel = (f"127.0.0.1:{free_port()}" for _ in range(4))
     agents_addr = f"tcp://127.0.0.1:{free_port()}"
     env = dict(os.environ, PADDLER_CACHE_DIR=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
     log = open(tmp_path / "cluster.log", "wb")  # noqa: SIM115
@@ -38,6 +38,8 @@ def test_paddler_cluster_serves_the_demo_model_and_stops_cleanly(tmp_path) -> No
             management,
             "--compat-openai-addr",
             openai,
+            "--web-admin-panel-addr",
+            panel,
             "--http-workers",
             "1",
         ],
@@ -72,6 +74,9 @@ def test_paddler_cluster_serves_the_demo_model_and_stops_cleanly(tmp_path) -> No
         output = (tmp_path / "cluster.log").read_text()
         assert "tiny built-in demo model" in output
         assert f"curl -N http://{inference}/api/v1/continue_from_conversation_history" in output
+        assert f"admin panel http://{panel}/" in output
+        page = httpx.get(f"http://{panel}/")
+        assert page.status_code == 200 and "paddler" in page.text
 
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)

@@ -59,6 +59,8 @@ def test_paddler_cluster_serves_https_and_asks_for_its_keys(tmp_path: Path) -> N
             inference,
             "--management-addr",
             management,
+            "--web-admin-panel-addr",
+            "off",
             "--http-workers",
             "1",
             "--inference-api-key",

@@ -25,6 +25,7 @@ def start_cluster(tmp_path: Path, agents: int) -> tuple[subprocess.Popen[bytes],
         "clients": f"tcp://127.0.0.1:{free_port()}",
         "inference": f"127.0.0.1:{free_port()}",
         "management": f"127.0.0.1:{free_port()}",
+        "web-admin-panel": f"127.0.0.1:{free_port()}",
     }
     env = dict(os.environ, PADDLER_CACHE_DIR=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
     with open(tmp_path / "cluster.log", "wb") as log:
