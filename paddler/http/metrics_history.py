@@ -137,15 +137,15 @@ class MetricsHistory:
     def __init__(
         self,
         fetch: Fetch,
-        interval_s: float = SAMPLE_INTERVAL_S,
+        interval_s: float | None = None,
         window_s: float = WINDOW_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.fetch = fetch
-        self.interval_s = interval_s
+        self.interval_s = interval_s or SAMPLE_INTERVAL_S
         self.window_s = window_s
         self.clock = clock
-        self.points: deque[dict[str, Any]] = deque(maxlen=max(1, int(window_s / interval_s)))
+        self.points: deque[dict[str, Any]] = deque(maxlen=max(1, int(window_s / self.interval_s)))
         self.appended = 0
         """Points appended since the start (a stream's position)."""
         self._last: tuple[float, dict[str, Any]] | None = None
