@@ -58,6 +58,12 @@ async def _buffered_value(client: AsyncClient) -> dict[str, Any]:
     return {"buffered_requests_current": await client.buffered_requests()}
 
 
+def _json(resp: falcon.asgi.Response, value: Any) -> None:
+    """``value`` as the JSON body, ``null`` included (``resp.media = None`` sends nothing)."""
+    resp.content_type = falcon.MEDIA_JSON
+    resp.text = dumps(value)
+
+
 class _Snapshot(_Base):
     """GET: one snapshot as JSON."""
 
@@ -168,7 +174,7 @@ class ApplicableState(_Base):
     }
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        resp.media = await self.call(lambda c: c.applicable_state())
+        _json(resp, await self.call(lambda c: c.applicable_state()))
 
 
 class AgentInfo(_Base):
@@ -190,7 +196,7 @@ class AgentInfo(_Base):
     async def on_get(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: str
     ) -> None:
-        resp.media = await self.call(lambda c: c.agent_info(agent_id, self.what))
+        _json(resp, await self.call(lambda c: c.agent_info(agent_id, self.what)))
 
 
 class Metrics(_Base):

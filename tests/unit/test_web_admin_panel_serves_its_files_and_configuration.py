@@ -229,3 +229,17 @@ def test_the_page_has_a_openapi_document_of_its_routes() -> None:
         "/openapi.json",
         "/static/{name}",
     }
+
+
+def test_management_answers_null_as_json_text_which_the_page_parses() -> None:
+    """``/api/v1/balancer_applicable_state`` and ``.../chat_template_override`` answer
+    ``null`` (Paddler's shape), not an empty body a browser's JSON parser refuses."""
+    deps = HttpDeps(link=FakeLink(FakeClient()))  # type: ignore[arg-type]
+    client = falcon.testing.TestClient(management.create_app(deps))
+    for path in (
+        "/api/v1/balancer_applicable_state",
+        "/api/v1/agent/agent-x/chat_template_override",
+    ):
+        answer = client.simulate_get(path)
+        assert (answer.status_code, answer.text) == (200, "null")
+        assert answer.headers["content-type"] == "application/json"

@@ -86,8 +86,8 @@ export async function request(service, path, { method = "GET", body, signal } = 
   }
   const response = await fetch(url(service, path), init);
   if (!response.ok) throw await failure(response, service);
-  if (response.status === 204) return null;
-  return response.json();
+  const text = await response.text();
+  return text ? JSON.parse(text) : null;
 }
 
 async function* lines(response) {

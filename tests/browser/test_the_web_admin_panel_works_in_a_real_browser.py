@@ -1,0 +1,316 @@
+"""The web admin panel in a real headless Chromium against a live ``paddler cluster``
+on the tiny model (HTTPS, both API keys on): the panel asks for the keys, then its
+dashboard follows the agents' slots live, its charts fill from the balancer's own
+metrics, its model page changes the desired state and shows a validation error next
+to its field, its playground streams a reply and stops one, and no page logs a
+JavaScript error. One cluster and one browser for the module; the tests run in order
+on one tab (``sessionStorage`` keeps the keys per tab). The screenshots of the
+README come from here (``PADDLER_SCREENSHOT_DIR=docs``)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.browser.harness import INFERENCE_KEY, MANAGEMENT_KEY, PanelCluster, login
+
+pytestmark = [pytest.mark.integration, pytest.mark.browser]
+
+TIMEOUT_MS = 20_000
+
+
+class Console:
+    """What the pages logged: errors, uncaught exceptions."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def watch(self, page: Any) -> None:
+        page.on("console", self._console)
+        page.on("pageerror", lambda error: self.errors.append(f"uncaught: {error}"))
+
+    def _console(self, message: Any) -> None:
+        if message.type in ("error", "assert"):
+            where = message.location.get("url", "")
+            self.errors.append(f"{message.text} ({where})")
+
+
+@pytest.fixture(scope="module")
+def console() -> Console:
+    return Console()
+
+
+@pytest.fixture(scope="module")
+def context(browser: Any, panel_cluster: PanelCluster) -> Iterator[Any]:
+    context = browser.new_context(
+        ignore_https_errors=True,  # the cluster's certificate comes from a test CA
+        viewport={"width": 1280, "height": 900},
+    )
+    context.set_default_timeout(TIMEOUT_MS)
+    try:
+        yield context
+    finally:
+        context.close()
+
+
+@pytest.fixture(scope="module")
+def page(context: Any, console: Console) -> Any:
+    page = context.new_page()
+    console.watch(page)
+    return page
+
+
+def shot(page: Any, cluster: PanelCluster, name: str) -> None:
+    page.screenshot(path=str(cluster.screenshots / f"panel-{name}.png"), full_page=True)
+
+
+def busy_slots(page: Any) -> list[int]:
+    return [int(text) for text in page.get_by_test_id("slots-processing").all_inner_texts()]
+
+
+def test_with_api_keys_on_the_panel_asks_for_them_keeps_them_in_the_tab_and_works(
+    context: Any, page: Any, panel_cluster: PanelCluster
+) -> None:
+    # a wrong key is refused next to its field (in a tab of its own: its 401 is expected)
+    other = context.new_page()
+    other.goto(panel_cluster.panel)
+    other.get_by_test_id("key-management").fill("not-the-key")
+    other.get_by_test_id("key-inference").fill(INFERENCE_KEY)
+    other.get_by_role("button", name="Continue").click()
+    refused = other.locator('[data-error-for="key-management"]')
+    refused.wait_for()
+    assert "does not accept this key" in refused.inner_text()
+    other.close()
+
+    page.goto(panel_cluster.panel)
+    form = page.get_by_test_id("keys-form")
+    form.wait_for()
+    assert "requires API keys" in form.inner_text()
+    assert page.get_by_test_id("agents").count() == 0  # nothing before the keys
+    login(page, panel_cluster)
+    page.get_by_test_id("agents").locator("article.agent").nth(1).wait_for()
+    stored = page.evaluate("() => JSON.parse(sessionStorage.getItem('paddler.api_keys'))")
+    assert stored == {"management": MANAGEMENT_KEY, "inference": INFERENCE_KEY}
+    assert page.evaluate("() => localStorage.length + document.cookie.length") == 0
+    page.reload()  # the same tab keeps them: no question again
+    page.get_by_test_id("agents").locator("article.agent").nth(1).wait_for()
+    assert page.get_by_test_id("keys-form").count() == 0
+
+
+def test_the_dashboard_lists_both_agents_and_their_slots_follow_running_requests(
+    page: Any, panel_cluster: PanelCluster
+) -> None:
+    page.goto(f"{panel_cluster.panel}/#/")
+    cards = page.locator("article.agent")
+    cards.nth(1).wait_for()
+    assert sorted(cards.locator("h3").all_inner_texts()) == ["agent-1", "agent-2"]
+    assert page.get_by_test_id("agent-state").all_inner_texts() == ["ready", "ready"]
+    assert busy_slots(page) == [0, 0]
+    assert page.get_by_test_id("slots-total").all_inner_texts() == ["2", "2"]
+    text = page.locator("main").inner_text()
+    assert panel_cluster.inference in text and panel_cluster.management in text
+    assert "Buffered requests 0 / 30" in page.get_by_test_id("buffered").inner_text()
+    assert (
+        "paddler agent --broker-addr tcp://127.0.0.1:"
+        in page.get_by_test_id("add-agent-command").inner_text()
+    )
+
+    errors: list[BaseException] = []
+
+    def request() -> None:
+        try:
+            panel_cluster.generate(max_tokens=700)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=request) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        page.wait_for_function(
+            """() => [...document.querySelectorAll('[data-test=slots-processing]')]
+                .reduce((sum, e) => sum + Number(e.textContent), 0) >= 2"""
+        )
+        assert sum(busy_slots(page)) >= 2
+        shot(page, panel_cluster, "dashboard")
+    finally:
+        for thread in threads:
+            thread.join(60)
+    assert not errors
+    page.wait_for_function(
+        """() => [...document.querySelectorAll('[data-test=slots-processing]')]
+            .every((e) => e.textContent === '0')"""
+    )
+
+    # the model details, when asked
+    page.get_by_role("button", name="Model details: GGUF metadata, chat template").first.click()
+    details = page.get_by_test_id("agent-details")
+    details.get_by_text("paddler tiny llama").wait_for()
+    assert "<|im_start|>" in details.inner_text()  # the model's own chat template
+
+
+def test_the_charts_show_data_points_after_some_requests(
+    page: Any, panel_cluster: PanelCluster
+) -> None:
+    panel_cluster.generate(max_tokens=50)
+    page.goto(f"{panel_cluster.panel}/#/charts")
+    page.get_by_role("button", name="1 min").click()
+    for chart in ("requests", "tokens", "ttft", "slots"):
+        page.wait_for_function(
+            f"""() => {{
+                const chart = document.querySelector('[data-chart={chart}] svg');
+                return chart && Number(chart.dataset.points) > 0 && Number(chart.dataset.max) > 0;
+            }}"""
+        )
+    requests = page.locator("[data-chart=requests]")
+    assert "done" in requests.locator(".legend").inner_text()
+    assert requests.locator("polyline, circle").count() > 0
+    shot(page, panel_cluster, "charts")
+
+
+def test_the_model_page_changes_the_desired_state_and_shows_an_error_next_to_its_field(
+    page: Any, panel_cluster: PanelCluster, console: Console
+) -> None:
+    page.goto(f"{panel_cluster.panel}/#/model")
+    top_k = page.locator('[data-field="inference_parameters.top_k"]')
+    top_k.wait_for()
+    top_k.fill("-5")
+    page.get_by_role("button", name="Save and apply").click()
+    error = page.locator('[data-error-for="inference_parameters.top_k"]')
+    error.wait_for()
+    assert error.inner_text() == "must be from 0 to 16777216"
+    assert top_k.get_attribute("aria-invalid") == "true"
+    assert page.locator(".field-error:visible").count() == 1  # next to that field only
+    assert panel_cluster.desired_state()["inference_parameters"]["top_k"] == 80  # unchanged
+    shot(page, panel_cluster, "model")
+    console.errors[:] = [e for e in console.errors if "status of 400" not in e]  # that PUT
+
+    top_k.fill("40")
+    page.locator('[data-field="inference_parameters.enable_embeddings"]').check()
+    page.locator('[data-field="model.LocalToAgent"]').fill(str(panel_cluster.model_copy))
+    page.get_by_role("button", name="Save and apply").click()
+    page.get_by_test_id("saved").wait_for()
+    assert not error.is_visible()
+    state = panel_cluster.desired_state()
+    assert state["model"] == {"LocalToAgent": str(panel_cluster.model_copy)}
+    assert state["inference_parameters"]["top_k"] == 40
+    assert state["inference_parameters"]["enable_embeddings"] is True
+
+    # the agents' progress toward it shows on the dashboard
+    page.goto(f"{panel_cluster.panel}/#/")
+    page.wait_for_function(
+        """(path) => {
+            const cards = [...document.querySelectorAll('article.agent')];
+            return cards.length === 2 && cards.every((card) =>
+                card.querySelector('.model code').textContent === path &&
+                card.querySelector('[data-test=agent-state]').textContent === 'ready');
+        }""",
+        arg=str(panel_cluster.model_copy),
+    )
+
+
+def _reply_count(page: Any) -> int:
+    return int(page.get_by_test_id("reply").count())
+
+
+def test_the_playground_streams_a_reply_and_stop_cancels_it_and_frees_the_slot(
+    context: Any, page: Any, panel_cluster: PanelCluster, console: Console
+) -> None:
+    dashboard = context.new_page()  # a second tab on the dashboard, to watch the slots
+    console.watch(dashboard)
+    login(dashboard, panel_cluster)
+    dashboard.locator("article.agent").nth(1).wait_for()
+
+    page.goto(f"{panel_cluster.panel}/#/playground")
+    prompt = page.get_by_test_id("prompt")
+    prompt.wait_for()
+    page.get_by_label("max tokens").fill("12")
+    prompt.fill("Hello!")
+    page.get_by_test_id("send").click()
+    meta = page.get_by_test_id("reply-meta").last
+    page.wait_for_function(
+        "() => /tokens\\/s$/.test([...document.querySelectorAll('[data-test=reply-meta]')]"
+        ".pop().textContent)"
+    )
+    assert "served by agent-" in meta.inner_text() and "12 tokens" in meta.inner_text()
+    assert "first token after" in meta.inner_text()
+    assert page.get_by_test_id("reply-text").last.inner_text()
+
+    # a long one: it streams (its text grows), stop cancels it, its slot frees
+    page.get_by_label("max tokens").fill("6000")
+    prompt.fill("Tell me everything.")
+    page.get_by_test_id("send").click()
+    reply = page.get_by_test_id("reply-text").last
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('[data-test=reply-text]')].pop()"
+        ".textContent.length > 20"
+    )
+    first = len(reply.inner_text())
+    page.wait_for_function(
+        "(n) => [...document.querySelectorAll('[data-test=reply-text]')].pop()"
+        ".textContent.length > n + 20",
+        arg=first,
+    )
+    dashboard.wait_for_function(
+        """() => [...document.querySelectorAll('[data-test=slots-processing]')]
+            .reduce((sum, e) => sum + Number(e.textContent), 0) === 1"""
+    )
+    page.get_by_test_id("stop").click()
+    assert (
+        "stopped" in meta.inner_text()
+        or "stopped" in page.get_by_test_id("reply-meta").last.inner_text()
+    )
+    dashboard.wait_for_function(
+        """() => [...document.querySelectorAll('[data-test=slots-processing]')]
+            .every((e) => e.textContent === '0')"""
+    )
+    assert all(agent["slots_processing"] == 0 for agent in panel_cluster.agents())
+    stopped_at = len(reply.inner_text())
+    assert stopped_at < 6000 * 20  # far from done
+    dashboard.close()
+
+    # per-request parameters: the same seed gives the same raw completion
+    page.get_by_test_id("mode").select_option("raw")
+    page.get_by_label("max tokens").fill("16")
+    page.get_by_label("temperature").fill("1.5")
+    page.get_by_label("seed").fill("7")
+    texts = []
+    for _ in range(2):
+        before = _reply_count(page)
+        prompt.fill("Once upon a time")
+        page.get_by_test_id("send").click()
+        page.wait_for_function(
+            "(n) => document.querySelectorAll('[data-test=reply]').length > n && "
+            "/tokens\\/s$/.test([...document.querySelectorAll('[data-test=reply-meta]')]"
+            ".pop().textContent)",
+            arg=before,
+        )
+        texts.append(page.get_by_test_id("reply-text").last.inner_text())
+    assert texts[0] == texts[1] and texts[0]
+
+    # embeddings: the model page turned them on
+    page.get_by_test_id("mode").select_option("embeddings")
+    prompt.fill("first document\nsecond document")
+    page.get_by_test_id("send").click()
+    rows = page.locator("table.embeddings tbody tr")
+    rows.nth(1).wait_for()
+    assert sorted(rows.locator("td:first-child").all_inner_texts()) == ["1", "2"]
+    assert rows.first.locator("td").nth(2).inner_text() == "64"  # the tiny model's width
+    shot(page, panel_cluster, "playground")
+
+
+def test_no_page_logs_a_javascript_error(
+    page: Any, panel_cluster: PanelCluster, console: Console
+) -> None:
+    for path in ("#/", "#/charts", "#/model", "#/playground", "#/"):
+        page.goto(f"{panel_cluster.panel}/{path}")
+        page.locator("main section").first.wait_for()
+        page.wait_for_timeout(300)
+    assert console.errors == []
+    # and the panel's own files answered with their policy
+    answer = httpx.get(panel_cluster.panel, verify=False)
+    assert "script-src 'self'" in answer.headers["content-security-policy"]
