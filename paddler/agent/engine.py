@@ -54,6 +54,10 @@ class EventSink(Protocol):
         as the start of a stop string): an engine that gives them lets the broker
         continue the stream on another agent if this one is lost (``None``: it cannot)."""
 
+    def logprobs(self, request_id: int, entries: list[dict[str, Any]]) -> None:
+        """Log-probabilities (OpenAI's entries) of the tokens whose text the next
+        ``tokens`` call carries; only for requests that asked (``logprobs``)."""
+
     def embedding(self, request_id: int, result: dict[str, Any]) -> None: ...
 
     def done(self, request_id: int, usage: dict[str, int]) -> None: ...

@@ -65,6 +65,9 @@ class _SocketSink:
             frames.append(pack_token_ids(token_ids))
         self.socket.send_multipart(frames)
 
+    def logprobs(self, request_id: int, entries: list[dict[str, Any]]) -> None:
+        self.socket.send_multipart(encode(Kind.LOGPROBS, request_id, entries))
+
     def embedding(self, request_id: int, result: dict[str, Any]) -> None:
         self.socket.send_multipart(encode(Kind.EMBEDDING, request_id, result))
 

@@ -64,6 +64,7 @@ DROP_LOG_PEERS = 256
 
 _TOKENS = int(Kind.TOKENS)
 _EMBEDDING = int(Kind.EMBEDDING)
+_LOGPROBS = int(Kind.LOGPROBS)
 _DONE = int(Kind.DONE)
 _ERROR = int(Kind.ERROR)
 _TERMINAL = (_DONE, _ERROR)
@@ -348,6 +349,13 @@ class Broker:
                     else:  # text without its tokens: the request cannot continue elsewhere
                         record.token_ids = None
             record.last_activity = now
+            return
+        if kind == _LOGPROBS:  # with their tokens: forwarded as they are
+            record = self.requests.get(request_id)
+            if record is not None and record.agent == identity and not record.cancelled:
+                self._send_client(
+                    record.client, [HEADER.pack(kind, record.client_request_id), frames[1]]
+                )
             return
         if count == 3:
             self._drop("agent", identity, "bad frame layout (3 frames, not tokens)", now)

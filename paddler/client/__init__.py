@@ -4,7 +4,7 @@ Both are thin drivers of one ``ClientCore`` (``paddler.client.core``), which hol
 every rule of the client protocol and does no I/O."""
 
 from paddler.client.aio import AsyncClient, AsyncStream
-from paddler.client.events import Dispatched, Done, Embedding, Event, Failed, Tokens
+from paddler.client.events import Dispatched, Done, Embedding, Event, Failed, Logprobs, Tokens
 from paddler.client.sync import Client, Stream
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "Embedding",
     "Event",
     "Failed",
+    "Logprobs",
     "Stream",
     "Tokens",
 ]

@@ -30,6 +30,15 @@ class Tokens:
 
 
 @dataclass(frozen=True, slots=True)
+class Logprobs:
+    """Log-probabilities of the tokens whose text the next ``Tokens`` carries, as
+    OpenAI's entries (``token``, ``logprob``, ``bytes``, ``top_logprobs``); only for
+    requests that asked (``logprobs``)."""
+
+    entries: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
 class Embedding:
     """One document's result, externally tagged as in Paddler's API:
     ``{"Embedding": {...}}`` or ``{"DocumentExceedsBatchSize": {...}}``."""
@@ -52,7 +61,7 @@ class Failed:
         return RequestFailed(self.code, self.kind, self.description)
 
 
-Event = Dispatched | Tokens | Embedding | Done | Failed
+Event = Dispatched | Tokens | Logprobs | Embedding | Done | Failed
 
 
 def decode_event(kind: int, body: bytes) -> Event:
@@ -66,6 +75,10 @@ def decode_event(kind: int, body: bytes) -> Event:
         if kind == Kind.ERROR:
             error = ErrorBody.from_body(value)
             return Failed(error.code, error.kind, error.description)
+        if kind == Kind.LOGPROBS:
+            if not isinstance(value, list) or not all(isinstance(e, dict) for e in value):
+                raise ProtocolError("Logprobs: body must be a list of maps")
+            return Logprobs(value)
         if kind == Kind.EMBEDDING:
             if not isinstance(value, dict) or len(value) != 1:
                 raise ProtocolError("Embedding: body must be a map with one variant")

@@ -43,6 +43,11 @@ log = logging.getLogger("paddler.http")
 
 
 NDJSON_CONTENT_TYPE = "application/json"
+NOT_NATIVE = ("logprobs", "top_logprobs")
+NOT_NATIVE_MESSAGE = (
+    "is not available on the native API (Paddler's envelopes have no place for it); "
+    "use /v1/chat/completions, /v1/completions or paddler.client"
+)
 EMBEDDING_PART_MIN_DOCUMENTS = 1
 
 
@@ -55,6 +60,9 @@ def generation_request(body: Any, shape: type[GenerationParameters]) -> dict[str
     if required not in body:
         raise InvalidRequest(required, "is required")
     check(shape, body, InvalidRequest)
+    for name in NOT_NATIVE:
+        if body.get(name):
+            raise InvalidRequest(name, NOT_NATIVE_MESSAGE)
     return shape.wire_of(body)
 
 

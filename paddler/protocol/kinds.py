@@ -24,6 +24,7 @@ class Kind(IntEnum):
     DONE = 11
     ERROR = 12  # also broker -> client and broker -> agent
     EMBEDDING = 13  # one document's result of an embedding request
+    LOGPROBS = 14  # log-probabilities of the tokens of the TOKENS frame that follows
     # broker -> agent
     REGISTERED = 20
     DISPATCH = 22

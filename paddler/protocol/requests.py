@@ -71,6 +71,47 @@ Probability = Annotated[float, Field(ge=0, le=1), Says("must be a number from 0 
 TopK = Annotated[int, Field(ge=0, le=MAX_TOP_K), Says("must be a non-negative integer")]
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1), Says("must be an integer from 0 to 4294967295")]
 Flag = Annotated[bool, Says("must be true or false")]
+Penalty = Annotated[float, Field(ge=-2, le=2), Says("must be a number from -2 to 2")]
+MAX_LOGIT_BIAS = 1024
+MAX_TOP_LOGPROBS = 20
+LOGIT_BIAS_MESSAGE = (
+    f"must be an object of at most {MAX_LOGIT_BIAS} token ids (as strings of digits) "
+    "with biases from -100 to 100"
+)
+
+
+def _token_id_key(key: str) -> str:
+    if not (key.isascii() and key.isdigit() and len(key) <= 9):
+        raise PydanticCustomError("token_id", "keys must be token ids")
+    return key
+
+
+LogitBias = Annotated[
+    dict[
+        Annotated[str, AfterValidator(_token_id_key)],
+        Annotated[float, Field(ge=-100, le=100)],
+    ],
+    Field(max_length=MAX_LOGIT_BIAS),
+    Says(LOGIT_BIAS_MESSAGE, whole=True),
+]
+"""Added to the logits of the given tokens: -100 bans a token, 100 all but forces it."""
+TopLogprobs = Annotated[
+    int,
+    Field(ge=0, le=MAX_TOP_LOGPROBS),
+    Says(f"must be an integer from 0 to {MAX_TOP_LOGPROBS}"),
+]
+
+
+PARSE_TOOL_CALLS_MESSAGE = (
+    "must be false: this server does not parse tool calls yet (the tool-call text "
+    "streams as content)"
+)
+
+
+def _no_tool_call_parsing(value: bool) -> bool:
+    if value:
+        raise PydanticCustomError("no_tool_calls", PARSE_TOOL_CALLS_MESSAGE)
+    return value
 
 
 GRAMMAR_TYPES = "must be 'gbnf' or 'json_schema'"
@@ -191,13 +232,26 @@ class GenerationParameters(Shape):
     add_generation_prompt: Flag = True
     enable_thinking: Flag = False
     tools: Annotated[list[Any], Says("must be a list")] = Field(default_factory=list)
-    parse_tool_calls: Flag = False
+    parse_tool_calls: Annotated[
+        bool, AfterValidator(_no_tool_call_parsing), Says(PARSE_TOOL_CALLS_MESSAGE, whole=True)
+    ] = False
+    """Paddler's switch for parsed tool calls: only ``false`` until paddler parses them."""
     temperature: Temperature | None = None
     top_p: Probability | None = None
     top_k: TopK | None = None
     min_p: Probability | None = None
     seed: Seed | None = None
     stop: Stop = Field(default_factory=list)
+    frequency_penalty: Penalty | None = None
+    """Lowers a token's logit by this times how often it came already (else the
+    desired state's ``penalty_frequency``)."""
+    presence_penalty: Penalty | None = None
+    """Lowers the logit of every token that came already (else ``penalty_presence``)."""
+    logit_bias: LogitBias | None = None
+    logprobs: Flag = False
+    """Send the log-probability of each generated token (a ``Logprobs`` event)."""
+    top_logprobs: TopLogprobs = 0
+    """With ``logprobs``: also that many of the most likely tokens at each step."""
 
     @classmethod
     def wire_of(cls, request: dict[str, Any]) -> dict[str, Any]:

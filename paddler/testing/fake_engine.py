@@ -24,6 +24,20 @@ from paddler.protocol.requests import continued_tokens, is_embedding_request
 PIECES = [f"t{i} " for i in range(4096)]
 
 
+def _logprobs(index: int, top: int) -> dict[str, Any]:
+    """A made-up entry for piece ``index``: it had probability 1/2, and the
+    alternatives each half the one before."""
+
+    def entry(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    piece = PIECES[index % 4096]
+    alternatives = [entry(piece, -0.6931)] + [
+        entry(f"alt{k} ", -0.6931 * (k + 2)) for k in range(max(0, top - 1))
+    ]
+    return {**entry(piece, -0.6931), "top_logprobs": alternatives[:top]}
+
+
 @dataclass(slots=True)
 class _Request:
     max_tokens: int
@@ -31,6 +45,8 @@ class _Request:
     ready_at: float = 0.0
     produced: int = 0
     cancelled: bool = False
+    top_logprobs: int = -1
+    """-1: no log-probabilities asked."""
 
 
 class FakeEngine(Engine):
@@ -88,6 +104,7 @@ class FakeEngine(Engine):
             len(prompt.split()),
             ready_at=time.monotonic() + self.first_token_delay_s,
             produced=len(generated),
+            top_logprobs=request.get("top_logprobs", 0) if request.get("logprobs") else -1,
         )
 
     def cancel(self, request_id: int) -> None:
@@ -130,6 +147,10 @@ class FakeEngine(Engine):
                 continue  # still "prefilling"
             start = request.produced
             end = min(request.max_tokens, start + self.tokens_per_step)
+            if request.top_logprobs >= 0:
+                sink.logprobs(
+                    request_id, [_logprobs(i, request.top_logprobs) for i in range(start, end)]
+                )
             sink.tokens(
                 request_id,
                 [PIECES[i % 4096] for i in range(start, end)],

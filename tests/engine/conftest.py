@@ -37,6 +37,9 @@ class RecordingSink:
         self.events.append((self.engine.decode_steps, "tokens", request_id, pieces))
         self.frames[request_id].append(("".join(pieces), list(token_ids or ())))
 
+    def logprobs(self, request_id: int, entries: list[dict[str, Any]]) -> None:
+        self.events.append((self.engine.decode_steps, "logprobs", request_id, entries))
+
     def embedding(self, request_id: int, result: dict[str, Any]) -> None:
         self.events.append((self.engine.decode_steps, "embedding", request_id, result))
 
@@ -59,7 +62,7 @@ class RecordingSink:
         return {
             rid: (kind, value)
             for _, kind, rid, value in self.events
-            if kind not in ("tokens", "embedding")
+            if kind not in ("tokens", "embedding", "logprobs")
         }
 
     def embeddings(self, request_id: int) -> list[dict[str, Any]]:

@@ -69,7 +69,7 @@ def test_each_returning_turn_lands_on_the_agent_that_served_the_last(
                 {"role": "user", "content": "Go on."},
             ]
     if policy == "prefix":
-        for name, agents in served.items():
+        for agents in served.values():
             assert len(set(agents)) == 1, served  # every turn where the last one was
         assert all(tokens > 100 for tokens in cached), cached
     else:

@@ -128,7 +128,44 @@ def test_a_streamed_chat_completion_with_usage(sdk) -> None:
     assert finishes[-1] == "length" and set(finishes[:-1]) == {None}
     usage_chunk = chunks[-1]
     assert usage_chunk.choices == [] and usage_chunk.usage is not None
-    assert usage_chunk.usage.model_dump() == whole.usage.model_dump()  # type: ignore[union-attr]
+    # the same usage; the second asking found its prompt cached in the slot
+    streamed_usage = usage_chunk.usage.model_dump()
+    assert streamed_usage.pop("prompt_tokens_details")["cached_tokens"] > 0
+    whole_usage = whole.usage.model_dump()  # type: ignore[union-attr]
+    whole_usage.pop("prompt_tokens_details")
+    assert streamed_usage == whole_usage
+
+
+def test_logprobs_of_a_chat_completion_streamed_and_not(sdk) -> None:
+    whole = sdk.chat.completions.create(
+        model="tiny", messages=CHAT, max_completion_tokens=10, logprobs=True, top_logprobs=3
+    )
+    choice = whole.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content is not None
+    entries = choice.logprobs.content
+    assert len(entries) == 10
+    assert "".join(entry.token for entry in entries) == choice.message.content
+    for entry in entries:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the most likely
+    stream = sdk.chat.completions.create(
+        model="tiny",
+        messages=CHAT,
+        max_completion_tokens=10,
+        logprobs=True,
+        top_logprobs=3,
+        stream=True,
+    )
+    streamed = [
+        entry
+        for chunk in stream
+        for c in chunk.choices
+        if c.logprobs is not None and c.logprobs.content
+        for entry in c.logprobs.content
+    ]
+    assert [e.token for e in streamed] == [e.token for e in entries]
+    plain = sdk.chat.completions.create(model="tiny", messages=CHAT, max_completion_tokens=3)
+    assert plain.choices[0].logprobs is None
 
 
 def test_the_same_seed_gives_the_same_text(sdk) -> None:

@@ -100,6 +100,12 @@ def test_token_errors_and_broker_errors_use_their_envelopes(inference_app, fake)
             "conversation_history[0].content",
         ),
         ("/api/v1/generate_embedding_batch", {"input_batch": []}, "input_batch"),
+        ("/api/v1/continue_from_raw_prompt", {"raw_prompt": "x", "logprobs": True}, "logprobs"),
+        (
+            "/api/v1/continue_from_raw_prompt",
+            {"raw_prompt": "x", "parse_tool_calls": True},
+            "parse_tool_calls",
+        ),
         (
             "/api/v1/generate_embedding_batch",
             {"input_batch": [{"id": "a", "content": "x"}], "normalization_method": "L3"},

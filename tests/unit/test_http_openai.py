@@ -13,7 +13,7 @@ from typing import Any
 import falcon.testing
 import pytest
 
-from paddler.client import Dispatched, Done, Embedding, Failed, Tokens
+from paddler.client import Dispatched, Done, Embedding, Failed, Logprobs, Tokens
 from paddler.errors import BrokerUnreachable
 from paddler.http import openai
 from paddler.http.asgi import DISCONNECTED
@@ -772,3 +772,82 @@ def test_no_model_means_an_empty_list(app, fake) -> None:
     missing = app.simulate_get("/v1/models/anything")
     assert missing.status_code == 404
     assert missing.json["error"]["code"] == "model_not_found"
+
+
+def _entry(token: str, logprob: float, top: int) -> dict[str, Any]:
+    base = {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+    return {**base, "top_logprobs": [base] * top}
+
+
+def test_sampling_options_reach_the_broker_and_bad_ones_are_named(app, fake) -> None:
+    fake.script += [_generation(["x"])]
+    body = {
+        **CHAT,
+        "frequency_penalty": 0.5,
+        "presence_penalty": -0.5,
+        "logit_bias": {"42": -100, "7": 3.5},
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    assert app.simulate_post("/v1/chat/completions", json=body).status_code == 200
+    (request,) = fake.submitted
+    assert request["frequency_penalty"] == 0.5 and request["presence_penalty"] == -0.5
+    assert request["logit_bias"] == {"42": -100, "7": 3.5}
+    assert (request["logprobs"], request["top_logprobs"]) == (True, 2)
+    for bad, field in (
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+    ):
+        result = app.simulate_post("/v1/chat/completions", json={**CHAT, **bad})
+        assert result.status_code == 400, bad
+        assert result.json["error"]["param"] == field, result.json
+    result = app.simulate_post("/v1/completions", json={"prompt": "x", "logprobs": 6})
+    assert (result.status_code, result.json["error"]["param"]) == (400, "logprobs")
+
+
+def test_chat_logprobs_come_with_the_message_and_with_each_chunk(app, fake) -> None:
+    entries = [_entry("Hel", -0.1, 1), _entry("lo", -0.2, 1)]
+    script = [
+        Dispatched("agent-x", "a1", 0),
+        Logprobs(entries[:1]),
+        Tokens(["Hel"]),
+        Logprobs(entries[1:]),
+        Tokens(["lo"]),
+        Done(Usage(prompt_tokens=5, content_tokens=2)),
+    ]
+    fake.script += [list(script), list(script)]
+    body = {**CHAT, "logprobs": True, "top_logprobs": 1}
+    whole = app.simulate_post("/v1/chat/completions", json=body).json
+    assert whole["choices"][0]["logprobs"] == {"content": entries, "refusal": None}
+    streamed = _events(
+        app.simulate_post("/v1/chat/completions", json={**body, "stream": True}).text
+    )
+    chunks = [e["choices"][0] for e in streamed if e != "[DONE]" and e["choices"]]
+    with_text = [c for c in chunks if c["delta"].get("content")]
+    assert [c["logprobs"]["content"] for c in with_text] == [entries[:1], entries[1:]]
+
+
+def test_legacy_completion_logprobs_are_parallel_lists(app, fake) -> None:
+    entries = [_entry("Hel", -0.1, 2), _entry("lo", -0.2, 2)]
+    fake.script += [
+        [
+            Dispatched("agent-x", "a1", 0),
+            Logprobs(entries),
+            Tokens(["Hello"]),
+            Done(Usage(prompt_tokens=5, content_tokens=2)),
+        ]
+    ]
+    body = {"prompt": "Say", "logprobs": 2, "echo": True}
+    choice = app.simulate_post("/v1/completions", json=body).json["choices"][0]
+    assert choice["text"] == "SayHello"
+    assert choice["logprobs"] == {
+        "tokens": ["Hel", "lo"],
+        "token_logprobs": [-0.1, -0.2],
+        "top_logprobs": [{"Hel": -0.1}, {"lo": -0.2}],
+        "text_offset": [3, 6],
+    }
+    (request,) = fake.submitted
+    assert (request["logprobs"], request["top_logprobs"]) == (True, 2)

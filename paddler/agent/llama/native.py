@@ -263,6 +263,16 @@ class LlamaContext:
         """Free every KV cell."""
         lc.llama_memory_clear(self.memory, True)
 
+    def logits(self, index: int, n_vocab: int) -> Any:
+        """The logits at ``index`` of the last decode, as a numpy view (valid until the
+        next decode)."""
+        import numpy as np
+
+        pointer = lc.llama_get_logits_ith(self.ptr, index)
+        if not pointer:
+            raise EngineError(f"no logits at batch index {index}")
+        return np.ctypeslib.as_array(pointer, shape=(n_vocab,))
+
     def pooled_embedding(self, seq_id: int, last_index: int, width: int) -> list[float] | None:
         """The pooled embedding of a sequence (else the one at ``last_index``), or ``None``."""
         values = lc.llama_get_embeddings_seq(self.ptr, seq_id)
@@ -337,6 +347,13 @@ class SamplerChain:
         self._add(
             lc.llama_sampler_init_penalties(model.n_vocab, last_n, repeat, frequency, presence)
         )
+
+    def add_logit_bias(self, model: LlamaModel, biases: dict[int, float]) -> None:
+        """Add ``biases`` to the logits of their tokens (-inf bans one)."""
+        entries = (lc.llama_logit_bias * len(biases))(
+            *(lc.llama_logit_bias(token=token, bias=bias) for token, bias in biases.items())
+        )
+        self._add(lc.llama_sampler_init_logit_bias(model.n_vocab, len(biases), entries))
 
     def add_greedy(self) -> None:
         self._add(lc.llama_sampler_init_greedy())

@@ -28,8 +28,10 @@ from paddler.protocol.nesting import MAX_JSON_DEPTH, json_depth_exceeds
 
 
 class GrammarError(Exception):
-    """A request's grammar that cannot constrain the output; ``kind`` is the error kind
-    the request ends with (``GrammarSyntaxError``, ``GrammarInitializationFailed``)."""
+    """A request's sampling options that cannot be applied: a grammar that cannot
+    constrain the output, a logit bias for a token the model lacks; ``kind`` is the
+    error kind the request ends with (``GrammarSyntaxError``,
+    ``GrammarInitializationFailed``, ``InvalidRequest``)."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -170,6 +172,27 @@ def schema_problem(schema: Any, text: str) -> str | None:
     return None
 
 
+BANNED = -100.0
+"""OpenAI's bias that bans a token: applied as -inf, so not even a grammar's only
+choice brings it back."""
+
+
+def logit_biases(model: LlamaModel, biases: dict[str, float] | None) -> dict[int, float]:
+    """``logit_bias`` with token ids as ints; ``GrammarError`` (kind ``InvalidRequest``)
+    for an id out of this model's vocabulary."""
+    out: dict[int, float] = {}
+    for key, bias in (biases or {}).items():
+        token = int(key)
+        if token >= model.n_vocab:
+            raise GrammarError(
+                "InvalidRequest",
+                f"logit_bias: token {token} is not in this model's vocabulary "
+                f"(0 to {model.n_vocab - 1})",
+            )
+        out[token] = float("-inf") if bias <= BANNED else float(bias)
+    return out
+
+
 def build_sampler(
     model: LlamaModel, parameters: dict[str, Any], request: dict[str, Any], n_ctx_seq: int
 ) -> SamplerChain:
@@ -188,20 +211,21 @@ def build_sampler(
             rules, root = grammar_text(grammar)
             if not chain.add_grammar(model, rules, root):
                 raise GrammarError("GrammarSyntaxError", "llama.cpp could not parse the grammar")
+        biases = logit_biases(model, request.get("logit_bias"))
+        if biases:
+            chain.add_logit_bias(model, biases)
         last_n = parameters["penalty_last_n"]
         if last_n < 0:
             last_n = n_ctx_seq
-        if last_n and (
-            parameters["penalty_repeat"] != 1.0
-            or parameters["penalty_frequency"] != 0.0
-            or parameters["penalty_presence"] != 0.0
-        ):
+        frequency = request.get("frequency_penalty")
+        if frequency is None:
+            frequency = parameters["penalty_frequency"]
+        presence = request.get("presence_penalty")
+        if presence is None:
+            presence = parameters["penalty_presence"]
+        if last_n and (parameters["penalty_repeat"] != 1.0 or frequency != 0.0 or presence != 0.0):
             chain.add_penalties(
-                model,
-                last_n,
-                parameters["penalty_repeat"],
-                parameters["penalty_frequency"],
-                parameters["penalty_presence"],
+                model, last_n, parameters["penalty_repeat"], float(frequency), float(presence)
             )
         temperature = float(pick("temperature"))
         if temperature <= 0.0:
@@ -218,3 +242,34 @@ def build_sampler(
     except BaseException:
         chain.close()
         raise
+
+
+def _token_entry(model: LlamaModel, token: int, logprob: float) -> dict[str, Any]:
+    piece = model.piece(token)
+    return {
+        "token": piece.decode("utf-8", "replace"),
+        "logprob": logprob,
+        "bytes": list(piece),
+    }
+
+
+def token_logprobs(loaded: Any, index: int, token: int, top: int) -> dict[str, Any]:
+    """OpenAI's log-probability entry of ``token``, sampled from the logits at batch
+    ``index``: the log-softmax of the model's logits (before temperature, penalties
+    and grammar), with the ``top`` most likely tokens. Only for requests that ask."""
+    import numpy as np
+
+    model = loaded.model
+    logits = loaded.context.logits(index, model.n_vocab)
+    peak = float(logits.max())
+    log_total = peak + float(np.log(np.exp(logits - peak, dtype=np.float64).sum()))
+    entry = _token_entry(model, token, float(logits[token]) - log_total)
+    alternatives = []
+    if top:
+        best = np.argpartition(logits, -top)[-top:]
+        for candidate in best[np.argsort(-logits[best], kind="stable")]:
+            alternatives.append(
+                _token_entry(model, int(candidate), float(logits[candidate]) - log_total)
+            )
+    entry["top_logprobs"] = alternatives
+    return entry

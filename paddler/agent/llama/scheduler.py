@@ -73,7 +73,12 @@ from paddler.agent.llama.loading import (
 )
 from paddler.agent.llama.native import LlamaModel
 from paddler.agent.llama.prompt import prompt_tokens
-from paddler.agent.llama.sampling import GrammarError, build_sampler, schema_problem
+from paddler.agent.llama.sampling import (
+    GrammarError,
+    build_sampler,
+    schema_problem,
+    token_logprobs,
+)
 from paddler.agent.llama.slot import Slot, shared_prefix
 from paddler.agent.llama.status import Downloads, StatusBoard
 from paddler.errors import EngineError, ProtocolError
@@ -513,6 +518,9 @@ class LlamaEngine(Engine):
         """Send ``text`` with the ids of the tokens sampled since the last piece."""
         if text:
             token_ids, slot.unsent = slot.unsent, []
+            if slot.unsent_logprobs:
+                logprobs, slot.unsent_logprobs = slot.unsent_logprobs, []
+                sink.logprobs(slot.request_id, logprobs)
             sink.tokens(slot.request_id, [text], token_ids)
             slot.answer.append(text)
             if slot.output is not None:
@@ -596,11 +604,19 @@ class LlamaEngine(Engine):
             token = slot.sampler.sample(loaded.context, slot.logits_index)
         except Exception as exc:
             raise _RequestFault("SamplerError", exc) from exc
-        slot.logits_index = -1
         model = loaded.model
         if model.is_eog(token):
+            slot.logits_index = -1
             self._done(sink, loaded, slot)
             return
+        if slot.top_logprobs >= 0:
+            try:
+                slot.unsent_logprobs.append(
+                    token_logprobs(loaded, slot.logits_index, token, slot.top_logprobs)
+                )
+            except Exception as exc:
+                raise _RequestFault("SamplerError", exc) from exc
+        slot.logits_index = -1
         slot.generated += 1
         slot.unsent.append(token)
         try:

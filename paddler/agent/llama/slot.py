@@ -70,6 +70,11 @@ class Slot:
     """The request it serves (what its kept cells will hold, for the fingerprints)."""
     answer: list[str] = field(default_factory=list)
     """The text its client has received so far."""
+    top_logprobs: int = -1
+    """Alternatives per token to send with each token's log-probability; -1: the
+    request asked for no log-probabilities (and pays nothing for them)."""
+    unsent_logprobs: list[dict[str, Any]] = field(default_factory=list)
+    """Log-probabilities of the tokens in ``unsent``."""
     stale: bool = False
     """Its KV cells could not be freed when its last request ended: they are freed
     again before the slot serves another request (and it serves none until they are)."""
@@ -97,6 +102,8 @@ class Slot:
         self.cached = 0
         self.request = request
         self.answer = []
+        self.top_logprobs = request.get("top_logprobs", 0) if request.get("logprobs") else -1
+        self.unsent_logprobs = []
         self.generated = len(generated) if generated else 0
         self.unsent = []
         self.max_tokens = request["max_tokens"]
@@ -123,6 +130,8 @@ class Slot:
         self.unsent = []
         self.request = None
         self.answer = []
+        self.top_logprobs = -1
+        self.unsent_logprobs = []
         self.logits_index = -1
         self.next_token = -1
         self.step_token = -1

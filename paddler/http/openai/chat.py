@@ -34,12 +34,14 @@ class ChatCompletions(Generation):
         chat = check(ChatCompletionBody, body, invalid_body)
         return chat.to_request(), chat.options()
 
-    def choice(self, text: str, reason: str) -> dict[str, Any]:
+    def choice(
+        self, text: str, reason: str, logprobs: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
         return {
             "index": 0,
             "message": {"role": "assistant", "content": text, "refusal": None},
             "finish_reason": reason,
-            "logprobs": None,
+            "logprobs": _chat_logprobs(logprobs),
         }
 
     def opening(self, options: Options) -> list[dict[str, Any]]:
@@ -52,10 +54,17 @@ class ChatCompletions(Generation):
             }
         ]
 
-    def chunk_choice(self, piece: str | None, reason: str | None) -> dict[str, Any]:
+    def chunk_choice(
+        self, piece: str | None, reason: str | None, logprobs: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
         return {
             "index": 0,
             "delta": {} if piece is None else {"content": piece},
             "finish_reason": reason,
-            "logprobs": None,
+            "logprobs": _chat_logprobs(logprobs),
         }
+
+
+def _chat_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """Chat's ``logprobs`` of a choice: the entries as they are (``None``: not asked)."""
+    return None if entries is None else {"content": entries, "refusal": None}

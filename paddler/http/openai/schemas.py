@@ -22,11 +22,14 @@ from paddler.protocol.grammar_limits import json_schema_problem
 from paddler.protocol.requests import (
     MAX_DOCUMENTS,
     ConversationRequest,
+    LogitBias,
     MaxTokens,
+    Penalty,
     Probability,
     RawPromptRequest,
     Stop,
     TopK,
+    TopLogprobs,
     trusted_wire,
 )
 from paddler.protocol.shapes import Says, Shape, member_tag
@@ -55,7 +58,6 @@ class OpenAIShape(Shape):
 # ------------------------------------------------------------------ field types
 
 OpenAITemperature = Annotated[float, Field(ge=0, le=2), Says("must be a number from 0 to 2")]
-Penalty = Annotated[float, Field(ge=-2, le=2), Says("must be a number from -2 to 2")]
 AnySeed = Annotated[int, Says("must be an integer")]
 Flag = Annotated[bool, Says("must be true or false")]
 OnlyOne = Annotated[int, Field(ge=1, le=1), Says("only 1 is supported")]
@@ -282,10 +284,10 @@ class SamplingBody(OpenAIShape):
     top_k: TopK | None = None
     seed: AnySeed | None = None
     stop: Stop | None = None
-    frequency_penalty: Penalty | None = None  # accepted, not applied per request
-    presence_penalty: Penalty | None = None  # accepted, not applied per request
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
     n: OnlyOne | None = None
-    logit_bias: Annotated[dict[str, Any], Says("must be an object")] | None = None
+    logit_bias: LogitBias | None = None
     stream: Flag | None = None
     stream_options: StreamOptions | None = None
 
@@ -302,6 +304,10 @@ class SamplingBody(OpenAIShape):
             request["seed"] = self.seed & SEED_MASK
         if self.stop:
             request["stop"] = self.stop
+        for name in ("frequency_penalty", "presence_penalty", "logit_bias"):
+            value = getattr(self, name)
+            if value is not None:
+                request[name] = value
         return request
 
     def options(self) -> Options:
@@ -310,6 +316,13 @@ class SamplingBody(OpenAIShape):
 
 
 Tools = Annotated[list[dict[str, Any]], Says("must be a list of tool objects", whole=True)]
+TOOL_CHOICE_MESSAGE = (
+    "must be 'auto' or 'none' ('required' and a named function need tool-call "
+    "parsing, which this server does not have yet)"
+)
+ToolChoice = Annotated[Literal["auto", "none"], Says(TOOL_CHOICE_MESSAGE, whole=True)]
+"""``auto``: the tools are shown to the model, which may call one or answer; ``none``:
+they are not shown."""
 
 
 class ChatCompletionBody(SamplingBody):
@@ -323,7 +336,16 @@ class ChatCompletionBody(SamplingBody):
     tools: (
         Annotated[list[dict[str, Any]], Says("must be a list of tool objects", whole=True)] | None
     ) = None
-    tool_choice: Any = None
+    tool_choice: ToolChoice | None = None
+    logprobs: Flag | None = None
+    top_logprobs: TopLogprobs | None = None
+
+    @validates("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise PydanticCustomError("needs_logprobs", "needs logprobs: true")
+        return value
 
     def to_request(self) -> dict[str, Any]:
         """The broker's conversation request (wire form)."""
@@ -332,6 +354,9 @@ class ChatCompletionBody(SamplingBody):
             "conversation_history": [m.native() for m in self.messages],
             **self.sampling(max_tokens),
         }
+        if self.logprobs:
+            request["logprobs"] = True
+            request["top_logprobs"] = self.top_logprobs or 0
         grammar = grammar_of(self.response_format)
         if grammar is not None:
             request["grammar"] = grammar
@@ -354,6 +379,10 @@ class CompletionBody(SamplingBody):
     ]
     best_of: OnlyOne | None = None
     echo: Flag | None = None
+    logprobs: Annotated[int, Field(ge=0, le=5), Says("must be an integer from 0 to 5")] | None = (
+        None
+    )
+    """The legacy API's ``logprobs``: how many alternatives to give per token."""
 
     @property
     def prompt_text(self) -> str:
@@ -361,6 +390,9 @@ class CompletionBody(SamplingBody):
 
     def to_request(self) -> dict[str, Any]:
         request = {"raw_prompt": self.prompt_text, **self.sampling(self.max_tokens)}
+        if self.logprobs is not None:
+            request["logprobs"] = True
+            request["top_logprobs"] = self.logprobs
         return trusted_wire(RawPromptRequest, request)
 
     def options(self) -> Options:

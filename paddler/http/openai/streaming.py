@@ -19,7 +19,16 @@ from typing import Any, TypeVar
 import falcon
 import falcon.asgi
 
-from paddler.client import AsyncClient, AsyncStream, Dispatched, Done, Event, Failed, Tokens
+from paddler.client import (
+    AsyncClient,
+    AsyncStream,
+    Dispatched,
+    Done,
+    Event,
+    Failed,
+    Logprobs,
+    Tokens,
+)
 from paddler.errors import BrokerUnreachable
 from paddler.http import sse
 from paddler.http.common import ClosingStream, HttpDeps, dumps, read_json, until_disconnect
@@ -102,10 +111,16 @@ class Generation:
     def parse(self, body: Any) -> tuple[dict[str, Any], Options]:
         raise NotImplementedError
 
-    def choice(self, text: str, reason: str) -> dict[str, Any]:
+    def choice(
+        self, text: str, reason: str, logprobs: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """The choice of a whole answer; ``logprobs``: its tokens' entries, when asked."""
         raise NotImplementedError
 
-    def chunk_choice(self, piece: str | None, reason: str | None) -> dict[str, Any]:
+    def chunk_choice(
+        self, piece: str | None, reason: str | None, logprobs: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """The choice of one chunk; ``logprobs``: the entries of its tokens, when asked."""
         raise NotImplementedError
 
     def opening(self, options: Options) -> list[dict[str, Any]]:
@@ -136,18 +151,21 @@ class Generation:
             resp.stream = ClosingStream(self._chunks(ident, options, request, lead, events), events)
             return
         try:
-            text, usage = await self._collect(lead, events)
+            text, usage, logprobs = await self._collect(lead, events)
         finally:
             await events.aclose()
         if usage is None:
             resp.status = 499
             return
         resp.content_type = falcon.MEDIA_JSON
+        reason = finish_reason(usage, request["max_tokens"])
         resp.text = dumps(
             {
                 **head(ident, self.object_name, options),
                 "choices": [
-                    self.choice(options.echo + text, finish_reason(usage, request["max_tokens"]))
+                    self.choice(
+                        options.echo + text, reason, logprobs if request["logprobs"] else None
+                    )
                 ],
                 "usage": usage_body(usage),
             }
@@ -167,17 +185,20 @@ class Generation:
     @staticmethod
     async def _collect(
         lead: list[Event], events: AsyncGenerator[Event, None]
-    ) -> tuple[str, Usage | None]:
+    ) -> tuple[str, Usage | None, list[dict[str, Any]]]:
         pieces: list[str] = []
+        logprobs: list[dict[str, Any]] = []
         async with contextlib.aclosing(chain(lead, events)) as everything:
             async for event in everything:
                 if isinstance(event, Tokens):
                     pieces.extend(event.pieces)
+                elif isinstance(event, Logprobs):
+                    logprobs.extend(event.entries)
                 elif isinstance(event, Done):
-                    return "".join(pieces), event.usage
+                    return "".join(pieces), event.usage, logprobs
                 elif isinstance(event, Failed):
                     raise failure(event)
-        return "".join(pieces), None
+        return "".join(pieces), None, logprobs
 
     async def _chunks(
         self,
@@ -194,15 +215,20 @@ class Generation:
         def chunk(choice: dict[str, Any]) -> bytes:
             return sse.event({**base, "choices": [choice]})
 
+        asked = bool(request["logprobs"])
+        pending: list[dict[str, Any]] = []
         try:
             for choice in self.opening(options):
                 yield chunk(choice)
             async with contextlib.aclosing(chain(lead, events)) as everything:
                 async for event in everything:
-                    if isinstance(event, Tokens):
+                    if isinstance(event, Logprobs):
+                        pending.extend(event.entries)
+                    elif isinstance(event, Tokens):
                         for piece in event.pieces:
                             if piece:
-                                yield chunk(self.chunk_choice(piece, None))
+                                entries, pending = (pending, []) if asked else (None, pending)
+                                yield chunk(self.chunk_choice(piece, None, entries))
                     elif isinstance(event, Done):
                         reason = finish_reason(event.usage, request["max_tokens"])
                         yield chunk(self.chunk_choice(None, reason))
