@@ -94,7 +94,10 @@ def bare(path: Path, n: int, tokens: int) -> dict[str, Any]:
     return {"tokens_per_s": round(n * tokens / elapsed, 1), "ttft_ms": round(first * 1000, 2)}
 
 
-def engine(path: Path, n: int, tokens: int) -> dict[str, Any]:
+def engine(
+    path: Path, n: int, tokens: int, options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The in-process engine; ``options``: added to every request (e.g. logprobs)."""
     from paddler.agent.llama_engine import LlamaEngine
     from paddler.protocol.requests import validate_request
 
@@ -102,9 +105,13 @@ def engine(path: Path, n: int, tokens: int) -> dict[str, Any]:
         def __init__(self) -> None:
             self.first: dict[int, float] = {}
             self.count = 0
+            self.entries = 0
 
-        def tokens(self, request_id: int, pieces: list[str]) -> None:
+        def tokens(self, request_id: int, pieces: list[str], token_ids: Any = None) -> None:
             self.first.setdefault(request_id, time.perf_counter())
+
+        def logprobs(self, request_id: int, entries: list[dict[str, Any]]) -> None:
+            self.entries += len(entries)
 
         def done(self, request_id: int, usage: dict[str, int]) -> None:
             self.count += usage["content_tokens"]
@@ -132,7 +139,14 @@ def engine(path: Path, n: int, tokens: int) -> dict[str, Any]:
         for request_id in range(n):
             llama.admit(
                 request_id,
-                validate_request({"raw_prompt": PROMPT, "max_tokens": tokens, "temperature": 0.0}),
+                validate_request(
+                    {
+                        "raw_prompt": PROMPT,
+                        "max_tokens": tokens,
+                        "temperature": 0.0,
+                        **(options or {}),
+                    }
+                ),
             )
         while llama.active_count():
             llama.step(sink)
@@ -254,6 +268,16 @@ def report(result: dict[str, Any]) -> str:
             f"{row['broker']['tokens_per_s']} | {row['serial']['tokens_per_s']} | "
             f"{row['engine']['ttft_ms']} ms | {row['broker']['ttft_ms']} ms |"
         )
+    logprobs = result.get("logprobs")
+    if logprobs:
+        cost = 1 - logprobs["on"]["tokens_per_s"] / logprobs["off"]["tokens_per_s"]
+        lines += [
+            "",
+            f"Log-probabilities at 8 concurrent (in process): {logprobs['off']['tokens_per_s']} "
+            f"tok/s when no request asks, {logprobs['on']['tokens_per_s']} tok/s when every "
+            f"request asks for them with 5 alternatives ({cost:.1%} slower). Requests that "
+            "do not ask pay nothing: the log-softmax runs only for a slot that asked.",
+        ]
     rows = {r["concurrency"]: r for r in result["rows"]}
     if 1 in rows and 8 in rows:
         gain_bare = rows[8]["bare"]["tokens_per_s"] / rows[1]["bare"]["tokens_per_s"]
@@ -285,7 +309,11 @@ def main() -> None:
             )
             rows.append(row)
             print(row, flush=True)
+    asked = {"logprobs": True, "top_logprobs": 5}
+    logprobs = {"off": engine(path, 8, tokens), "on": engine(path, 8, tokens, asked)}
+    print({"logprobs": logprobs}, flush=True)
     result = {
+        "logprobs": logprobs,
         "benchmark": "engine",
         "quick": args.quick,
         "machine": machine(),
