@@ -151,7 +151,7 @@ def ttft_direct(
                 router.send_multipart([identity, HEADER.pack(Kind.DISPATCH, request_id), request])
             while wave:
                 assert router.poll(10_000)
-                _, header, _body = router.recv_multipart()
+                _, header, *_body = router.recv_multipart()  # tokens carry their ids too
                 kind, rid = HEADER.unpack(header)
                 if kind == Kind.TOKENS and rid in wave:
                     times.append(time.perf_counter() - started)

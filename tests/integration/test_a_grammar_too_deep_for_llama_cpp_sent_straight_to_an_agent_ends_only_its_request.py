@@ -31,7 +31,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _receive(router: zmq.Socket[bytes], timeout_s: float) -> tuple[int, int, Any]:
     assert router.poll(int(timeout_s * 1000)), "the agent said nothing"
-    _, header, body = router.recv_multipart()
+    _, header, body, *_token_ids = router.recv_multipart()  # tokens: their ids too
     kind, request_id = HEADER.unpack(header)
     return kind, request_id, msgpack.unpackb(body)
 
