@@ -54,6 +54,11 @@ class EventSink(Protocol):
         as the start of a stop string): an engine that gives them lets the broker
         continue the stream on another agent if this one is lost (``None``: it cannot)."""
 
+    def reasoning(
+        self, request_id: int, pieces: list[str], token_ids: Sequence[int] | None = None
+    ) -> None:
+        """Like ``tokens``, for text a thinking model wrote as its reasoning."""
+
     def logprobs(self, request_id: int, entries: list[dict[str, Any]]) -> None:
         """Log-probabilities (OpenAI's entries) of the tokens whose text the next
         ``tokens`` call carries; only for requests that asked (``logprobs``)."""

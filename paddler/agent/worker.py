@@ -40,6 +40,7 @@ log = logging.getLogger("paddler.agent")
 IDLE_POLL_MS = 100
 
 _TOKENS_HEADER = int(Kind.TOKENS)
+_REASONING_HEADER = int(Kind.REASONING)
 
 
 MAX_RESTARTS = 3
@@ -61,6 +62,14 @@ class _SocketSink:
         self, request_id: int, pieces: list[str], token_ids: Sequence[int] | None = None
     ) -> None:
         frames = [HEADER.pack(_TOKENS_HEADER, request_id), pack_body(pieces)]
+        if token_ids is not None:
+            frames.append(pack_token_ids(token_ids))
+        self.socket.send_multipart(frames)
+
+    def reasoning(
+        self, request_id: int, pieces: list[str], token_ids: Sequence[int] | None = None
+    ) -> None:
+        frames = [HEADER.pack(_REASONING_HEADER, request_id), pack_body(pieces)]
         if token_ids is not None:
             frames.append(pack_token_ids(token_ids))
         self.socket.send_multipart(frames)

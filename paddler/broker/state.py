@@ -65,6 +65,8 @@ DROP_LOG_PEERS = 256
 _TOKENS = int(Kind.TOKENS)
 _EMBEDDING = int(Kind.EMBEDDING)
 _LOGPROBS = int(Kind.LOGPROBS)
+_STREAMED = (_TOKENS, int(Kind.REASONING), _EMBEDDING)
+"""What agents stream to clients (text frames carry their token ids)."""
 _DONE = int(Kind.DONE)
 _ERROR = int(Kind.ERROR)
 _TERMINAL = (_DONE, _ERROR)
@@ -329,7 +331,7 @@ class Broker:
         info = self.agents.get(identity)
         if info is not None:
             info.last_heard = now
-        if kind in (_TOKENS, _EMBEDDING):  # the hot path: forward, rewrite the header
+        if kind in _STREAMED:  # the hot path: forward, rewrite the header
             record = self.requests.get(request_id)
             if record is None or record.agent != identity:
                 return

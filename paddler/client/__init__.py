@@ -4,7 +4,16 @@ Both are thin drivers of one ``ClientCore`` (``paddler.client.core``), which hol
 every rule of the client protocol and does no I/O."""
 
 from paddler.client.aio import AsyncClient, AsyncStream
-from paddler.client.events import Dispatched, Done, Embedding, Event, Failed, Logprobs, Tokens
+from paddler.client.events import (
+    Dispatched,
+    Done,
+    Embedding,
+    Event,
+    Failed,
+    Logprobs,
+    Reasoning,
+    Tokens,
+)
 from paddler.client.sync import Client, Stream
 
 __all__ = [
@@ -17,6 +26,7 @@ __all__ = [
     "Event",
     "Failed",
     "Logprobs",
+    "Reasoning",
     "Stream",
     "Tokens",
 ]

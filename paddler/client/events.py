@@ -30,6 +30,14 @@ class Tokens:
 
 
 @dataclass(frozen=True, slots=True)
+class Reasoning:
+    """Reasoning text a thinking model wrote in one step (markers left out); only for
+    conversations with ``enable_thinking`` on a model whose template has markers."""
+
+    pieces: list[str]
+
+
+@dataclass(frozen=True, slots=True)
 class Logprobs:
     """Log-probabilities of the tokens whose text the next ``Tokens`` carries, as
     OpenAI's entries (``token``, ``logprob``, ``bytes``, ``top_logprobs``); only for
@@ -61,7 +69,7 @@ class Failed:
         return RequestFailed(self.code, self.kind, self.description)
 
 
-Event = Dispatched | Tokens | Logprobs | Embedding | Done | Failed
+Event = Dispatched | Tokens | Reasoning | Logprobs | Embedding | Done | Failed
 
 
 def decode_event(kind: int, body: bytes) -> Event:
@@ -69,6 +77,8 @@ def decode_event(kind: int, body: bytes) -> Event:
     try:
         if kind == Kind.TOKENS:
             return Tokens(token_pieces(unpack_body(body)))
+        if kind == Kind.REASONING:
+            return Reasoning(token_pieces(unpack_body(body)))
         value: Any = unpack_body(body)
         if kind == Kind.DONE:
             return Done(Usage.from_body(body_value(value, "usage", (dict,), "Done")))

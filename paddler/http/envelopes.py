@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from paddler.client import Done, Embedding, Event, Failed, Tokens
+from paddler.client import Done, Embedding, Event, Failed, Reasoning, Tokens
 from paddler.http.common import dumps
 
 TOKEN_ERROR_KINDS = frozenset(
@@ -41,6 +41,11 @@ def generation_messages(request_id: str, agent: str | None, event: Event) -> lis
     if isinstance(event, Tokens):
         return [
             response(request_id, agent, {"GeneratedToken": {"ContentToken": piece}})
+            for piece in event.pieces
+        ]
+    if isinstance(event, Reasoning):
+        return [
+            response(request_id, agent, {"GeneratedToken": {"ReasoningToken": piece}})
             for piece in event.pieces
         ]
     if isinstance(event, Done):

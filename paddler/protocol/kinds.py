@@ -25,6 +25,7 @@ class Kind(IntEnum):
     ERROR = 12  # also broker -> client and broker -> agent
     EMBEDDING = 13  # one document's result of an embedding request
     LOGPROBS = 14  # log-probabilities of the tokens of the TOKENS frame that follows
+    REASONING = 15  # like TOKENS: text a thinking model wrote as its reasoning
     # broker -> agent
     REGISTERED = 20
     DISPATCH = 22

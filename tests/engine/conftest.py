@@ -37,6 +37,12 @@ class RecordingSink:
         self.events.append((self.engine.decode_steps, "tokens", request_id, pieces))
         self.frames[request_id].append(("".join(pieces), list(token_ids or ())))
 
+    def reasoning(
+        self, request_id: int, pieces: list[str], token_ids: Sequence[int] | None = None
+    ) -> None:
+        self.events.append((self.engine.decode_steps, "reasoning", request_id, pieces))
+        self.frames[request_id].append(("".join(pieces), list(token_ids or ())))
+
     def logprobs(self, request_id: int, entries: list[dict[str, Any]]) -> None:
         self.events.append((self.engine.decode_steps, "logprobs", request_id, entries))
 
@@ -62,7 +68,7 @@ class RecordingSink:
         return {
             rid: (kind, value)
             for _, kind, rid, value in self.events
-            if kind not in ("tokens", "embedding", "logprobs")
+            if kind not in ("tokens", "embedding", "logprobs", "reasoning")
         }
 
     def embeddings(self, request_id: int) -> list[dict[str, Any]]:

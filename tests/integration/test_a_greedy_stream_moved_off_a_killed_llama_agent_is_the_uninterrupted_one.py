@@ -5,6 +5,7 @@ uninterrupted run; a seeded one keeps its seed and ends normally."""
 from __future__ import annotations
 
 import signal
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,10 @@ def test_a_greedy_stream_continued_elsewhere_is_token_for_token_the_same(
     text, usage, agents = _stream(cluster, request, 10)
     assert len(agents) == 2 and agents[0] != agents[1]  # it did move
     assert text == reference
-    assert usage == reference_usage
+    # the same usage (what a slot had cached of the prompt may differ)
+    assert replace(usage, cached_prompt_tokens=0) == replace(
+        reference_usage, cached_prompt_tokens=0
+    )
 
 
 def test_a_seeded_stream_continued_elsewhere_ends_normally(make_cluster: Any, model: Path) -> None:

@@ -205,3 +205,11 @@ def test_metrics_render_prometheus_text(management_app) -> None:
         "paddler_time_to_first_token_seconds",
         "paddler_generated_tokens",
     } <= names
+
+
+def test_reasoning_streams_as_paddlers_reasoning_token() -> None:
+    from paddler.client import Reasoning
+    from paddler.http.envelopes import generation_messages
+
+    (envelope,) = generation_messages("r1", "a1", Reasoning(["hmm"]))
+    assert envelope["Response"]["response"] == {"GeneratedToken": {"ReasoningToken": "hmm"}}

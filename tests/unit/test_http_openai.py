@@ -13,7 +13,7 @@ from typing import Any
 import falcon.testing
 import pytest
 
-from paddler.client import Dispatched, Done, Embedding, Failed, Logprobs, Tokens
+from paddler.client import Dispatched, Done, Embedding, Failed, Logprobs, Reasoning, Tokens
 from paddler.errors import BrokerUnreachable
 from paddler.http import openai
 from paddler.http.asgi import DISCONNECTED
@@ -851,3 +851,31 @@ def test_legacy_completion_logprobs_are_parallel_lists(app, fake) -> None:
     }
     (request,) = fake.submitted
     assert (request["logprobs"], request["top_logprobs"]) == (True, 2)
+
+
+def test_reasoning_comes_apart_from_the_answer_and_can_be_turned_off(app, fake) -> None:
+    script = [
+        Dispatched("agent-x", "a1", 0),
+        Reasoning(["Let me ", "see."]),
+        Tokens(["Yes."]),
+        Done(Usage(prompt_tokens=5, content_tokens=1, reasoning_tokens=2)),
+    ]
+    fake.script += [list(script), list(script), _generation(["x"])]
+    whole = app.simulate_post("/v1/chat/completions", json=CHAT).json
+    message = whole["choices"][0]["message"]
+    assert (message["content"], message["reasoning_content"]) == ("Yes.", "Let me see.")
+    assert whole["usage"]["completion_tokens"] == 3
+    assert whole["usage"]["completion_tokens_details"] == {"reasoning_tokens": 2}
+    streamed = _events(
+        app.simulate_post("/v1/chat/completions", json={**CHAT, "stream": True}).text
+    )
+    deltas = [e["choices"][0]["delta"] for e in streamed if e != "[DONE]" and e["choices"]]
+    assert [d["reasoning_content"] for d in deltas if "reasoning_content" in d] == [
+        "Let me ",
+        "see.",
+    ]
+    assert "".join(d.get("content") or "" for d in deltas) == "Yes."
+    app.simulate_post("/v1/chat/completions", json={**CHAT, "reasoning_effort": "none"})
+    assert [r["enable_thinking"] for r in fake.submitted] == [True, True, False]
+    bad = app.simulate_post("/v1/chat/completions", json={**CHAT, "reasoning_effort": "max"})
+    assert (bad.status_code, bad.json["error"]["param"]) == (400, "reasoning_effort")

@@ -81,6 +81,7 @@ from paddler.agent.llama.sampling import (
 )
 from paddler.agent.llama.slot import Slot, shared_prefix
 from paddler.agent.llama.status import Downloads, StatusBoard
+from paddler.agent.reasoning import ReasoningSplitter, thinking_markers
 from paddler.errors import EngineError, ProtocolError
 from paddler.protocol.kinds import CANCELLED_CODE
 from paddler.protocol.messages import AgentStatus
@@ -338,9 +339,27 @@ class LlamaEngine(Engine):
             raise
         free.remove(slot)
         self._by_request[request_id] = slot
+        slot.splitter = self._splitter(loaded, request, prompt)
         self._reuse(loaded, slot)
         if generated:
             self._replay(sink, loaded, slot, generated)
+
+    @staticmethod
+    def _splitter(
+        loaded: LoadedModel, request: dict[str, Any], prompt: list[int]
+    ) -> ReasoningSplitter | None:
+        """For a conversation with thinking on, when the template has markers: what
+        tells its reasoning from its answer (inside the block already when the
+        prompt opened it)."""
+        if not request.get("enable_thinking") or "conversation_history" not in request:
+            return None
+        markers = thinking_markers(loaded.template.source if loaded.template else None)
+        if markers is None:
+            return None
+        model = loaded.model
+        tail = b"".join(model.piece(token) for token in prompt[-8:])
+        inside = tail.decode("utf-8", "replace").rstrip().endswith(markers[0])
+        return ReasoningSplitter(*markers, inside=inside)
 
     @staticmethod
     def _best_slot(free: list[Slot], tokens: list[int]) -> Slot:
@@ -391,11 +410,9 @@ class LlamaEngine(Engine):
                 self._finish(loaded, slot)
                 return
             sampler.accept(token)
-            text = slot.text.push(model.piece(token))
-            if text:
-                slot.answer.append(text)
-                if slot.output is not None:
-                    slot.output.append(text)
+            self._split(slot, slot.text.push(model.piece(token)))
+            if slot.splitter is not None and slot.splitter.inside:
+                slot.reasoning_tokens += 1
         log.info(
             "request %d continues a stream begun on another agent: %d tokens generated there",
             slot.request_id,
@@ -514,27 +531,55 @@ class LlamaEngine(Engine):
         finally:
             self._finish(loaded, slot)
 
-    def _emit(self, sink: EventSink, slot: Slot, text: str) -> None:
-        """Send ``text`` with the ids of the tokens sampled since the last piece."""
-        if text:
-            token_ids, slot.unsent = slot.unsent, []
-            if slot.unsent_logprobs:
-                logprobs, slot.unsent_logprobs = slot.unsent_logprobs, []
-                sink.logprobs(slot.request_id, logprobs)
-            sink.tokens(slot.request_id, [text], token_ids)
-            slot.answer.append(text)
-            if slot.output is not None:
-                slot.output.append(text)
+    @staticmethod
+    def _split(slot: Slot, text: str, last: bool = False) -> list[tuple[bool, str]]:
+        """``text`` as segments ``(is_reasoning, text)`` ready to send (all of it
+        answer for a request that does not think); ``last``: the end, nothing held."""
+        splitter = slot.splitter
+        if splitter is None:
+            segments = [(False, text)] if text else []
+        else:
+            segments = splitter.push(text) if text else []
+            if last:
+                segments += splitter.finish()
+        for reasoning, part in segments:
+            if not reasoning:
+                slot.answer.append(part)
+                if slot.output is not None:
+                    slot.output.append(part)
+        return segments
+
+    def _emit(self, sink: EventSink, slot: Slot, text: str, last: bool = False) -> None:
+        """Send ``text`` with the ids of the tokens sampled since the last piece
+        (reasoning and answer apart); ids whose text is all held back wait."""
+        segments = self._split(slot, text, last)
+        if not segments:
+            return
+        token_ids, slot.unsent = slot.unsent, []
+        if slot.unsent_logprobs:
+            logprobs, slot.unsent_logprobs = slot.unsent_logprobs, []
+            sink.logprobs(slot.request_id, logprobs)
+        for reasoning, part in segments:
+            if reasoning:
+                sink.reasoning(slot.request_id, [part], token_ids)
+            else:
+                sink.tokens(slot.request_id, [part], token_ids)
+            token_ids = []
 
     def _done(self, sink: EventSink, loaded: LoadedModel, slot: Slot) -> None:
-        self._emit(sink, slot, slot.text.finish())
+        self._emit(sink, slot, slot.text.finish(), last=True)
         if slot.output is not None:
             problem = schema_problem(slot.schema, "".join(slot.output))
             if problem:
                 sink.error(slot.request_id, 422, "GrammarRejectedModelOutput", problem)
                 self._finish(loaded, slot)
                 return
-        usage = {"prompt_tokens": slot.prompt_tokens, "content_tokens": slot.generated}
+        usage = {
+            "prompt_tokens": slot.prompt_tokens,
+            "content_tokens": slot.generated - slot.reasoning_tokens,
+        }
+        if slot.reasoning_tokens:
+            usage["reasoning_tokens"] = slot.reasoning_tokens
         if slot.cached:  # absent is 0
             usage["cached_prompt_tokens"] = min(slot.cached, slot.prompt_tokens)
         sink.done(slot.request_id, usage)
@@ -624,6 +669,8 @@ class LlamaEngine(Engine):
         except Exception as exc:
             raise _RequestFault("DetokenizationFailed", exc) from exc
         self._emit(sink, slot, text)
+        if slot.splitter is not None and slot.splitter.inside:
+            slot.reasoning_tokens += 1
         if (
             slot.text.stopped
             or slot.generated >= slot.max_tokens

@@ -75,6 +75,10 @@ class Slot:
     request asked for no log-probabilities (and pays nothing for them)."""
     unsent_logprobs: list[dict[str, Any]] = field(default_factory=list)
     """Log-probabilities of the tokens in ``unsent``."""
+    splitter: Any = None
+    """A thinking request's ``ReasoningSplitter`` (``None``: all text is answer)."""
+    reasoning_tokens: int = 0
+    """Generated tokens that came while the request was reasoning."""
     stale: bool = False
     """Its KV cells could not be freed when its last request ended: they are freed
     again before the slot serves another request (and it serves none until they are)."""
@@ -104,6 +108,8 @@ class Slot:
         self.answer = []
         self.top_logprobs = request.get("top_logprobs", 0) if request.get("logprobs") else -1
         self.unsent_logprobs = []
+        self.splitter = None
+        self.reasoning_tokens = 0
         self.generated = len(generated) if generated else 0
         self.unsent = []
         self.max_tokens = request["max_tokens"]
@@ -132,6 +138,7 @@ class Slot:
         self.answer = []
         self.top_logprobs = -1
         self.unsent_logprobs = []
+        self.splitter = None
         self.logits_index = -1
         self.next_token = -1
         self.step_token = -1

@@ -35,13 +35,28 @@ class ChatCompletions(Generation):
         return chat.to_request(), chat.options()
 
     def choice(
-        self, text: str, reason: str, logprobs: list[dict[str, Any]] | None = None
+        self,
+        text: str,
+        reason: str,
+        logprobs: list[dict[str, Any]] | None = None,
+        reasoning: str = "",
     ) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        if reasoning:
+            message["reasoning_content"] = reasoning
         return {
             "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": None},
+            "message": message,
             "finish_reason": reason,
             "logprobs": _chat_logprobs(logprobs),
+        }
+
+    def reasoning_chunk_choice(self, piece: str) -> dict[str, Any] | None:
+        return {
+            "index": 0,
+            "delta": {"reasoning_content": piece},
+            "finish_reason": None,
+            "logprobs": None,
         }
 
     def opening(self, options: Options) -> list[dict[str, Any]]:

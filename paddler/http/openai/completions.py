@@ -34,7 +34,11 @@ class Completions(Generation):
         return completion.to_request(), completion.options()
 
     def choice(
-        self, text: str, reason: str, logprobs: list[dict[str, Any]] | None = None
+        self,
+        text: str,
+        reason: str,
+        logprobs: list[dict[str, Any]] | None = None,
+        reasoning: str = "",
     ) -> dict[str, Any]:
         return {
             "index": 0,

@@ -337,6 +337,15 @@ class ChatCompletionBody(SamplingBody):
         Annotated[list[dict[str, Any]], Says("must be a list of tool objects", whole=True)] | None
     ) = None
     tool_choice: ToolChoice | None = None
+    reasoning_effort: (
+        Annotated[
+            Literal["none", "minimal", "low", "medium", "high"],
+            Says("must be 'none', 'minimal', 'low', 'medium' or 'high'"),
+        ]
+        | None
+    ) = None
+    """``none`` turns thinking off; any other level turns it on (a level is not a
+    budget here: the model reasons as long as it does)."""
     logprobs: Flag | None = None
     top_logprobs: TopLogprobs | None = None
 
@@ -357,6 +366,8 @@ class ChatCompletionBody(SamplingBody):
         if self.logprobs:
             request["logprobs"] = True
             request["top_logprobs"] = self.top_logprobs or 0
+        # thinking models think unless told not to, as their templates do by default
+        request["enable_thinking"] = self.reasoning_effort != "none"
         grammar = grammar_of(self.response_format)
         if grammar is not None:
             request["grammar"] = grammar

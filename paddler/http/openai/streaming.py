@@ -27,6 +27,7 @@ from paddler.client import (
     Event,
     Failed,
     Logprobs,
+    Reasoning,
     Tokens,
 )
 from paddler.errors import BrokerUnreachable
@@ -112,10 +113,19 @@ class Generation:
         raise NotImplementedError
 
     def choice(
-        self, text: str, reason: str, logprobs: list[dict[str, Any]] | None = None
+        self,
+        text: str,
+        reason: str,
+        logprobs: list[dict[str, Any]] | None = None,
+        reasoning: str = "",
     ) -> dict[str, Any]:
-        """The choice of a whole answer; ``logprobs``: its tokens' entries, when asked."""
+        """The choice of a whole answer; ``logprobs``: its tokens' entries, when asked;
+        ``reasoning``: what a thinking model reasoned first."""
         raise NotImplementedError
+
+    def reasoning_chunk_choice(self, piece: str) -> dict[str, Any] | None:
+        """The choice of a chunk of reasoning (``None``: the endpoint shows none)."""
+        return None
 
     def chunk_choice(
         self, piece: str | None, reason: str | None, logprobs: list[dict[str, Any]] | None = None
@@ -151,7 +161,7 @@ class Generation:
             resp.stream = ClosingStream(self._chunks(ident, options, request, lead, events), events)
             return
         try:
-            text, usage, logprobs = await self._collect(lead, events)
+            text, usage, logprobs, reasoning = await self._collect(lead, events)
         finally:
             await events.aclose()
         if usage is None:
@@ -164,7 +174,10 @@ class Generation:
                 **head(ident, self.object_name, options),
                 "choices": [
                     self.choice(
-                        options.echo + text, reason, logprobs if request["logprobs"] else None
+                        options.echo + text,
+                        reason,
+                        logprobs if request["logprobs"] else None,
+                        reasoning,
                     )
                 ],
                 "usage": usage_body(usage),
@@ -185,20 +198,23 @@ class Generation:
     @staticmethod
     async def _collect(
         lead: list[Event], events: AsyncGenerator[Event, None]
-    ) -> tuple[str, Usage | None, list[dict[str, Any]]]:
+    ) -> tuple[str, Usage | None, list[dict[str, Any]], str]:
         pieces: list[str] = []
+        reasoning: list[str] = []
         logprobs: list[dict[str, Any]] = []
         async with contextlib.aclosing(chain(lead, events)) as everything:
             async for event in everything:
                 if isinstance(event, Tokens):
                     pieces.extend(event.pieces)
+                elif isinstance(event, Reasoning):
+                    reasoning.extend(event.pieces)
                 elif isinstance(event, Logprobs):
                     logprobs.extend(event.entries)
                 elif isinstance(event, Done):
-                    return "".join(pieces), event.usage, logprobs
+                    return "".join(pieces), event.usage, logprobs, "".join(reasoning)
                 elif isinstance(event, Failed):
                     raise failure(event)
-        return "".join(pieces), None, logprobs
+        return "".join(pieces), None, logprobs, "".join(reasoning)
 
     async def _chunks(
         self,
@@ -224,6 +240,11 @@ class Generation:
                 async for event in everything:
                     if isinstance(event, Logprobs):
                         pending.extend(event.entries)
+                    elif isinstance(event, Reasoning):
+                        for piece in event.pieces:
+                            reasoning_choice = self.reasoning_chunk_choice(piece)
+                            if piece and reasoning_choice is not None:
+                                yield chunk(reasoning_choice)
                     elif isinstance(event, Tokens):
                         for piece in event.pieces:
                             if piece:
