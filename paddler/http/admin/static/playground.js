@@ -6,6 +6,7 @@ import { inferenceSocket, postNdjson, request } from "./api.js";
 import { fill, formatNumber, formatSeconds, h } from "./dom.js";
 
 const MAX_REPLY_CHARS = 2 * 1024 * 1024;
+const FLUSH_MS = 60; // pieces are added to the page at most this often (one text node each)
 const MAX_DOCUMENTS = 64;
 
 let counter = 0;
@@ -151,9 +152,28 @@ export function mountPlayground(root, { setStatus }) {
   }
   mode.addEventListener("change", showMode);
 
+  function flush(current) {
+    clearTimeout(current.timer);
+    current.timer = null;
+    for (const part of ["text", "reasoning"]) {
+      const pending = current.pending[part];
+      if (!pending) continue;
+      current.pending[part] = "";
+      const target = current.view[part];
+      target.hidden = false;
+      if (current.chars + pending.length <= MAX_REPLY_CHARS) {
+        target.append(pending);
+        current.chars += pending.length;
+      }
+    }
+    if (running === current) current.view.meta.textContent = `${figures(current)} · generating…`;
+    follow();
+  }
+
   function finish(reason) {
     if (!running) return;
     const current = running;
+    flush(current);
     running = null;
     socket.finished(current.id);
     if (reason) current.view.meta.textContent = `${figures(current)} · ${reason}`;
@@ -169,11 +189,20 @@ export function mountPlayground(root, { setStatus }) {
     if (current.firstAt) {
       parts.push(`first token after ${formatSeconds((current.firstAt - current.sentAt) / 1000)}`);
       const tokens = current.tokens ?? current.pieces;
-      const seconds = ((current.lastAt || performance.now()) - current.firstAt) / 1000;
+      const end = current.lastAt || performance.now();
+      // tokens come a step's worth at a time: over a short reply, count from the request
+      const since = end - current.firstAt >= 200 ? current.firstAt : current.sentAt;
       parts.push(`${tokens} tokens`);
-      if (seconds > 0 && tokens > 1) parts.push(`${formatNumber(tokens / seconds, 1)} tokens/s`);
+      if (end > since) parts.push(`${formatNumber(tokens / ((end - since) / 1000), 1)} tokens/s`);
     }
     return parts.join(" · ");
+  }
+
+  function follow() {
+    // keep the newest text in view, unless the reader scrolled up
+    if (transcript.scrollHeight - transcript.scrollTop - transcript.clientHeight < 80) {
+      transcript.scrollTop = transcript.scrollHeight;
+    }
   }
 
   function onMessage(message) {
@@ -197,17 +226,15 @@ export function mountPlayground(root, { setStatus }) {
       current.firstAt = current.firstAt || now;
       current.lastAt = now;
       current.pieces += 1;
-      const target = kind === "ReasoningToken" ? current.view.reasoning : current.view.text;
-      target.hidden = false;
-      if (target.textContent.length < MAX_REPLY_CHARS) target.append(String(value));
-      current.view.meta.textContent = `${figures(current)} · generating…`;
+      current.pending[kind === "ReasoningToken" ? "reasoning" : "text"] += String(value);
+      if (!current.timer) current.timer = setTimeout(() => flush(current), FLUSH_MS);
       return;
     }
     if (kind === "Done") {
       current.lastAt = current.lastAt || now;
       current.tokens = value.usage.content_tokens + value.usage.reasoning_tokens;
-      current.view.meta.textContent = figures(current);
       finish(null);
+      current.view.meta.textContent = figures(current);
       return;
     }
     current.view.element.classList.add("failed");
@@ -241,10 +268,11 @@ export function mountPlayground(root, { setStatus }) {
     }
     const view = replyView(chat ? "assistant" : "raw");
     transcript.append(view.element);
-    view.element.scrollIntoView({ block: "end" });
+    transcript.scrollTop = transcript.scrollHeight;
     const id = requestId();
     running = { id, view, chat, agent: null, sentAt: performance.now(), firstAt: null,
-      lastAt: null, pieces: 0, tokens: null };
+      lastAt: null, pieces: 0, tokens: null, chars: 0, timer: null,
+      pending: { text: "", reasoning: "" } };
     send.disabled = true;
     stop.hidden = false;
     try {
@@ -278,6 +306,7 @@ export function mountPlayground(root, { setStatus }) {
             meta.textContent = "embeddings are disabled in the desired state";
             return;
           }
+          transcript.scrollTop = transcript.scrollHeight;
           if (result.Embedding) {
             const vector = result.Embedding.embedding;
             const norm = Math.sqrt(vector.reduce((sum, value) => sum + value * value, 0));
