@@ -111,6 +111,14 @@ class ClusterKeys:
         self.private.close()
 
 
+def with_panel(http: HttpSettings) -> HttpSettings:
+    """``paddler cluster`` serves the web admin panel at ``CLUSTER_PANEL_ADDR`` unless
+    given another address, or ``off``."""
+    if http.web_admin_panel_addr is None:
+        return dataclasses.replace(http, web_admin_panel_addr=CLUSTER_PANEL_ADDR)
+    return http
+
+
 def _flags(settings: Any) -> list[str]:
     argv: list[str] = []
     for f in fields(settings):
@@ -155,8 +163,7 @@ def run_cluster(
     changed; an outer supervisor (systemd, docker) restarts the whole command cleanly,
     as every child dies with this process (``paddler.lifetime``)."""
     source, notice = model_source(cluster.model)
-    if http.web_admin_panel_addr is None:  # the panel is on unless turned off ('off')
-        http = dataclasses.replace(http, web_admin_panel_addr=CLUSTER_PANEL_ADDR)
+    http = with_panel(http)
     if notice:
         print(notice, flush=True)
     threads = cluster.agent_threads or max(1, (os.cpu_count() or 1) // cluster.agents)

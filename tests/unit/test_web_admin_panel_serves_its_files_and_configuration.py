@@ -243,3 +243,15 @@ def test_management_answers_null_as_json_text_which_the_page_parses() -> None:
         answer = client.simulate_get(path)
         assert (answer.status_code, answer.text) == (200, "null")
         assert answer.headers["content-type"] == "application/json"
+
+
+def test_paddler_cluster_serves_the_panel_at_8062_unless_told_otherwise(capsys) -> None:
+    from paddler.cluster import ClusterSettings, _announce, with_panel
+
+    assert with_panel(HttpSettings()).panel_addr == "127.0.0.1:8062"
+    assert with_panel(HttpSettings(web_admin_panel_addr="off")).panel_addr is None
+    moved = with_panel(HttpSettings(web_admin_panel_addr="0.0.0.0:9000", tls_cert="c"))
+    _announce(moved, ClusterSettings())
+    assert "  admin panel https://127.0.0.1:9000/\n" in capsys.readouterr().out
+    _announce(with_panel(HttpSettings(web_admin_panel_addr="off")), ClusterSettings())
+    assert "admin panel" not in capsys.readouterr().out
