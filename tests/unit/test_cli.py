@@ -59,7 +59,7 @@ def test_an_out_of_range_value_is_refused_with_the_flag_named() -> None:
 def test_environment_variables_are_read() -> None:
     result = runner.invoke(app, ["balancer"], env={"PADDLER_DISPATCH_POLICY": "random"})
     assert result.exit_code == 2
-    assert "--dispatch-policy: must be one of slots, round-robin" in result.output
+    assert "--dispatch-policy: must be one of slots, prefix, round-robin" in result.output
 
 
 def test_a_bad_http_address_is_refused_before_anything_starts() -> None:
