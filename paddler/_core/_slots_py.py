@@ -178,12 +178,12 @@ class Registry:
         self.add(agent_id, slots_total, ready)
 
     def remove(self, agent_id: bytes) -> bool:
-        agent = self._agents.pop(agent_id, None)
-        if agent is None:
+        if agent_id not in self._agents:
             return False
         for slot in list(self._held.get(agent_id, {})):
-            self.hold(agent_id, slot, [])
+            self.hold(agent_id, slot, [])  # while it is registered: hold ignores others
         self._held.pop(agent_id, None)
+        agent = self._agents.pop(agent_id)
         if agent.index >= 0:
             self._free_slots -= agent.slots_total - agent.in_flight
             self._remove(agent)

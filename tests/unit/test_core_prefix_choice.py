@@ -112,3 +112,13 @@ def test_prefix_choice_matches_the_reference(slots_impl: ModuleType, steps: list
     assert registry.held_fingerprints() == sum(
         len(chain) for agent in agents for chain in held.get(agent, {}).values()
     )
+
+
+def test_a_removed_agent_leaves_nothing_in_the_index(slots_impl: ModuleType) -> None:
+    registry = slots_impl.Registry()
+    registry.add(b"a", 0, False)
+    registry.hold(b"a", 0, [31, 32])
+    registry.remove(b"a")
+    assert registry.held_fingerprints() == 0
+    registry.add(b"a", 1, True)  # back, holding nothing: no match
+    assert registry.choose_prefix([31], 0) == (b"a", 0)
