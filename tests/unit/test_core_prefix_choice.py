@@ -53,7 +53,7 @@ def _deepest(held: dict[int, list[int]], chain: list[int]) -> int:
     return best
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=800, deadline=None)
 @given(steps=st.lists(step, max_size=60))
 def test_prefix_choice_matches_the_reference(slots_impl: ModuleType, steps: list[Any]) -> None:
     registry = slots_impl.Registry()
