@@ -51,9 +51,10 @@ Once glibc has freed one large mmapped block it raises the threshold and serves 
 blocks from the heap, asyncio's 256 KiB socket reads among them (each shrunk to the
 bytes read): under mixed load a worker's heap then grew by free holes, its live memory
 flat (RSS +11 to 17% per 10 minutes, still growing after 15; fixed: flat after a few
-minutes, benchmarks/soak.py). The price: every socket read is an mmap, about 20 us more,
-2 to 4% of a worker's CPU per request in the soak's mix (what a fresh worker pays anyway
-until glibc raises its threshold)."""
+minutes, benchmarks/soak.py). The price: a socket read is an mmap (strace: 2.3 a request
+in the soak's mix; about 20 us each alone, some 1% of a worker's CPU per request),
+what a fresh worker pays anyway until glibc raises its threshold; side-by-side runs
+could not tell the CPU per request apart (-7% to +5%, this machine's noise)."""
 
 
 def split_address(address: str, flag: str) -> tuple[str, int]:
