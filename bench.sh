@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Benchmarks: ./bench.sh (at most 15 minutes here) or ./bench.sh quick (at most 3).
+# Benchmarks: ./bench.sh (about 20 minutes here, 10 of them the soak) or ./bench.sh quick
+# (about 4).
 # Sets up .venv like test.sh, then runs benchmarks/run.py, which writes
 # benchmarks/results/{summary.md,*.json,*.png} and prints the summary.
 set -euo pipefail

@@ -1,6 +1,7 @@
 """Run every benchmark, then write the reports: ``benchmarks/results/summary.md``
 (all tables, the targets next to the measured values), the JSON of each benchmark,
-and PNG plots. ``bench.sh`` calls this; ``--quick`` keeps it under 3 minutes.
+and PNG plots. ``bench.sh`` calls this; ``--quick`` keeps it under 4 minutes, the full
+run takes about 20 (10 of them the soak).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from benchmarks.common import RESULTS, machine
 
-BENCHMARKS = ("core", "broker", "engine", "http", "cluster")
+BENCHMARKS = ("core", "broker", "engine", "http", "cluster", "soak")
 
 
 def run_all(quick: bool, only: list[str]) -> dict[str, float]:
@@ -35,8 +36,8 @@ def load(name: str) -> dict[str, Any] | None:
 
 
 def plots() -> list[Path]:
-    """Latency percentiles against load (cluster) and throughput against concurrency
-    (engine); ``[]`` when matplotlib is missing."""
+    """Latency percentiles against load (cluster), throughput against concurrency
+    (engine) and every process's RSS over the soak; ``[]`` when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -101,6 +102,22 @@ def plots() -> list[Path]:
         axis.legend()
         figure.tight_layout()
         path = RESULTS / "engine_throughput.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+    soak = load("soak")
+    if soak:
+        figure, axis = plt.subplots(figsize=(8, 4.5))
+        for name, points in sorted(soak["samples"].items()):
+            axis.plot([t / 60 for t, _ in points], [rss / 1024 for _, rss in points], label=name)
+        axis.axvspan(0, soak["plan"]["warmup_s"] / 60, color="grey", alpha=0.15, label="warm-up")
+        axis.set_xlabel("minutes of mixed load")
+        axis.set_ylabel("RSS (MB)")
+        axis.set_title(f"soak: RSS of every process at {soak['load']:.0%} of capacity")
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=7, loc="center right")
+        figure.tight_layout()
+        path = RESULTS / "soak_rss.png"
         figure.savefig(path, dpi=110)
         plt.close(figure)
         written.append(path)
