@@ -16,7 +16,7 @@ from typing import Any
 
 from benchmarks.common import RESULTS, machine
 
-BENCHMARKS = ("core", "broker", "engine", "http", "cluster", "soak")
+BENCHMARKS = ("core", "broker", "engine", "http", "cluster", "prefix", "soak")
 
 
 def run_all(quick: bool, only: list[str]) -> dict[str, float]:
