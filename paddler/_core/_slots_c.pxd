@@ -66,7 +66,8 @@ cdef class Registry:
     cpdef hold(self, bytes agent_id, Py_ssize_t slot, list fingerprints)
 
     @cython.locals(holders=dict, bound=Py_ssize_t, low=Py_ssize_t, high=Py_ssize_t,
-                   middle=Py_ssize_t, depth=Py_ssize_t, tries=Py_ssize_t, agent=_Agent)
+                   middle=Py_ssize_t, depth=Py_ssize_t, tries=Py_ssize_t, agent=_Agent,
+                   counts=dict)
     cpdef tuple choose_prefix(self, list fingerprints, Py_ssize_t slack)
 
     cpdef tuple choose_prefix_and_acquire(self, list fingerprints, Py_ssize_t slack)

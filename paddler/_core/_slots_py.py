@@ -313,7 +313,9 @@ class Registry:
         one agent while others idle. The deepest fingerprint held anywhere is found
         by binary search (a holder of a chain's fingerprint holds those before it),
         then at most ``PREFIX_STEPS_DOWN`` shallower ones are tried when no holder
-        of it is eligible."""
+        of it is eligible, and last the shallowest (a conversation's system prompt).
+        When the least loaded agent holds a depth, it is the pick at once: a prefix
+        every agent holds costs no scan of them all."""
         best = self.choose()
         if best is None or not fingerprints or not self._holders:
             return best, 0
@@ -328,9 +330,12 @@ class Registry:
                 high = middle - 1
         depth = low
         tries = 0
-        while depth > 0 and tries < PREFIX_STEPS_DOWN:
+        while depth > 0:
+            counts = holders.get(fingerprints[depth - 1])
+            if counts is not None and best in counts:
+                return best, depth
             pick: _Agent | None = None
-            for agent_id in holders.get(fingerprints[depth - 1], ()):
+            for agent_id in counts or ():
                 agent = self._agents.get(agent_id)
                 if agent is None or agent.index < 0 or agent.in_flight > bound:
                     continue
@@ -338,8 +343,8 @@ class Registry:
                     pick = agent
             if pick is not None:
                 return pick.agent_id, depth
-            depth -= 1
             tries += 1
+            depth = depth - 1 if tries < PREFIX_STEPS_DOWN else min(depth - 1, 1)
         return best, 0
 
     def choose_prefix_and_acquire(

@@ -67,13 +67,13 @@ class BrokerSettings:
     )
 
     dispatch_policy: str = field(
-        default="slots",
+        default="prefix",
         metadata=option(
-            "How to pick an agent: 'slots' (a free slot on the agent with the fewest "
-            "requests in flight), 'prefix' (like slots, but an agent whose slots hold "
-            "the start of the prompt goes first unless it is 2 requests busier than "
-            "the least busy) or 'round-robin' (the next agent in turn, slots or not: "
-            "only for comparison benchmarks; agents queue what they cannot start).",
+            "How to pick an agent: 'prefix' (a free slot on the agent whose slots hold "
+            "the longest start of the prompt, unless it is 2 requests busier than the "
+            "least busy; else as slots), 'slots' (a free slot on the agent with the "
+            "fewest requests in flight) or 'round-robin' (the next agent in turn, slots "
+            "or not: only for comparison benchmarks; agents queue what they cannot start).",
             choices=("slots", "prefix", "round-robin"),
         ),
     )

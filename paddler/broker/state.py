@@ -47,6 +47,9 @@ from paddler.protocol.requests import CONTINUATION, is_embedding_request, valida
 log = logging.getLogger("paddler.broker")
 
 
+REREGISTER_MEMORY = 4096
+"""Unknown peers remembered as told to register again (past that, the memory restarts)."""
+
 PREFIX_LOAD_SLACK = 2
 """Under the ``prefix`` policy, an agent holding a request's prefix takes it while it
 has at most this many more requests in flight than the least loaded agent with a
@@ -100,6 +103,9 @@ class Broker:
         self.desired_state: dict[str, Any] | None = self.store.load()
         self._next_request_id = 1
         self._last_heartbeat_sent = 0.0
+        self._last_tick: float | None = None
+        self._reregister_asked: dict[bytes, float] = {}
+        """Unknown peers told to register again, and when (once per interval each)."""
         self.liveness_s = settings.heartbeat_interval_s * LIVENESS_INTERVALS
         self.metrics = BrokerMetrics()
         self.round_robin = settings.dispatch_policy == "round-robin"
@@ -368,8 +374,15 @@ class Broker:
             elif kind == Kind.REGISTER:
                 self._on_register(identity, unpack_body(frames[1]), now, peer_key)
             elif info is None:
-                # a frame from an agent we do not know (we restarted, or declared it dead)
-                if kind in KNOWN_KINDS:
+                # a frame from an agent we do not know (we restarted, or declared it
+                # dead): one REREGISTER per interval, not one per stray frame
+                asked = self._reregister_asked.get(identity)
+                if kind in KNOWN_KINDS and (
+                    asked is None or now - asked >= self.settings.heartbeat_interval_s
+                ):
+                    if len(self._reregister_asked) >= REREGISTER_MEMORY:
+                        self._reregister_asked.clear()
+                    self._reregister_asked[identity] = now
                     self._send_agent(identity, encode(Kind.REREGISTER, 0, {}))
             elif kind == Kind.HEARTBEAT:
                 pass
@@ -715,6 +728,17 @@ class Broker:
             heartbeat = encode(Kind.HEARTBEAT, 0, {})
             for identity in self.agents:
                 self._send_agent(identity, list(heartbeat))
+        if (
+            self._last_tick is not None
+            and now - self._last_tick > self.settings.heartbeat_interval_s
+        ):
+            # the broker itself stalled (the machine, a pause): while it did not read,
+            # its agents' heartbeats waited in the socket; that time is not their silence
+            gap = now - self._last_tick
+            log.warning("the broker did not run for %.1f s; agents' silence excuses it", gap)
+            for info in self.agents.values():
+                info.last_heard = min(now, info.last_heard + gap)
+        self._last_tick = now
         for identity, info in list(self.agents.items()):
             if now - info.last_heard > self.liveness_s:
                 self.remove_agent(identity, now, reason="stopped answering")

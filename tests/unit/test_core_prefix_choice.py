@@ -122,3 +122,30 @@ def test_a_removed_agent_leaves_nothing_in_the_index(slots_impl: ModuleType) -> 
     assert registry.held_fingerprints() == 0
     registry.add(b"a", 1, True)  # back, holding nothing: no match
     assert registry.choose_prefix([31], 0) == (b"a", 0)
+
+
+def test_a_long_conversation_still_finds_its_system_prompt(slots_impl: ModuleType) -> None:
+    registry = slots_impl.Registry()
+    chain = list(range(100, 120))  # a 20-message conversation
+    registry.add(b"busy", 8, True)
+    registry.add(b"warm", 8, True)
+    registry.add(b"cold", 8, True)
+    registry.hold(b"busy", 0, chain)  # the whole conversation, but too busy
+    registry.hold(b"warm", 0, chain[:1])  # its system prompt only
+    for _ in range(5):
+        registry.acquire(b"busy")
+    registry.acquire(b"warm")  # so the least loaded is "cold", which holds nothing
+    assert registry.choose_prefix(chain, 2) == (b"warm", 1)
+
+
+def test_a_prefix_every_agent_holds_goes_to_the_least_loaded_at_once(
+    slots_impl: ModuleType,
+) -> None:
+    registry = slots_impl.Registry()
+    for index in range(50):
+        agent = f"agent-{index}".encode()
+        registry.add(agent, 4, True)
+        registry.hold(agent, 0, [7, 8])
+        if index:
+            registry.acquire(agent)
+    assert registry.choose_prefix([7, 8, 9], 2) == (b"agent-0", 2)
