@@ -77,6 +77,8 @@ class Chaos:
         self.done = 0
         self.lock = threading.Lock()
         self.log: list[str] = []
+        self.live: dict[int, Outcome] = {}
+        """Requests in progress (their ``agents`` and ``text`` say who streams what)."""
         self.continuations = 0.0
         """``paddler_continuations_total`` just before the balancer's restart."""
 
@@ -115,15 +117,19 @@ class Chaos:
         return list(httpx.get(url, timeout=5).json()["agents"])
 
     def busy_agent(self, exclude: set[str]) -> str:
-        def pick() -> str | None:
-            busy = [
-                a["name"]
-                for a in self.agents()
-                if a["slots_processing"] and a["name"] not in exclude
-            ]
-            return busy[0] if busy else None
+        """An agent streaming text to a client right now (so its loss must be
+        invisible: the stream continues elsewhere)."""
 
-        return str(wait_until(pick, timeout_s=20, interval_s=0.01, what="a busy agent"))
+        def pick() -> str | None:
+            with self.lock:
+                streaming = [
+                    o.agents[-1]
+                    for o in self.live.values()
+                    if o.agents and o.text and not o.end and o.agents[-1] not in exclude
+                ]
+            return streaming[0] if streaming else None
+
+        return str(wait_until(pick, timeout_s=20, interval_s=0.002, what="a streaming agent"))
 
     # ---------------------------------------------------------------- driver
 
@@ -134,6 +140,7 @@ class Chaos:
         agents = self.cluster.agents
         self.wait_done(15)
         killed = self.busy_agent(set())
+        agents[killed].signal(signal.SIGSTOP)  # at once: it sends nothing more
         agents[killed].signal(signal.SIGKILL)
         self.log.append(f"SIGKILL {killed}")
         self.wait_done(45)
@@ -162,6 +169,8 @@ class Chaos:
         """Run one request; like a real client, retry while the balancer refuses
         connections or answers 503 before the stream began (its restart)."""
         outcome.started = time.monotonic()
+        with self.lock:
+            self.live[outcome.index] = outcome
         while True:
             outcome.text, outcome.end, outcome.agents = "", "", []
             try:
@@ -179,6 +188,7 @@ class Chaos:
             time.sleep(0.2)
         outcome.ended = time.monotonic()
         with self.lock:
+            self.live.pop(outcome.index, None)
             self.done += 1
         return outcome
 
