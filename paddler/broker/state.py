@@ -735,7 +735,8 @@ class Broker:
             # the broker itself stalled (the machine, a pause): while it did not read,
             # its agents' heartbeats waited in the socket; that time is not their silence
             gap = now - self._last_tick
-            log.warning("the broker did not run for %.1f s; agents' silence excuses it", gap)
+            if self.agents:
+                log.warning("the broker did not run for %.1f s; its agents are excused", gap)
             for info in self.agents.values():
                 info.last_heard = min(now, info.last_heard + gap)
         self._last_tick = now

@@ -390,8 +390,19 @@ def test_a_cluster_under_chaos_loses_nothing(chaos: Chaos, model: Path) -> None:
         took = outcome.ended - outcome.started
         assert took < DEADLINE_S + 5, (outcome, summary)
         if outcome.end == "done":
-            assert outcome.text == references[(outcome.prompt, outcome.max_tokens)], (
-                outcome,
+            reference = references[(outcome.prompt, outcome.max_tokens)]
+            same = next(
+                (
+                    i
+                    for i, (a, b) in enumerate(zip(outcome.text, reference, strict=False))
+                    if a != b
+                ),
+                min(len(outcome.text), len(reference)),
+            )
+            assert outcome.text == reference, (
+                f"request {outcome.index} ({outcome.kind}, agents {outcome.agents}, "
+                f"{outcome.retries} retries) differs from its reference at character {same} "
+                f"of {len(reference)}",
                 chaos.log,
             )
         elif outcome.end == "cancelled":
