@@ -64,6 +64,7 @@ from typing import Any
 from benchmarks.common import machine, summary_ms, write_result
 from paddler._core import load
 from paddler.client import AsyncClient, Client, Dispatched, Done, Failed, Tokens
+from paddler.demo_model import COMMON_WORDS
 from paddler.protocol.codec import HEADER, encode, pack_body, pack_token_ids, unpack_body
 from paddler.protocol.kinds import PROTOCOL_VERSION, Kind
 from paddler.protocol.messages import AgentStatus, ErrorBody
@@ -113,21 +114,8 @@ SWEEP_S = 0.1
 """How often the fleet reads every socket (their FDs only signal edges) and sends
 heartbeats where due."""
 
-# One token each in the test model's vocabulary ("▁word").
-_WORD_TEXT = """
-the of and to in is you that it he was for on are as with his they at be this have from or
-one had by word but not what all were we when your can said there use an each which she do how
-their if will up other about out many then them these so some her would make like him into time
-has look two more write go see number no way could people my than first water been call who its
-now find long down day did get come made may part over new sound take only little work know
-place year live me back give most very after thing our just name good sentence man think say
-great where help through much before line right too mean old any same tell boy follow came want
-show also around form three small set put end does another well large must big even such because
-turn here why ask went men read need land different home us move try kind hand picture again
-change off play spell air away animal house point page letter mother answer found study still
-learn should world
-"""
-WORDS = tuple(_WORD_TEXT.split())
+WORDS = tuple(COMMON_WORDS.split())
+"""One token each in the test model's vocabulary ("▁word")."""
 
 
 def words(rng: random.Random, count: int) -> str:

@@ -114,9 +114,9 @@ _FIRST_BYTE_ID: Final = 3
 _IM_START: Final = "<|im_start|>"
 _IM_END: Final = "<|im_end|>"
 
-# Common English words (and a few of this project's); each enters the vocabulary as "▁word"
-# together with all its prefixes.
-_WORDS: Final = """
+# Common English words; each enters the vocabulary as "▁word" together with all its
+# prefixes (benchmarks build prompts from them: one token per word).
+COMMON_WORDS: Final = """
 the of and to in is you that it he was for on are as with his they at be this have from or
 one had by word but not what all were we when your can said there use an each which she do how
 their if will up other about out many then them these so some her would make like him into time
@@ -127,10 +127,16 @@ great where help through much before line right too mean old any same tell boy f
 show also around form three small set put end does another well large must big even such because
 turn here why ask went men read need land different home us move try kind hand picture again
 change off play spell air away animal house point page letter mother answer found study still
-learn should world hello model token test chat user assistant system question yes request
+learn should world
+"""
+# ... and a few of this project's.
+_WORDS: Final = (
+    COMMON_WORDS
+    + """hello model token test chat user assistant system question yes request
 server agent slot stream reply message
 I A The This It What How Hello We You
 """
+)
 
 # Pieces without a leading space, each with all its prefixes.
 _SUBWORDS: Final = """
