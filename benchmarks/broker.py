@@ -320,6 +320,19 @@ def curve_run(curve: bool, quick: bool, log_root: Path, token_ids: bool = True) 
     return out
 
 
+def _costs(off: dict[str, Any], on: dict[str, Any]) -> list[tuple[int, int, int, float]]:
+    """``(tokens per frame, tokens/s off, tokens/s on, cost)`` of two side-by-side runs."""
+    return [
+        (
+            row_off["tokens_per_frame"],
+            row_off["tokens_per_s"],
+            row_on["tokens_per_s"],
+            1 - row_on["tokens_per_s"] / row_off["tokens_per_s"],
+        )
+        for row_off, row_on in zip(off["throughput"], on["throughput"], strict=True)
+    ]
+
+
 def curve_report(runs: list[dict[str, Any]]) -> list[str]:
     off, on = (next(r for r in runs if r["curve"] is flag) for flag in (False, True))
     lines = [
@@ -330,12 +343,10 @@ def curve_report(runs: list[dict[str, Any]]) -> list[str]:
         "| tokens/frame | tokens/s curve off | tokens/s curve on | cost | target |",
         "|---:|---:|---:|---:|---|",
     ]
-    for row_off, row_on in zip(off["throughput"], on["throughput"], strict=True):
-        cost = 1 - row_on["tokens_per_s"] / row_off["tokens_per_s"]
+    for per_frame, rate_off, rate_on, cost in _costs(off, on):
         met = cost <= TARGET_CURVE_THROUGHPUT_COST
         lines.append(
-            f"| {row_off['tokens_per_frame']} | {row_off['tokens_per_s']:,} | "
-            f"{row_on['tokens_per_s']:,} | {cost:.1%} | <= "
+            f"| {per_frame} | {rate_off:,} | {rate_on:,} | {cost:.1%} | <= "
             f"{TARGET_CURVE_THROUGHPUT_COST:.0%}: {'met' if met else 'NOT met'} |"
         )
     added = on["ttft"]["p50_ms"] - off["ttft"]["p50_ms"]
@@ -359,12 +370,8 @@ def ids_report(runs: list[dict[str, Any]]) -> list[str]:
         "| tokens/frame | tokens/s text only | tokens/s with ids | cost |",
         "|---:|---:|---:|---:|",
     ]
-    for row_off, row_on in zip(off["throughput"], on["throughput"], strict=True):
-        cost = 1 - row_on["tokens_per_s"] / row_off["tokens_per_s"]
-        lines.append(
-            f"| {row_off['tokens_per_frame']} | {row_off['tokens_per_s']:,} | "
-            f"{row_on['tokens_per_s']:,} | {cost:.1%} |"
-        )
+    for per_frame, rate_off, rate_on, cost in _costs(off, on):
+        lines.append(f"| {per_frame} | {rate_off:,} | {rate_on:,} | {cost:.1%} |")
     added = on["ttft"]["p50_ms"] - off["ttft"]["p50_ms"]
     lines += ["", f"Time to first token p50: {added:+.3f} ms with ids."]
     return lines
