@@ -59,6 +59,15 @@ class EventSink(Protocol):
     ) -> None:
         """Like ``tokens``, for text a thinking model wrote as its reasoning."""
 
+    def tool_call(
+        self, request_id: int, pieces: list[str], token_ids: Sequence[int] | None = None
+    ) -> None:
+        """Like ``tokens``, for the text of a tool call (markers included)."""
+
+    def tool_calls(self, request_id: int, outcome: dict[str, Any]) -> None:
+        """What a tool-call block that ended parsed to (``ToolCallOutcome.to_body``);
+        only for requests with ``parse_tool_calls``."""
+
     def logprobs(self, request_id: int, entries: list[dict[str, Any]]) -> None:
         """Log-probabilities (OpenAI's entries) of the tokens whose text the next
         ``tokens`` call carries; only for requests that asked (``logprobs``)."""

@@ -41,6 +41,7 @@ IDLE_POLL_MS = 100
 
 _TOKENS_HEADER = int(Kind.TOKENS)
 _REASONING_HEADER = int(Kind.REASONING)
+_TOOL_CALL_HEADER = int(Kind.TOOL_CALL)
 
 
 MAX_RESTARTS = 3
@@ -73,6 +74,17 @@ class _SocketSink:
         if token_ids is not None:
             frames.append(pack_token_ids(token_ids))
         self.socket.send_multipart(frames)
+
+    def tool_call(
+        self, request_id: int, pieces: list[str], token_ids: Sequence[int] | None = None
+    ) -> None:
+        frames = [HEADER.pack(_TOOL_CALL_HEADER, request_id), pack_body(pieces)]
+        if token_ids is not None:
+            frames.append(pack_token_ids(token_ids))
+        self.socket.send_multipart(frames)
+
+    def tool_calls(self, request_id: int, outcome: dict[str, Any]) -> None:
+        self.socket.send_multipart(encode(Kind.TOOL_CALLS, request_id, outcome))
 
     def logprobs(self, request_id: int, entries: list[dict[str, Any]]) -> None:
         self.socket.send_multipart(encode(Kind.LOGPROBS, request_id, entries))

@@ -68,7 +68,9 @@ DROP_LOG_PEERS = 256
 _TOKENS = int(Kind.TOKENS)
 _EMBEDDING = int(Kind.EMBEDDING)
 _LOGPROBS = int(Kind.LOGPROBS)
-_STREAMED = (_TOKENS, int(Kind.REASONING), _EMBEDDING)
+_STREAMED = (_TOKENS, int(Kind.REASONING), int(Kind.TOOL_CALL), _EMBEDDING)
+_FORWARDED = (_LOGPROBS, int(Kind.TOOL_CALLS))
+"""Sent with the text of a stream, and forwarded as they are."""
 """What agents stream to clients (text frames carry their token ids)."""
 _DONE = int(Kind.DONE)
 _ERROR = int(Kind.ERROR)
@@ -358,7 +360,7 @@ class Broker:
                         record.token_ids = None
             record.last_activity = now
             return
-        if kind == _LOGPROBS:  # with their tokens: forwarded as they are
+        if kind in _FORWARDED:  # with their tokens: forwarded as they are
             record = self.requests.get(request_id)
             if record is not None and record.agent == identity and not record.cancelled:
                 self._send_client(

@@ -13,6 +13,8 @@ from paddler.client.events import (
     Logprobs,
     Reasoning,
     Tokens,
+    ToolCalls,
+    ToolCallText,
 )
 from paddler.client.sync import Client, Stream
 
@@ -29,4 +31,6 @@ __all__ = [
     "Reasoning",
     "Stream",
     "Tokens",
+    "ToolCallText",
+    "ToolCalls",
 ]

@@ -9,6 +9,7 @@ from paddler.errors import ProtocolError, RequestFailed
 from paddler.protocol.codec import unpack_body
 from paddler.protocol.kinds import Kind
 from paddler.protocol.messages import ErrorBody, Usage, body_value, token_pieces
+from paddler.protocol.tool_calls import ToolCallOutcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,24 @@ class Reasoning:
     conversations with ``enable_thinking`` on a model whose template has markers."""
 
     pieces: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallText:
+    """Text of a tool call the model wrote in one step, markers included (as the
+    model wrote it); only for requests with ``tools`` and ``tool_choice`` not
+    ``none``. Its parsed form follows in a ``ToolCalls`` event when the block ends."""
+
+    pieces: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCalls:
+    """What one tool-call block of the answer parsed to (``ToolCallOutcome``): the
+    calls, or why there are none (the block could not be parsed, its calls do not
+    match the tools' schemas, or its format is not one the model's template uses)."""
+
+    outcome: ToolCallOutcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +88,17 @@ class Failed:
         return RequestFailed(self.code, self.kind, self.description)
 
 
-Event = Dispatched | Tokens | Reasoning | Logprobs | Embedding | Done | Failed
+Event = (
+    Dispatched
+    | Tokens
+    | Reasoning
+    | ToolCallText
+    | ToolCalls
+    | Logprobs
+    | Embedding
+    | Done
+    | Failed
+)
 
 
 def decode_event(kind: int, body: bytes) -> Event:
@@ -79,12 +108,16 @@ def decode_event(kind: int, body: bytes) -> Event:
             return Tokens(token_pieces(unpack_body(body)))
         if kind == Kind.REASONING:
             return Reasoning(token_pieces(unpack_body(body)))
+        if kind == Kind.TOOL_CALL:
+            return ToolCallText(token_pieces(unpack_body(body)))
         value: Any = unpack_body(body)
         if kind == Kind.DONE:
             return Done(Usage.from_body(body_value(value, "usage", (dict,), "Done")))
         if kind == Kind.ERROR:
             error = ErrorBody.from_body(value)
             return Failed(error.code, error.kind, error.description)
+        if kind == Kind.TOOL_CALLS:
+            return ToolCalls(ToolCallOutcome.from_body(value))
         if kind == Kind.LOGPROBS:
             if not isinstance(value, list) or not all(isinstance(e, dict) for e in value):
                 raise ProtocolError("Logprobs: body must be a list of maps")

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from paddler.client import Done, Embedding, Event, Failed, Reasoning, Tokens
+from paddler.client import (
+    Done,
+    Embedding,
+    Event,
+    Failed,
+    Reasoning,
+    Tokens,
+    ToolCalls,
+    ToolCallText,
+)
 from paddler.http.common import dumps
 
 TOKEN_ERROR_KINDS = frozenset(
@@ -48,6 +57,13 @@ def generation_messages(request_id: str, agent: str | None, event: Event) -> lis
             response(request_id, agent, {"GeneratedToken": {"ReasoningToken": piece}})
             for piece in event.pieces
         ]
+    if isinstance(event, ToolCallText):
+        return [
+            response(request_id, agent, {"GeneratedToken": {"ToolCallToken": piece}})
+            for piece in event.pieces
+        ]
+    if isinstance(event, ToolCalls):
+        return [response(request_id, agent, {"GeneratedToken": event.outcome.native()})]
     if isinstance(event, Done):
         usage = event.usage.to_body()
         return [response(request_id, agent, {"GeneratedToken": {"Done": {"usage": usage}}})]

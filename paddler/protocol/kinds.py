@@ -26,6 +26,8 @@ class Kind(IntEnum):
     EMBEDDING = 13  # one document's result of an embedding request
     LOGPROBS = 14  # log-probabilities of the tokens of the TOKENS frame that follows
     REASONING = 15  # like TOKENS: text a thinking model wrote as its reasoning
+    TOOL_CALL = 16  # like TOKENS: the text of a tool call (markers included)
+    TOOL_CALLS = 17  # what one tool-call block parsed to (paddler.protocol.tool_calls)
     # broker -> agent
     REGISTERED = 20
     DISPATCH = 22

@@ -24,6 +24,7 @@ from paddler.errors import InvalidRequest, ProtocolError
 from paddler.protocol.codec import unpack_token_ids
 from paddler.protocol.grammar_limits import gbnf_problem, json_schema_problem
 from paddler.protocol.shapes import Says, Shape, check, member_tag
+from paddler.protocol.tool_calls import ToolChoice, Tools, tool_choice_problem
 
 MAX_TOKENS_LIMIT = 1_000_000
 DEFAULT_MAX_TOKENS = 1000
@@ -100,18 +101,6 @@ TopLogprobs = Annotated[
     Field(ge=0, le=MAX_TOP_LOGPROBS),
     Says(f"must be an integer from 0 to {MAX_TOP_LOGPROBS}"),
 ]
-
-
-PARSE_TOOL_CALLS_MESSAGE = (
-    "must be false: this server does not parse tool calls yet (the tool-call text "
-    "streams as content)"
-)
-
-
-def _no_tool_call_parsing(value: bool) -> bool:
-    if value:
-        raise PydanticCustomError("no_tool_calls", PARSE_TOOL_CALLS_MESSAGE)
-    return value
 
 
 GRAMMAR_TYPES = "must be 'gbnf' or 'json_schema'"
@@ -231,11 +220,14 @@ class GenerationParameters(Shape):
     grammar: Grammar | None = None
     add_generation_prompt: Flag = True
     enable_thinking: Flag = False
-    tools: Annotated[list[Any], Says("must be a list")] = Field(default_factory=list)
-    parse_tool_calls: Annotated[
-        bool, AfterValidator(_no_tool_call_parsing), Says(PARSE_TOOL_CALLS_MESSAGE, whole=True)
-    ] = False
-    """Paddler's switch for parsed tool calls: only ``false`` until paddler parses them."""
+    tools: Tools = Field(default_factory=list)
+    """Function tools shown to the model through its chat template."""
+    tool_choice: ToolChoice = "auto"
+    parallel_tool_calls: Flag = True
+    """With a forced tool choice: whether the model may call more than one tool."""
+    parse_tool_calls: Flag = False
+    """Send what each block of tool-call text parsed to (``ToolCallParsed`` and the
+    failure results) before ``Done``."""
     temperature: Temperature | None = None
     top_p: Probability | None = None
     top_k: TopK | None = None
@@ -363,9 +355,15 @@ def parse_request(request: Any) -> RawPromptRequest | ConversationRequest | Embe
         raise InvalidRequest(
             "raw_prompt", "give exactly one of 'raw_prompt' and 'conversation_history'"
         )
+    record: RawPromptRequest | ConversationRequest
     if has_raw:
-        return check(RawPromptRequest, request, InvalidRequest)
-    return check(ConversationRequest, request, InvalidRequest)
+        record = check(RawPromptRequest, request, InvalidRequest)
+    else:
+        record = check(ConversationRequest, request, InvalidRequest)
+    problem = tool_choice_problem(request)
+    if problem:
+        raise InvalidRequest(*problem)
+    return record
 
 
 CONTINUATION = "continuation"

@@ -43,6 +43,15 @@ class RecordingSink:
         self.events.append((self.engine.decode_steps, "reasoning", request_id, pieces))
         self.frames[request_id].append(("".join(pieces), list(token_ids or ())))
 
+    def tool_call(
+        self, request_id: int, pieces: list[str], token_ids: Sequence[int] | None = None
+    ) -> None:
+        self.events.append((self.engine.decode_steps, "tool_call", request_id, pieces))
+        self.frames[request_id].append(("".join(pieces), list(token_ids or ())))
+
+    def tool_calls(self, request_id: int, outcome: dict[str, Any]) -> None:
+        self.events.append((self.engine.decode_steps, "tool_calls", request_id, outcome))
+
     def logprobs(self, request_id: int, entries: list[dict[str, Any]]) -> None:
         self.events.append((self.engine.decode_steps, "logprobs", request_id, entries))
 
@@ -68,7 +77,8 @@ class RecordingSink:
         return {
             rid: (kind, value)
             for _, kind, rid, value in self.events
-            if kind not in ("tokens", "embedding", "logprobs", "reasoning")
+            if kind
+            not in ("tokens", "embedding", "logprobs", "reasoning", "tool_call", "tool_calls")
         }
 
     def embeddings(self, request_id: int) -> list[dict[str, Any]]:

@@ -50,8 +50,10 @@ def test_a_sampler_that_raises_ends_only_its_request(make_engine, monkeypatch) -
     reference = run(engine, {9: GOOD}).text()[9]
     real_build = scheduler.build_sampler
 
-    def build(model: Any, parameters: Any, request: dict[str, Any], n_ctx: int) -> Any:
-        chain = real_build(model, parameters, request, n_ctx)
+    def build(
+        model: Any, parameters: Any, request: dict[str, Any], n_ctx: int, forced: Any = None
+    ) -> Any:
+        chain = real_build(model, parameters, request, n_ctx, forced)
         if request.get("raw_prompt") == FAULTY["raw_prompt"]:
             real_sample = chain.sample
             calls = {"n": 0}

@@ -73,9 +73,16 @@ def test_a_deep_body_is_a_400_in_openai_s_envelope(fake, path) -> None:
 
 
 def test_a_body_at_the_limit_is_read(fake) -> None:
-    # the object and 127 levels of lists: 128 levels in all
-    path = "/api/v1/continue_from_raw_prompt"
-    result = _post(_app(inference, fake), path, _object_nested(127))
+    # the object, the history, a message and 125 levels of lists in a key the chat
+    # template gets as it is: 128 levels in all
+    path = "/api/v1/continue_from_conversation_history"
+    body = (
+        '{"conversation_history": [{"role": "user", "content": "x", "extra": '
+        + "[" * 125
+        + "]" * 125
+        + "}]}"
+    ).encode()
+    result = _post(_app(inference, fake), path, body)
     assert result.status_code == 200, result.text
     assert len(fake.submitted) == 1
 

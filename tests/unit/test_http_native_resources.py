@@ -103,8 +103,8 @@ def test_token_errors_and_broker_errors_use_their_envelopes(inference_app, fake)
         ("/api/v1/continue_from_raw_prompt", {"raw_prompt": "x", "logprobs": True}, "logprobs"),
         (
             "/api/v1/continue_from_raw_prompt",
-            {"raw_prompt": "x", "parse_tool_calls": True},
-            "parse_tool_calls",
+            {"raw_prompt": "x", "tools": [{"type": "function", "function": {}}]},
+            "tools[0].function.name",
         ),
         (
             "/api/v1/generate_embedding_batch",

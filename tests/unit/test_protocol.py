@@ -561,6 +561,8 @@ DEFAULTS = {
     "add_generation_prompt": True,
     "enable_thinking": False,
     "tools": [],
+    "tool_choice": "auto",
+    "parallel_tool_calls": True,
     "parse_tool_calls": False,
     "temperature": None,
     "top_p": None,
@@ -600,8 +602,13 @@ def test_every_field_at_its_bounds() -> None:
             "grammar": {"type": "gbnf", "grammar": 'root ::= "a"'},
             "add_generation_prompt": False,
             "enable_thinking": True,
-            "tools": [{"type": "function"}],
-            "parse_tool_calls": False,
+            "tools": [
+                {"type": "function", "function": {"name": f"t{i}", "parameters": {}}}
+                for i in range(128)
+            ],
+            "tool_choice": "auto",
+            "parallel_tool_calls": False,
+            "parse_tool_calls": True,
             "temperature": 0,
             "frequency_penalty": -2,
             "presence_penalty": 2,
@@ -626,6 +633,16 @@ def test_every_field_at_its_bounds() -> None:
             "stop": [],
         },
         {"raw_prompt": "p", "grammar": {"type": "json_schema", "schema": '{"type":"object"}'}},
+        {
+            "raw_prompt": "p",
+            "tools": [{"type": "function", "function": {"name": "f.n-1_"}}],
+            "tool_choice": {"type": "function", "function": {"name": "f.n-1_"}},
+        },
+        {
+            "raw_prompt": "p",
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": "required",
+        },
         {"raw_prompt": "p", "temperature": 0.7, "top_p": 0.95, "min_p": 0.05, "grammar": None},
     ):
         assert validate_request(request) == {**DEFAULTS, **request}
@@ -722,7 +739,15 @@ INVALID_REQUESTS = [
     ({"raw_prompt": "p", "add_generation_prompt": None}, "add_generation_prompt"),
     ({"raw_prompt": "p", "enable_thinking": "true"}, "enable_thinking"),
     ({"raw_prompt": "p", "parse_tool_calls": 0}, "parse_tool_calls"),
-    ({"raw_prompt": "p", "parse_tool_calls": True}, "parse_tool_calls"),
+    ({"raw_prompt": "p", "tools": [{"type": "function"}]}, "tools[0].function"),
+    ({"raw_prompt": "p", "tools": [{"function": {"name": "a"}}]}, "tools[0].type"),
+    (
+        {"raw_prompt": "p", "tools": [{"type": "function", "function": {"name": "a b"}}]},
+        "tools[0].function.name",
+    ),
+    ({"raw_prompt": "p", "tool_choice": "required"}, "tool_choice"),
+    ({"raw_prompt": "p", "tool_choice": "always"}, "tool_choice"),
+    ({"raw_prompt": "p", "parallel_tool_calls": 1}, "parallel_tool_calls"),
     ({"raw_prompt": "p", "frequency_penalty": 2.5}, "frequency_penalty"),
     ({"raw_prompt": "p", "presence_penalty": "1"}, "presence_penalty"),
     ({"raw_prompt": "p", "logit_bias": {"x": 1}}, "logit_bias"),

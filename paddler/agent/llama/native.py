@@ -165,6 +165,21 @@ class LlamaModel:
             cached = self._pieces[token] = buffer.raw[: max(size, 0)]
         return cached
 
+    def marker_tokens(self, markers: tuple[str, ...]) -> dict[int, bytes]:
+        """The tokens that are each one of ``markers`` whole (control tokens such as
+        Mistral's ``[TOOL_CALLS]``, which ``piece`` renders as nothing), with the
+        marker's bytes. Cached per marker set."""
+        cache: dict[tuple[str, ...], dict[int, bytes]] = self.__dict__.setdefault("_markers", {})
+        found = cache.get(markers)
+        if found is None:
+            found = {}
+            for marker in markers:
+                tokens = self.tokenize(marker, add_special=False, parse_special=True)
+                if len(tokens) == 1:
+                    found[tokens[0]] = marker.encode()
+            cache[markers] = found
+        return found
+
     def is_eog(self, token: int) -> bool:
         return bool(lc.llama_vocab_is_eog(self.vocab, token))
 

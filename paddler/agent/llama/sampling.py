@@ -151,24 +151,33 @@ def schema_problem(schema: Any, text: str) -> str | None:
     """Why ``text`` is not JSON valid under ``schema``, or ``None`` if it is. Linear
     in the output: no backtracking regular expression, no recursion past
     ``MAX_JSON_DEPTH`` levels."""
-    import jsonschema
-
     if json_depth_exceeds(text):
         return f"the output nests deeper than {MAX_JSON_DEPTH} levels"
     try:
         instance = json.loads(text)
     except json.JSONDecodeError as exc:
         return f"the output is not complete JSON ({exc}); raise max_tokens?"
+    problem = instance_problem(schema, instance)
+    return None if problem is None else f"the output {problem[0]}: {problem[1]}"
+
+
+def instance_problem(schema: Any, instance: Any) -> tuple[str, str] | None:
+    """Why a decoded JSON value does not match ``schema``: ``(what, why)``, ``what``
+    one of "does not match the schema", "could not be checked against the schema"
+    (an invalid schema, an unresolvable ``$ref``, a pattern RE2 refuses); ``None``
+    if it matches."""
+    import jsonschema
+
     try:
         validator = _linear_validator(schema)
         validator.check_schema(schema)
         error = jsonschema.exceptions.best_match(validator(schema).iter_errors(instance))
     except jsonschema.SchemaError as exc:
-        return f"the schema is invalid: {exc.message}"
+        return "could not be checked against the schema", f"the schema is invalid: {exc.message}"
     except Exception as exc:  # an unresolvable $ref, a pattern RE2 refuses, recursion...
-        return f"the output could not be checked against the schema: {exc}"
+        return "could not be checked against the schema", str(exc)
     if error is not None:
-        return f"the output does not match the schema: {error.message}"
+        return "does not match the schema", error.message
     return None
 
 
@@ -194,11 +203,16 @@ def logit_biases(model: LlamaModel, biases: dict[str, float] | None) -> dict[int
 
 
 def build_sampler(
-    model: LlamaModel, parameters: dict[str, Any], request: dict[str, Any], n_ctx_seq: int
+    model: LlamaModel,
+    parameters: dict[str, Any],
+    request: dict[str, Any],
+    n_ctx_seq: int,
+    forced: str | None = None,
 ) -> SamplerChain:
     """A sampler chain for one request: grammar, penalties, top-k, top-p, min-p,
-    temperature (0 = greedy), seeded distribution. The caller closes it; on an error
-    (``GrammarError`` included) it is closed here."""
+    temperature (0 = greedy), seeded distribution. ``forced``: GBNF (root ``root``)
+    that makes the answer a tool call, in place of the request's grammar. The caller
+    closes it; on an error (``GrammarError`` included) it is closed here."""
 
     def pick(name: str) -> Any:
         value = request.get(name)
@@ -207,6 +221,8 @@ def build_sampler(
     chain = SamplerChain()
     try:
         grammar = request.get("grammar")
+        if forced is not None:
+            grammar = {"type": "gbnf", "grammar": forced, "root": "root"}
         if grammar is not None:
             rules, root = grammar_text(grammar)
             if not chain.add_grammar(model, rules, root):

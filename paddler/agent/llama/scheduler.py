@@ -72,7 +72,7 @@ from paddler.agent.llama.loading import (
     takes_cancel,
 )
 from paddler.agent.llama.native import LlamaModel
-from paddler.agent.llama.prompt import prompt_tokens
+from paddler.agent.llama.prompt import forces_tool_call, prompt_tokens
 from paddler.agent.llama.sampling import (
     GrammarError,
     build_sampler,
@@ -82,11 +82,21 @@ from paddler.agent.llama.sampling import (
 from paddler.agent.llama.slot import Slot, shared_prefix
 from paddler.agent.llama.status import Downloads, StatusBoard
 from paddler.agent.reasoning import ReasoningSplitter, thinking_markers
+from paddler.agent.tool_calls import (
+    CONTENT,
+    REASONING,
+    TOOL_CALL,
+    ToolCallSplitter,
+    forced_grammar,
+    parse_block,
+    tool_format,
+)
 from paddler.errors import EngineError, ProtocolError
 from paddler.protocol.kinds import CANCELLED_CODE
 from paddler.protocol.messages import AgentStatus
 from paddler.protocol.prefixes import held_fingerprints
 from paddler.protocol.requests import continued_tokens, is_embedding_request
+from paddler.protocol.tool_calls import forced_tool, uses_tools
 
 log = logging.getLogger("paddler.agent")
 
@@ -325,8 +335,13 @@ class LlamaEngine(Engine):
         if problem:
             sink.error(request_id, 400, "InvalidContinuation", problem)
             return
+        tools = uses_tools(request)
+        fmt = tool_format(loaded.template.source if loaded.template else None) if tools else None
         try:
-            sampler = build_sampler(loaded.model, loaded.parameters, request, loaded.n_ctx_seq)
+            forced = self._forced_grammar(fmt, request)
+            sampler = build_sampler(
+                loaded.model, loaded.parameters, request, loaded.n_ctx_seq, forced
+            )
         except GrammarError as exc:
             sink.error(request_id, 400, exc.kind, str(exc))
             return
@@ -340,9 +355,31 @@ class LlamaEngine(Engine):
         free.remove(slot)
         self._by_request[request_id] = slot
         slot.splitter = self._splitter(loaded, request, prompt)
+        if fmt is not None:
+            slot.tools = ToolCallSplitter(fmt)
+            slot.markers = loaded.model.marker_tokens(fmt.markers)
         self._reuse(loaded, slot)
         if generated:
             self._replay(sink, loaded, slot, generated)
+
+    @staticmethod
+    def _forced_grammar(fmt: Any, request: dict[str, Any]) -> str | None:
+        """GBNF that makes the answer a tool call, when ``tool_choice`` is required or
+        names a tool (``GrammarError`` if the tools' schemas cannot become one)."""
+        if fmt is None or not forces_tool_call(request):
+            return None
+        try:
+            return forced_grammar(
+                fmt,
+                request["tools"],
+                forced_tool(request["tool_choice"]),
+                request.get("parallel_tool_calls", True),
+            )
+        except Exception as exc:  # the converter raises many types for bad schemas
+            raise GrammarError(
+                "GrammarInitializationFailed",
+                f"cannot turn the tools' parameter schemas into a grammar: {exc}",
+            ) from exc
 
     @staticmethod
     def _splitter(
@@ -351,7 +388,11 @@ class LlamaEngine(Engine):
         """For a conversation with thinking on, when the template has markers: what
         tells its reasoning from its answer (inside the block already when the
         prompt opened it)."""
-        if not request.get("enable_thinking") or "conversation_history" not in request:
+        if (
+            not request.get("enable_thinking")
+            or "conversation_history" not in request
+            or forces_tool_call(request)
+        ):
             return None
         markers = thinking_markers(loaded.template.source if loaded.template else None)
         if markers is None:
@@ -410,9 +451,10 @@ class LlamaEngine(Engine):
                 self._finish(loaded, slot)
                 return
             sampler.accept(token)
-            self._split(slot, slot.text.push(model.piece(token)))
-            if slot.splitter is not None and slot.splitter.inside:
-                slot.reasoning_tokens += 1
+            slot.uncounted += 1
+            self._split(slot, slot.text.push(slot.markers.get(token) or model.piece(token)))
+        if slot.tools is not None:
+            slot.tools.finished.clear()  # parsed and sent by the agent that was lost
         log.info(
             "request %d continues a stream begun on another agent: %d tokens generated there",
             slot.request_id,
@@ -532,39 +574,82 @@ class LlamaEngine(Engine):
             self._finish(loaded, slot)
 
     @staticmethod
-    def _split(slot: Slot, text: str, last: bool = False) -> list[tuple[bool, str]]:
-        """``text`` as segments ``(is_reasoning, text)`` ready to send (all of it
-        answer for a request that does not think); ``last``: the end, nothing held."""
+    def _split(slot: Slot, text: str, last: bool = False) -> list[tuple[int, str]]:
+        """``text`` as segments ``(kind, text)`` ready to send: ``CONTENT``,
+        ``REASONING`` (a thinking request's reasoning) or ``TOOL_CALL`` (a request
+        with tools: the text of its calls); ``last``: the end, nothing held."""
         splitter = slot.splitter
         if splitter is None:
-            segments = [(False, text)] if text else []
+            segments: list[tuple[int, str]] = [(CONTENT, text)] if text else []
         else:
-            segments = splitter.push(text) if text else []
+            split = splitter.push(text) if text else []
             if last:
-                segments += splitter.finish()
-        for reasoning, part in segments:
-            if not reasoning:
+                split += splitter.finish()
+            segments = [(REASONING if reasoning else CONTENT, part) for reasoning, part in split]
+        tools = slot.tools
+        if tools is not None:
+            separated: list[tuple[int, str]] = []
+            for kind, part in segments:
+                if kind == CONTENT:
+                    separated += tools.push(part)
+                else:
+                    separated.append((kind, part))
+            if last:
+                separated += tools.finish()
+            segments = separated
+        for kind, part in segments:
+            if kind != REASONING:
                 slot.answer.append(part)
-                if slot.output is not None:
+                if kind == CONTENT and slot.output is not None:
                     slot.output.append(part)
+        if slot.uncounted and (segments or last):
+            LlamaEngine._count(slot, segments[-1][0] if segments else CONTENT)
         return segments
+
+    @staticmethod
+    def _count(slot: Slot, kind: int) -> None:
+        """Count the tokens whose text just went out (held back text goes out later,
+        with the text that decides what it is) as ``kind``."""
+        if kind == REASONING:
+            slot.reasoning_tokens += slot.uncounted
+        elif kind == TOOL_CALL:
+            slot.tool_call_tokens += slot.uncounted
+        slot.uncounted = 0
 
     def _emit(self, sink: EventSink, slot: Slot, text: str, last: bool = False) -> None:
         """Send ``text`` with the ids of the tokens sampled since the last piece
-        (reasoning and answer apart); ids whose text is all held back wait."""
+        (reasoning, tool calls and answer apart); ids whose text is all held back
+        wait. A tool-call block that ended is parsed and its outcome sent after it."""
         segments = self._split(slot, text, last)
-        if not segments:
-            return
-        token_ids, slot.unsent = slot.unsent, []
-        if slot.unsent_logprobs:
-            logprobs, slot.unsent_logprobs = slot.unsent_logprobs, []
-            sink.logprobs(slot.request_id, logprobs)
-        for reasoning, part in segments:
-            if reasoning:
-                sink.reasoning(slot.request_id, [part], token_ids)
-            else:
-                sink.tokens(slot.request_id, [part], token_ids)
-            token_ids = []
+        if segments:
+            token_ids, slot.unsent = slot.unsent, []
+            if slot.unsent_logprobs:
+                logprobs, slot.unsent_logprobs = slot.unsent_logprobs, []
+                sink.logprobs(slot.request_id, logprobs)
+            for kind, part in segments:
+                if kind == CONTENT:
+                    sink.tokens(slot.request_id, [part], token_ids)
+                elif kind == REASONING:
+                    sink.reasoning(slot.request_id, [part], token_ids)
+                else:
+                    sink.tool_call(slot.request_id, [part], token_ids)
+                token_ids = []
+        tools = slot.tools
+        if tools is not None and tools.finished:
+            request = slot.request
+            assert request is not None
+            for block in tools.finished:
+                outcome = parse_block(tools.format, block, request["tools"])
+                if not outcome.parsed:
+                    log.info(
+                        "request %d: a tool call that is %s: %s",
+                        slot.request_id,
+                        outcome.outcome.replace("_", " "),
+                        "; ".join(outcome.errors),
+                    )
+                if request.get("parse_tool_calls"):
+                    sink.tool_calls(slot.request_id, outcome.to_body())
+            tools.finished.clear()
 
     def _done(self, sink: EventSink, loaded: LoadedModel, slot: Slot) -> None:
         self._emit(sink, slot, slot.text.finish(), last=True)
@@ -576,10 +661,12 @@ class LlamaEngine(Engine):
                 return
         usage = {
             "prompt_tokens": slot.prompt_tokens,
-            "content_tokens": slot.generated - slot.reasoning_tokens,
+            "content_tokens": slot.generated - slot.reasoning_tokens - slot.tool_call_tokens,
         }
         if slot.reasoning_tokens:
             usage["reasoning_tokens"] = slot.reasoning_tokens
+        if slot.tool_call_tokens:
+            usage["tool_call_tokens"] = slot.tool_call_tokens
         if slot.cached:  # absent is 0
             usage["cached_prompt_tokens"] = min(slot.cached, slot.prompt_tokens)
         sink.done(slot.request_id, usage)
@@ -665,12 +752,11 @@ class LlamaEngine(Engine):
         slot.generated += 1
         slot.unsent.append(token)
         try:
-            text = slot.text.push(model.piece(token))
+            text = slot.text.push(slot.markers.get(token) or model.piece(token))
         except Exception as exc:
             raise _RequestFault("DetokenizationFailed", exc) from exc
+        slot.uncounted += 1
         self._emit(sink, slot, text)
-        if slot.splitter is not None and slot.splitter.inside:
-            slot.reasoning_tokens += 1
         if (
             slot.text.stopped
             or slot.generated >= slot.max_tokens

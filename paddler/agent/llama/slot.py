@@ -27,6 +27,9 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
     return low
 
 
+_NO_MARKERS: dict[int, bytes] = {}
+
+
 @dataclass
 class Slot:
     seq_id: int
@@ -79,6 +82,16 @@ class Slot:
     """A thinking request's ``ReasoningSplitter`` (``None``: all text is answer)."""
     reasoning_tokens: int = 0
     """Generated tokens that came while the request was reasoning."""
+    tools: Any = None
+    """A request with tools: its ``ToolCallSplitter`` (``None``: no tool calls)."""
+    markers: dict[int, bytes] = field(default_factory=dict)
+    """Control tokens that are tool-call markers, and their text (rendered for
+    requests with tools, where the splitter must see them)."""
+    tool_call_tokens: int = 0
+    """Generated tokens that were the text of tool calls."""
+    uncounted: int = 0
+    """Tokens sampled whose text has not gone out yet (held back): counted as
+    content, reasoning or tool call when it does."""
     stale: bool = False
     """Its KV cells could not be freed when its last request ended: they are freed
     again before the slot serves another request (and it serves none until they are)."""
@@ -110,6 +123,10 @@ class Slot:
         self.unsent_logprobs = []
         self.splitter = None
         self.reasoning_tokens = 0
+        self.tools = None
+        self.markers = _NO_MARKERS
+        self.tool_call_tokens = 0
+        self.uncounted = 0
         self.generated = len(generated) if generated else 0
         self.unsent = []
         self.max_tokens = request["max_tokens"]
@@ -139,6 +156,8 @@ class Slot:
         self.top_logprobs = -1
         self.unsent_logprobs = []
         self.splitter = None
+        self.tools = None
+        self.markers = _NO_MARKERS
         self.logits_index = -1
         self.next_token = -1
         self.step_token = -1

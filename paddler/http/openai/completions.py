@@ -6,7 +6,7 @@ from typing import Any
 
 from paddler.http.openai.errors import invalid_body
 from paddler.http.openai.schemas import CompletionBody, Options
-from paddler.http.openai.streaming import Generation
+from paddler.http.openai.streaming import Answer, Generation
 from paddler.http.openapi import JSON, Operation, Reply
 from paddler.protocol.shapes import check
 
@@ -33,18 +33,13 @@ class Completions(Generation):
         completion = check(CompletionBody, body, invalid_body)
         return completion.to_request(), completion.options()
 
-    def choice(
-        self,
-        text: str,
-        reason: str,
-        logprobs: list[dict[str, Any]] | None = None,
-        reasoning: str = "",
-    ) -> dict[str, Any]:
+    def choice(self, answer: Answer, text: str, reason: str, logprobs: bool) -> dict[str, Any]:
+        entries = answer.logprobs if logprobs else None
         return {
             "index": 0,
             "text": text,
             "finish_reason": reason,
-            "logprobs": _legacy_logprobs(logprobs, len(text) - _answer_length(logprobs)),
+            "logprobs": _legacy_logprobs(entries, len(text) - _answer_length(entries)),
         }
 
     def opening(self, options: Options) -> list[dict[str, Any]]:

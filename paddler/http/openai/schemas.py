@@ -18,6 +18,7 @@ from pydantic import field_validator as validates
 from pydantic_core import PydanticCustomError
 
 from paddler.http.common import dumps
+from paddler.http.openai.errors import invalid_body
 from paddler.protocol.grammar_limits import json_schema_problem
 from paddler.protocol.requests import (
     MAX_DOCUMENTS,
@@ -33,6 +34,13 @@ from paddler.protocol.requests import (
     trusted_wire,
 )
 from paddler.protocol.shapes import Says, Shape, member_tag
+from paddler.protocol.tool_calls import (
+    NamedToolChoice,
+    Tool,
+    ToolChoice,
+    Tools,
+    tool_choice_problem,
+)
 
 CHAT_ROLES = {
     "system": "system",
@@ -256,6 +264,15 @@ def grammar_of(response_format: Any) -> dict[str, Any] | None:
     return None
 
 
+def tool_maps(tools: list[Tool]) -> list[dict[str, Any]]:
+    """Validated tools as the maps the broker and the chat template get."""
+    return [tool.model_dump(exclude_none=True) for tool in tools]
+
+
+def choice_map(choice: str | NamedToolChoice) -> str | dict[str, Any]:
+    return choice if isinstance(choice, str) else choice.model_dump()
+
+
 # ------------------------------------------------------------------------ bodies
 
 
@@ -315,16 +332,6 @@ class SamplingBody(OpenAIShape):
         return Options(self.model, bool(self.stream), include_usage)
 
 
-Tools = Annotated[list[dict[str, Any]], Says("must be a list of tool objects", whole=True)]
-TOOL_CHOICE_MESSAGE = (
-    "must be 'auto' or 'none' ('required' and a named function need tool-call "
-    "parsing, which this server does not have yet)"
-)
-ToolChoice = Annotated[Literal["auto", "none"], Says(TOOL_CHOICE_MESSAGE, whole=True)]
-"""``auto``: the tools are shown to the model, which may call one or answer; ``none``:
-they are not shown."""
-
-
 class ChatCompletionBody(SamplingBody):
     """``POST /v1/chat/completions``."""
 
@@ -333,10 +340,12 @@ class ChatCompletionBody(SamplingBody):
     ]
     max_completion_tokens: MaxTokens | None = None
     response_format: ResponseFormat | None = None
-    tools: (
-        Annotated[list[dict[str, Any]], Says("must be a list of tool objects", whole=True)] | None
-    ) = None
+    tools: Tools | None = None
     tool_choice: ToolChoice | None = None
+    """``auto`` (the default): the model may call tools or answer; ``none``: the tools
+    are not shown; ``required`` or a named function: the model must call (enforced
+    with a grammar built from the tools' schemas)."""
+    parallel_tool_calls: Flag | None = None
     reasoning_effort: (
         Annotated[
             Literal["none", "minimal", "low", "medium", "high"],
@@ -372,7 +381,17 @@ class ChatCompletionBody(SamplingBody):
         if grammar is not None:
             request["grammar"] = grammar
         if self.tools and self.tool_choice != "none":
-            request["tools"] = self.tools  # the chat template shows them to the model
+            request["tools"] = tool_maps(self.tools)  # the chat template shows them
+            request["parse_tool_calls"] = True
+            if self.tool_choice is not None:
+                request["tool_choice"] = choice_map(self.tool_choice)
+            if self.parallel_tool_calls is not None:
+                request["parallel_tool_calls"] = self.parallel_tool_calls
+        elif self.tool_choice not in (None, "auto", "none"):
+            raise invalid_body("tool_choice", "needs tools to choose from")
+        problem = tool_choice_problem(request)
+        if problem:
+            raise invalid_body(*problem)
         return trusted_wire(ConversationRequest, request)
 
 

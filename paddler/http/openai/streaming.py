@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import falcon
@@ -29,6 +30,8 @@ from paddler.client import (
     Logprobs,
     Reasoning,
     Tokens,
+    ToolCalls,
+    ToolCallText,
 )
 from paddler.errors import BrokerUnreachable
 from paddler.http import sse
@@ -37,6 +40,7 @@ from paddler.http.openai.errors import failure
 from paddler.http.openai.models import served_model_id
 from paddler.http.openai.schemas import Options
 from paddler.protocol.messages import Usage
+from paddler.protocol.tool_calls import ToolCall
 
 T = TypeVar("T")
 
@@ -89,8 +93,61 @@ def usage_body(usage: Usage) -> dict[str, Any]:
     }
 
 
-def finish_reason(usage: Usage, max_tokens: int) -> str:
-    return "length" if usage_body(usage)["completion_tokens"] >= max_tokens else "stop"
+def finish_reason(usage: Usage, max_tokens: int, called: bool = False) -> str:
+    """``length`` when the answer used all of ``max_tokens``; else ``tool_calls``
+    when it called tools (``called``), else ``stop``."""
+    if usage_body(usage)["completion_tokens"] >= max_tokens:
+        return "length"
+    return "tool_calls" if called else "stop"
+
+
+@dataclass
+class Answer:
+    """A whole answer, collected from a request's events: its text (with the text
+    of tool-call blocks that did not parse, so nothing the model wrote is lost),
+    reasoning, tool calls and why some blocks are not calls, log-probabilities."""
+
+    text: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_call_errors: list[dict[str, Any]] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    usage: Usage | None = None
+    """``None``: the stream ended without ``Done`` (the client went away)."""
+
+
+def tool_call_error(event: ToolCalls) -> dict[str, Any]:
+    """How a block that is not a call is reported: its outcome, why, its text."""
+    outcome = event.outcome
+    return {"outcome": outcome.outcome, "errors": outcome.errors, "text": outcome.text}
+
+
+async def collect_answer(events: AsyncIterator[Event]) -> Answer:
+    """The whole answer of a generation's events; ``failure`` raised for ``Failed``."""
+    answer = Answer()
+    pieces: list[str] = []
+    reasoning: list[str] = []
+    async for event in events:
+        if isinstance(event, Tokens):
+            pieces.extend(event.pieces)
+        elif isinstance(event, Reasoning):
+            reasoning.extend(event.pieces)
+        elif isinstance(event, ToolCalls):
+            if event.outcome.parsed:
+                answer.tool_calls.extend(event.outcome.calls)
+            else:
+                pieces.append(event.outcome.text)
+                answer.tool_call_errors.append(tool_call_error(event))
+        elif isinstance(event, Logprobs):
+            answer.logprobs.extend(event.entries)
+        elif isinstance(event, Done):
+            answer.usage = event.usage
+            break
+        elif isinstance(event, Failed):
+            raise failure(event)
+    answer.text = "".join(pieces)
+    answer.reasoning = "".join(reasoning)
+    return answer
 
 
 def head(ident: str, object_name: str, options: Options) -> dict[str, Any]:
@@ -112,16 +169,14 @@ class Generation:
     def parse(self, body: Any) -> tuple[dict[str, Any], Options]:
         raise NotImplementedError
 
-    def choice(
-        self,
-        text: str,
-        reason: str,
-        logprobs: list[dict[str, Any]] | None = None,
-        reasoning: str = "",
-    ) -> dict[str, Any]:
-        """The choice of a whole answer; ``logprobs``: its tokens' entries, when asked;
-        ``reasoning``: what a thinking model reasoned first."""
+    def choice(self, answer: Answer, text: str, reason: str, logprobs: bool) -> dict[str, Any]:
+        """The choice of a whole ``answer`` (``text``: its text as shown, e.g. with the
+        prompt echoed); ``logprobs``: whether they were asked for."""
         raise NotImplementedError
+
+    def tool_call_chunk_choices(self, calls: list[ToolCall], first: int) -> list[dict[str, Any]]:
+        """The chunks' choices that stream ``calls`` (numbered from ``first``)."""
+        return []
 
     def reasoning_chunk_choice(self, piece: str) -> dict[str, Any] | None:
         """The choice of a chunk of reasoning (``None``: the endpoint shows none)."""
@@ -161,26 +216,22 @@ class Generation:
             resp.stream = ClosingStream(self._chunks(ident, options, request, lead, events), events)
             return
         try:
-            text, usage, logprobs, reasoning = await self._collect(lead, events)
+            async with contextlib.aclosing(chain(lead, events)) as everything:
+                answer = await collect_answer(everything)
         finally:
             await events.aclose()
-        if usage is None:
+        if answer.usage is None:
             resp.status = 499
             return
         resp.content_type = falcon.MEDIA_JSON
-        reason = finish_reason(usage, request["max_tokens"])
+        reason = finish_reason(answer.usage, request["max_tokens"], bool(answer.tool_calls))
         resp.text = dumps(
             {
                 **head(ident, self.object_name, options),
                 "choices": [
-                    self.choice(
-                        options.echo + text,
-                        reason,
-                        logprobs if request["logprobs"] else None,
-                        reasoning,
-                    )
+                    self.choice(answer, options.echo + answer.text, reason, request["logprobs"])
                 ],
-                "usage": usage_body(usage),
+                "usage": usage_body(answer.usage),
             }
         )
 
@@ -194,27 +245,6 @@ class Generation:
             if not isinstance(event, Dispatched):
                 return lead
         return None
-
-    @staticmethod
-    async def _collect(
-        lead: list[Event], events: AsyncGenerator[Event, None]
-    ) -> tuple[str, Usage | None, list[dict[str, Any]], str]:
-        pieces: list[str] = []
-        reasoning: list[str] = []
-        logprobs: list[dict[str, Any]] = []
-        async with contextlib.aclosing(chain(lead, events)) as everything:
-            async for event in everything:
-                if isinstance(event, Tokens):
-                    pieces.extend(event.pieces)
-                elif isinstance(event, Reasoning):
-                    reasoning.extend(event.pieces)
-                elif isinstance(event, Logprobs):
-                    logprobs.extend(event.entries)
-                elif isinstance(event, Done):
-                    return "".join(pieces), event.usage, logprobs, "".join(reasoning)
-                elif isinstance(event, Failed):
-                    raise failure(event)
-        return "".join(pieces), None, logprobs, "".join(reasoning)
 
     async def _chunks(
         self,
@@ -233,6 +263,7 @@ class Generation:
 
         asked = bool(request["logprobs"])
         pending: list[dict[str, Any]] = []
+        calls = 0
         try:
             for choice in self.opening(options):
                 yield chunk(choice)
@@ -250,8 +281,18 @@ class Generation:
                             if piece:
                                 entries, pending = (pending, []) if asked else (None, pending)
                                 yield chunk(self.chunk_choice(piece, None, entries))
+                    elif isinstance(event, ToolCalls):
+                        if event.outcome.parsed:
+                            for choice in self.tool_call_chunk_choices(event.outcome.calls, calls):
+                                yield chunk(choice)
+                            calls += len(event.outcome.calls)
+                        else:  # not a call: its text is the answer's
+                            pending = [] if asked else pending
+                            yield chunk(self.chunk_choice(event.outcome.text, None))
+                    elif isinstance(event, ToolCallText):
+                        pending = [] if asked else pending  # their tokens are not content
                     elif isinstance(event, Done):
-                        reason = finish_reason(event.usage, request["max_tokens"])
+                        reason = finish_reason(event.usage, request["max_tokens"], calls > 0)
                         yield chunk(self.chunk_choice(None, reason))
                         if options.include_usage:
                             yield sse.event(
