@@ -75,6 +75,9 @@ class ToolFormat:
     markers: tuple[str, ...] = ()
     """Every marker of the format (tokens to render even when they are control
     tokens, which llama.cpp otherwise renders as nothing)."""
+    fenced: bool = False
+    """DeepSeek R1's calls: ``function<tool sep>name`` and the arguments in a fenced
+    JSON block (V3.1 writes ``name<tool sep>{...}``)."""
     id_length: int = 0
     """Ids of this format's calls: ``call_`` and 24 characters, or exactly this
     many letters and digits (Mistral's templates refuse any other id)."""
@@ -93,6 +96,19 @@ LLAMA3 = ToolFormat(
 )
 MISTRAL = ToolFormat(
     "mistral", ("[TOOL_CALLS]",), None, markers=("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"), id_length=9
+)
+DEEPSEEK_R1 = ToolFormat(
+    "deepseek",
+    (DEEPSEEK_CALLS_BEGIN,),
+    DEEPSEEK_CALLS_END,
+    markers=(
+        DEEPSEEK_CALLS_BEGIN,
+        DEEPSEEK_CALLS_END,
+        DEEPSEEK_CALL_BEGIN,
+        DEEPSEEK_CALL_END,
+        DEEPSEEK_SEP,
+    ),
+    fenced=True,
 )
 DEEPSEEK = ToolFormat(
     "deepseek",
@@ -115,7 +131,7 @@ def tool_format(template_source: str | None) -> ToolFormat:
     template shows none of the known markers)."""
     source = template_source or ""
     if DEEPSEEK_CALLS_BEGIN in source:
-        return DEEPSEEK
+        return DEEPSEEK_R1 if "```json" in source else DEEPSEEK
     if "[TOOL_CALLS]" in source:
         return MISTRAL
     if "<|tool_call|>" in source:
@@ -174,6 +190,10 @@ class ToolCallSplitter:
         self._block: list[str] = []
         self._pending = ""
         self._at_start = True
+        self._hold_space = True
+        """Whitespace here is held: before a block it is the block's (a model writes
+        newlines between its calls), before other text it is content."""
+        self._blocks = 0
         self.finished: list[str] = []
         """Blocks that ended, oldest first."""
 
@@ -197,8 +217,10 @@ class ToolCallSplitter:
                 end = index + len(fmt.closing)
                 self._add(out, TOOL_CALL, text[:end])
                 self.finished.append("".join(self._block))
+                self._blocks += 1
                 self._block = []
                 self.inside = False
+                self._hold_space = True
                 text = text[end:]
                 continue
             if self._at_start and fmt.json_at_start:
@@ -212,6 +234,17 @@ class ToolCallSplitter:
                     self._add(out, TOOL_CALL, text)
                     return out
             self._at_start = False
+            if self._hold_space:
+                stripped = text.lstrip()
+                if not stripped or any(m.startswith(stripped) for m in fmt.openings):
+                    self._pending = text  # whitespace, or whitespace and a marker's start
+                    return out
+                self._hold_space = False
+                if any(stripped.startswith(m) for m in fmt.openings):
+                    self._add(out, TOOL_CALL, text[: len(text) - len(stripped)])
+                    self.inside = True
+                    text = stripped
+                    continue
             found = [(text.find(m), m) for m in fmt.openings if m in text]
             if not found:
                 hold = _held(text, fmt.openings)
@@ -227,11 +260,19 @@ class ToolCallSplitter:
     def finish(self) -> list[tuple[int, str]]:
         """What is still held back, at the end; a block still open ends here."""
         out: list[tuple[int, str]] = []
-        if self._pending:
-            self._add(out, TOOL_CALL if self.inside else CONTENT, self._pending)
-            self._pending = ""
+        pending, self._pending = self._pending, ""
+        if pending:
+            if self.inside:
+                self._add(out, TOOL_CALL, pending)
+            elif self._blocks and not pending.strip():  # the space after the last call
+                out.append((TOOL_CALL, pending))
+                if self.finished:
+                    self.finished[-1] += pending
+            else:
+                self._add(out, CONTENT, pending)
         if self.inside and self._block:
             self.finished.append("".join(self._block))
+            self._blocks += 1
             self._block = []
         return out
 
@@ -485,10 +526,15 @@ def forced_grammar(
         schema = converter.resolve_refs(schema, f"tool{index}")
         arguments = converter.visit(schema, f"tool{index}-args")  # type: ignore[no-untyped-call]
         name = function["name"]
-        if fmt.name == "deepseek":
+        if fmt.name == "deepseek" and fmt.fenced:
             call = (
                 f"{_literal(DEEPSEEK_CALL_BEGIN + 'function' + DEEPSEEK_SEP + name)} "
                 f'"\\n```json\\n" {arguments} "\\n```" {_literal(DEEPSEEK_CALL_END)}'
+            )
+        elif fmt.name == "deepseek":
+            call = (
+                f"{_literal(DEEPSEEK_CALL_BEGIN + name + DEEPSEEK_SEP)} "
+                f"{arguments} {_literal(DEEPSEEK_CALL_END)}"
             )
         else:
             key = "parameters" if fmt.name == "llama3" else "arguments"
