@@ -960,3 +960,32 @@ def test_invalid_embedding_request_names_the_field(request_body: Any, field: str
     with pytest.raises(InvalidRequest) as exc_info:
         validate_request(request_body)
     assert exc_info.value.field == field
+
+
+def test_tool_call_frames_decode_and_malformed_ones_fail_the_stream() -> None:
+    from paddler.client.events import ToolCalls, ToolCallText, decode_event
+    from paddler.protocol.tool_calls import ToolCallOutcome
+
+    call = {"id": "call_1", "name": "f", "arguments": {"x": 1}}
+    body = {"outcome": "parsed", "calls": [call], "errors": [], "text": "<tool_call>"}
+    event = decode_event(Kind.TOOL_CALLS, pack_body(body))
+    assert isinstance(event, ToolCalls) and event.outcome.to_body() == body
+    assert event.outcome.native() == {"ToolCallParsed": [call]}
+    assert decode_event(Kind.TOOL_CALL, pack_body(["<tool"])) == ToolCallText(["<tool"])
+    failed = ToolCallOutcome("validation_failed", errors=["bad"], text="t")
+    assert failed.native() == {"ToolCallValidationFailed": ["bad"]}
+    assert ToolCallOutcome("parse_failed", errors=["a", "b"]).native() == {
+        "ToolCallParseFailed": "a; b"
+    }
+    assert ToolCallOutcome("unrecognized_format", errors=["e"], text="t").native() == {
+        "UnrecognizedToolCallFormat": {"text": "t", "error": "e"}
+    }
+    for bad in (
+        [],
+        {**body, "outcome": "maybe"},
+        {**body, "calls": [{"id": 1, "name": "f", "arguments": {}}]},
+        {**body, "calls": [{"id": "c", "name": "f", "arguments": "{}"}]},
+        {**body, "errors": [3]},
+    ):
+        failure = decode_event(Kind.TOOL_CALLS, pack_body(bad))
+        assert failure.code == 502 and failure.kind == "ProtocolError", bad  # type: ignore[union-attr]

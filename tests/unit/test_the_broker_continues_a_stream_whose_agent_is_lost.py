@@ -209,3 +209,23 @@ def test_three_frames_are_only_for_tokens() -> None:
     frames = [*encode(Kind.HEARTBEAT, 0, {}), b"\x00\x00\x00\x00"]
     broker.on_agent_message(b"a", frames, 0.1)
     assert broker.metrics.dropped_frames == 1
+
+
+def test_tool_call_text_counts_for_continuation_and_parsed_calls_are_forwarded() -> None:
+    broker = _broker()
+    _register(broker, b"a")
+    agent, request_id = _streaming(broker, [[11]])
+    text = [
+        make_header(Kind.TOOL_CALL, request_id),
+        pack_body(["<tool_call>"]),
+        pack_token_ids([21, 22]),
+    ]
+    broker.on_agent_message(agent, text, 0.2)
+    outcome = {"outcome": "parsed", "calls": [], "errors": [], "text": "<tool_call>"}
+    broker.on_agent_message(agent, encode(Kind.TOOL_CALLS, request_id, outcome), 0.3)
+    forwarded = [(s[2], s[4]) for s in _sent(broker) if s[0] is Target.CLIENTS]
+    assert forwarded == [(Kind.TOOL_CALL, ["<tool_call>"]), (Kind.TOOL_CALLS, outcome)]
+    _register(broker, b"b")
+    broker.remove_agent(agent, 1.0, reason="stopped answering")
+    _, _, body = _dispatch_of(_sent(broker))
+    assert unpack_token_ids(body[CONTINUATION]["token_ids"]) == [11, 21, 22]
