@@ -156,3 +156,22 @@ def test_a_block_that_is_not_a_call_stays_content_with_its_reason(app, fake) -> 
         e["choices"][0]["delta"].get("content") or "" for e in _events(text) if e["choices"]
     )
     assert content == "Hm. " + BLOCK
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
+        ("/v1/chat/completions", {"function_call": "auto"}, "function_call"),
+        ("/v1/chat/completions", {"audio": {"voice": "alloy"}}, "audio"),
+        ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
+        ("/v1/chat/completions", {"prediction": {"type": "content"}}, "prediction"),
+        ("/v1/chat/completions", {"web_search_options": {}}, "web_search_options"),
+        ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix"),
+    ],
+)
+def test_openai_fields_this_server_does_not_honour_are_refused(app, fake, path, body, param):
+    result = app.simulate_post(path, json={**({} if "prompt" in body else CHAT), **body})
+    assert result.status_code == 400, result.text
+    assert result.json["error"]["param"] == param
+    assert fake.submitted == []

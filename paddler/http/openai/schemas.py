@@ -273,6 +273,26 @@ def choice_map(choice: str | NamedToolChoice) -> str | dict[str, Any]:
     return choice if isinstance(choice, str) else choice.model_dump()
 
 
+def _refuse(message: str) -> AfterValidator:
+    def refuse(value: Any) -> None:
+        if value is not None:
+            raise PydanticCustomError("refused", message)
+
+    return AfterValidator(refuse)
+
+
+RefusedTools = Annotated[Any, _refuse("is the deprecated form of tools: send tools")]
+RefusedToolChoice = Annotated[
+    Any, _refuse("is the deprecated form of tool_choice: send tool_choice")
+]
+RefusedAudio = Annotated[Any, _refuse("is not supported: this server writes text only")]
+RefusedPrediction = Annotated[Any, _refuse("(predicted outputs) is not supported")]
+RefusedSearch = Annotated[Any, _refuse("is not supported: this server has no web search")]
+RefusedSuffix = Annotated[Any, _refuse("(text after the insertion point) is not supported")]
+"""Fields OpenAI has that this server does not honour: only ``null`` (or absent)
+passes, anything else is a 400 that names the field."""
+
+
 # ------------------------------------------------------------------------ bodies
 
 
@@ -357,6 +377,18 @@ class ChatCompletionBody(SamplingBody):
     budget here: the model reasons as long as it does)."""
     logprobs: Flag | None = None
     top_logprobs: TopLogprobs | None = None
+    functions: RefusedTools = None
+    function_call: RefusedToolChoice = None
+    audio: RefusedAudio = None
+    modalities: (
+        Annotated[
+            list[Literal["text"]],
+            Says("may only be ['text']: this server writes text", whole=True),
+        ]
+        | None
+    ) = None
+    prediction: RefusedPrediction = None
+    web_search_options: RefusedSearch = None
 
     @validates("top_logprobs")
     @classmethod
@@ -408,6 +440,7 @@ class CompletionBody(SamplingBody):
         Says(PROMPT_MESSAGE, whole=True),
     ]
     best_of: OnlyOne | None = None
+    suffix: RefusedSuffix = None
     echo: Flag | None = None
     logprobs: Annotated[int, Field(ge=0, le=5), Says("must be an integer from 0 to 5")] | None = (
         None
