@@ -150,6 +150,40 @@ async def collect_answer(events: AsyncIterator[Event]) -> Answer:
     return answer
 
 
+async def _lead(events: AsyncGenerator[Event, None]) -> list[Event] | None:
+    """The events up to the first that decides the status (not ``Dispatched``);
+    ``None`` if the client went away first."""
+    lead: list[Event] = []
+    async for event in events:
+        lead.append(event)
+        if not isinstance(event, Dispatched):
+            return lead
+    return None
+
+
+async def open_generation(
+    deps: HttpDeps, req: falcon.asgi.Request, request: dict[str, Any]
+) -> tuple[list[Event], AsyncGenerator[Event, None]] | None:
+    """Submits ``request`` and waits for the event that decides the HTTP status: the
+    events read so far (the deciding one last) and the stream of the rest, which the
+    caller closes. ``None`` when the client went away first; ``failure`` raised when
+    the deciding event is an error (a full buffer, a timeout, a refusal)."""
+    stream = await broker_call(deps, lambda client: client.submit(request))
+    events = guarded(deps, req, stream)
+    try:
+        lead = await _lead(events)
+    except BaseException:
+        await events.aclose()
+        raise
+    if lead is None:
+        await events.aclose()
+        return None
+    if isinstance(lead[-1], Failed):
+        await events.aclose()
+        raise failure(lead[-1])
+    return lead, events
+
+
 def head(ident: str, object_name: str, options: Options) -> dict[str, Any]:
     """The fields every completion and chunk starts with."""
     return {"id": ident, "object": object_name, "created": options.created, "model": options.model}
@@ -196,20 +230,11 @@ class Generation:
         request, options = self.parse(await read_json(req, self.deps.max_body_bytes))
         if options.model is None:
             options.model = await served_model_id(self.deps)
-        stream = await broker_call(self.deps, lambda client: client.submit(request))
-        events = guarded(self.deps, req, stream)
-        try:
-            lead = await self._lead(events)
-        except BaseException:
-            await events.aclose()
-            raise
-        if lead is None:  # the client went away while its request waited
-            await events.aclose()
+        opened = await open_generation(self.deps, req, request)
+        if opened is None:  # the client went away while its request waited
             resp.status = 499
             return
-        if isinstance(lead[-1], Failed):
-            await events.aclose()
-            raise failure(lead[-1])
+        lead, events = opened
         ident = f"{self.id_prefix}{uuid.uuid4().hex}"
         if options.stream:
             sse.set_headers(resp)
@@ -234,17 +259,6 @@ class Generation:
                 "usage": usage_body(answer.usage),
             }
         )
-
-    @staticmethod
-    async def _lead(events: AsyncGenerator[Event, None]) -> list[Event] | None:
-        """The events up to the first that decides the status (not ``Dispatched``);
-        ``None`` if the client went away first."""
-        lead: list[Event] = []
-        async for event in events:
-            lead.append(event)
-            if not isinstance(event, Dispatched):
-                return lead
-        return None
 
     async def _chunks(
         self,
