@@ -18,6 +18,10 @@ otherwise with the ``paddler.bearer.`` value itself, since a browser fails a
 handshake whose answer is not one of its offers. (A subprotocol cannot hold ``/`` or
 ``=``: keys meant for browsers should not either.)
 
+Anthropic's ``/v1/messages`` also takes its key as ``x-api-key: <key>``, the header
+Anthropic's SDKs send (a resource names such a header in ``API_KEY_HEADER``); a
+request that presents both is served when either is right.
+
 Open without a key: ``/health``, ``/openapi.json`` (resources with
 ``OPEN_WITHOUT_API_KEY = True``) and every ``OPTIONS`` request (CORS preflights
 carry no credentials).
@@ -45,6 +49,9 @@ BEARER_SUBPROTOCOL_PREFIX = "paddler.bearer."
 """A WebSocket subprotocol offer ``paddler.bearer.<key>`` carries a key."""
 OPEN_WITHOUT_API_KEY = "OPEN_WITHOUT_API_KEY"
 """A resource with this attribute true is served without a key."""
+KEY_HEADER = "API_KEY_HEADER"
+"""A resource with this attribute (a header name, e.g. ``x-api-key`` for Anthropic's
+API) also takes its key in that header, besides ``Authorization: Bearer``."""
 REQUIRED_IN_CONTEXT = "api_keys_required"
 """Set true in ``req.context`` when the service requires keys (for its OpenAPI document)."""
 UNAUTHORIZED_CLOSE_CODE = 3401
@@ -152,6 +159,17 @@ def bearer_key(req: falcon.asgi.Request) -> str | None:
     return key.strip() or None
 
 
+def header_key(req: falcon.asgi.Request, resource: Any) -> str | None:
+    """The key in the header the resource also takes it in (``KEY_HEADER``), if any."""
+    name = getattr(resource, KEY_HEADER, None)
+    if not isinstance(name, str):
+        return None
+    value = req.get_header(name)
+    if value is None:
+        return None
+    return value.strip() or None
+
+
 def subprotocol_keys(offered: Iterable[str]) -> list[str]:
     """The keys of ``paddler.bearer.<key>`` WebSocket subprotocol offers."""
     return [
@@ -194,9 +212,12 @@ class ApiKeyCheck:
     ) -> None:
         if _open(req, resource):
             return
-        key = bearer_key(req)
-        if not self.keys.accepts(key):
-            raise Unauthorized(presented=key is not None)
+        candidates: list[str | None] = [
+            key for key in (bearer_key(req), header_key(req, resource)) if key
+        ]
+        verdicts = [self.keys.accepts(key) for key in candidates or [None]]  # no early exit
+        if not any(verdicts):
+            raise Unauthorized(presented=bool(candidates))
 
     async def process_request_ws(self, req: falcon.asgi.Request, ws: falcon.asgi.WebSocket) -> None:
         setattr(req.context, REQUIRED_IN_CONTEXT, True)

@@ -9,7 +9,10 @@ serves its own document at ``GET /openapi.json``.
 
 With API keys on, the document declares a bearer ``securitySchemes`` entry, and
 ``security`` with a 401 answer on every operation that needs a key (all but
-``/health`` and ``/openapi.json``, which stay open so a client can discover the API).
+``/health`` and ``/openapi.json``, which stay open so a client can discover the API);
+a route that also takes its key in a header (``x-api-key`` on ``/v1/messages``)
+declares that header's ``apiKey`` scheme as the other choice. An operation whose
+errors are in another envelope than its service's says so (``Operation.error``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from paddler import __version__
-from paddler.http.api_keys import OPEN_WITHOUT_API_KEY, REQUIRED_IN_CONTEXT
+from paddler.http.api_keys import KEY_HEADER, OPEN_WITHOUT_API_KEY, REQUIRED_IN_CONTEXT
 
 OPENAPI_VERSION = "3.1.0"
 METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
@@ -59,6 +62,8 @@ class Operation:
     body: type[BaseModel] | None = None
     replies: dict[int, Reply] = field(default_factory=dict)
     description: str | None = None
+    error: Reply | None = None
+    """The body of its 4xx/5xx answers, where it is not the service's."""
 
 
 JSON = "application/json"
@@ -108,18 +113,22 @@ def document(
     """The OpenAPI document of ``app``; ``error`` is the body of its 4xx/5xx answers;
     ``secured``: the service requires API keys."""
     shapes: list[type[BaseModel]] = []
-    plan: list[tuple[str, list[str], str, Operation, bool]] = []
+    plan: list[tuple[str, list[str], str, Operation, bool, str | None]] = []
+    key_headers: list[str] = []
     for template, resource in routes(app):
         path, names = openapi_path(template)
+        key_header = getattr(resource, KEY_HEADER, None) if secured else None
+        if key_header is not None:
+            key_headers.append(key_header)
         for method in served_methods(resource):
             operation = _operation_of(resource, method)
             needs_key = secured and not getattr(resource, OPEN_WITHOUT_API_KEY, False)
-            plan.append((path, names, method, operation, needs_key))
+            plan.append((path, names, method, operation, needs_key, key_header))
             if operation.body is not None:
                 shapes.append(operation.body)
             shapes.extend(
                 r.shape
-                for r in operation.replies.values()
+                for r in [*operation.replies.values(), operation.error or error]
                 if isinstance(r.shape, type) and issubclass(r.shape, BaseModel)
             )
     if isinstance(error.shape, type):
@@ -136,7 +145,9 @@ def document(
         return {media_type: {"schema": shape if shape is not None else {}}}
 
     paths: dict[str, dict[str, Any]] = {}
-    for path, names, method, operation, needs_key in sorted(plan, key=lambda p: (p[0], p[2])):
+    for path, names, method, operation, needs_key, key_header in sorted(
+        plan, key=lambda p: (p[0], p[2])
+    ):
         entry: dict[str, Any] = {
             "summary": operation.summary,
             "operationId": _operation_id(method, path),
@@ -156,11 +167,14 @@ def document(
             if reply.media_type is not None:
                 answer["content"] = content(reply.media_type, reply.shape)
             entry["responses"][str(status)] = answer
-        failure: dict[str, Any] = {"description": error.description}
-        if error.media_type is not None:
-            failure["content"] = content(error.media_type, error.shape)
+        own_error = operation.error or error
+        failure: dict[str, Any] = {"description": own_error.description}
+        if own_error.media_type is not None:
+            failure["content"] = content(own_error.media_type, own_error.shape)
         if needs_key:
             entry["security"] = [{SECURITY_SCHEME: []}]
+            if key_header is not None:
+                entry["security"].append({key_header: []})
             entry["responses"].setdefault(
                 "401", {**failure, "description": "No API key, or a wrong one"}
             )
@@ -169,6 +183,13 @@ def document(
     components: dict[str, Any] = {"schemas": definitions.get("$defs", {})}
     if secured:
         components["securitySchemes"] = {SECURITY_SCHEME: BEARER_SCHEME}
+        for name in key_headers:
+            components["securitySchemes"][name] = {
+                "type": "apiKey",
+                "in": "header",
+                "name": name,
+                "description": f"An API key of this service in the header {name}: <key>",
+            }
     return {
         "openapi": OPENAPI_VERSION,
         "info": {"title": title, "version": __version__, "description": description},

@@ -43,6 +43,15 @@ class FakeStream:
         self.cancelled = True
 
 
+class SilentStream(FakeStream):
+    """Its events, then a broker that stops answering (``BrokerUnreachable``)."""
+
+    async def __anext__(self) -> Any:
+        if self.events:
+            return self.events.pop(0)
+        raise BrokerUnreachable("silent")
+
+
 class FakeClient:
     """Scripted like the broker: ``submit`` returns the next script's events."""
 

@@ -16,6 +16,7 @@ from typing import Any
 import falcon.asgi
 
 from paddler.http.common import HttpDeps, make_app
+from paddler.http.openai.anthropic import add_messages_api
 from paddler.http.openai.chat import ChatCompletions
 from paddler.http.openai.completions import Completions
 from paddler.http.openai.embeddings import Embeddings
@@ -33,6 +34,7 @@ def create_app(deps: HttpDeps) -> falcon.asgi.App[Any, Any]:
     app.add_route("/v1/embeddings", Embeddings(deps))
     app.add_route("/v1/models", Models(deps, created))
     app.add_route("/v1/models/{model:path}", Model(deps, created))
+    add_messages_api(app, deps)  # Anthropic's Messages API
     app.add_route("/openapi.json", OpenApiDocument(app, "paddler OpenAI-compatible", ERROR_REPLY))
     return app
 

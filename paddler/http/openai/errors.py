@@ -114,10 +114,21 @@ def failure(event: Failed) -> OpenAIError:
     )
 
 
-def _write_error(resp: falcon.asgi.Response, error: OpenAIError) -> None:
+ENVELOPE = "error_envelope"
+"""A ``req.context`` attribute: for a route whose API has an error envelope of its
+own (Anthropic's on ``/v1/messages``), the function that gives an error's body in
+it, ``envelope(req, error)``; OpenAI's envelope when it is not set."""
+
+
+def _error_text(req: Any, error: OpenAIError) -> str:
+    envelope = getattr(req.context, ENVELOPE, None)
+    return dumps(error.body() if envelope is None else envelope(req, error))
+
+
+def _write_error(req: Any, resp: falcon.asgi.Response, error: OpenAIError) -> None:
     resp.status = error.status
     resp.content_type = falcon.MEDIA_JSON
-    resp.text = dumps(error.body())
+    resp.text = _error_text(req, error)
     if error.retry_after is not None:
         resp.set_header("Retry-After", error.retry_after)
     if error.challenge is not None:
@@ -132,18 +143,18 @@ def add_openai_error_handlers(app: falcon.asgi.App[Any, Any]) -> None:
     """OpenAI's envelope for every error, replacing Paddler's ``{"error", "field"}``."""
 
     async def openai_error(req: Any, resp: Any, ex: OpenAIError, params: Any) -> None:
-        _write_error(resp, ex)
+        _write_error(req, resp, ex)
 
     async def invalid_request(req: Any, resp: Any, ex: InvalidRequest, params: Any) -> None:
-        _write_error(resp, OpenAIError(400, str(ex), param=_param_of(ex.field)))
+        _write_error(req, resp, OpenAIError(400, str(ex), param=_param_of(ex.field)))
 
     async def invalid_configuration(
         req: Any, resp: Any, ex: ConfigurationError, params: Any
     ) -> None:
-        _write_error(resp, OpenAIError(400, str(ex), param=_param_of(ex.field)))
+        _write_error(req, resp, OpenAIError(400, str(ex), param=_param_of(ex.field)))
 
     async def too_large(req: Any, resp: Any, ex: BodyTooLarge, params: Any) -> None:
-        _write_error(resp, OpenAIError(413, str(ex), code="request_too_large"))
+        _write_error(req, resp, OpenAIError(413, str(ex), code="request_too_large"))
 
     async def unreachable(req: Any, resp: Any, ex: BrokerUnreachable, params: Any) -> None:
         error = OpenAIError(
@@ -152,10 +163,10 @@ def add_openai_error_handlers(app: falcon.asgi.App[Any, Any]) -> None:
             code="balancer_unreachable",
             retry_after=RETRY_AFTER_S,
         )
-        _write_error(resp, error)
+        _write_error(req, resp, error)
 
     async def request_failed(req: Any, resp: Any, ex: RequestFailed, params: Any) -> None:
-        _write_error(resp, failure(Failed(ex.code, ex.kind, ex.description)))
+        _write_error(req, resp, failure(Failed(ex.code, ex.kind, ex.description)))
 
     async def missing_or_wrong_key(
         req: Any, resp: Any, ex: Unauthorized, params: Any, ws: Any = None
@@ -163,7 +174,7 @@ def add_openai_error_handlers(app: falcon.asgi.App[Any, Any]) -> None:
         if ws is not None:
             await ws.close(UNAUTHORIZED_CLOSE_CODE)
             return
-        _write_error(resp, unauthorized(ex))
+        _write_error(req, resp, unauthorized(ex))
 
     def serialize(req: Any, resp: Any, ex: falcon.HTTPError) -> None:
         message = ex.title if not ex.description else f"{ex.title}: {ex.description}"
@@ -173,7 +184,7 @@ def add_openai_error_handlers(app: falcon.asgi.App[Any, Any]) -> None:
             message = f"{req.method} is not allowed on {req.path}"
         error = OpenAIError(ex.status_code, message, code=snake_case(type(ex).__name__[4:]))
         resp.content_type = falcon.MEDIA_JSON
-        resp.text = dumps(error.body())
+        resp.text = _error_text(req, error)
 
     app.add_error_handler(OpenAIError, openai_error)
     app.add_error_handler(InvalidRequest, invalid_request)
