@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -286,3 +286,36 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def real_model_cluster(
+    log_dir: Path, model: Path, slots: int = 2, state: dict[str, Any] | None = None, **options: Any
+) -> Iterator[LocalCluster]:
+    """A balancer (``options``) and one real agent with ``slots``, serving ``model``
+    with the rest of the desired state (``state``: inference parameters, a chat
+    template override...), ready when this yields; stopped after. If it fails, the
+    end of every process log is printed (pytest shows it with the failure)."""
+    cluster = LocalCluster(log_dir, **options)
+    try:
+        cluster.start_balancer()
+        cluster.wait_for_http()
+        cluster.start_real_agent("llama", slots=slots)
+        client = cluster.client()
+        client.put_desired_state({"model": {"LocalToAgent": str(model)}, **(state or {})})
+        wait_until(
+            lambda: (
+                len(agents := client.agents()) == 1
+                and agents[0]["ready"]
+                and agents[0]["model_path"] == str(model)
+            ),
+            timeout_s=30,
+            what="the agent ready with the model",
+        )
+        yield cluster
+    except BaseException:
+        for path in sorted(cluster.log_dir.glob("*.log")):
+            print(f"----- {path.name}\n{path.read_text(errors='replace')[-4000:]}")
+        raise
+    finally:
+        cluster.close()

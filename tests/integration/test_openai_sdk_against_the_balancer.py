@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from paddler.client import Dispatched
-from paddler.testing.cluster import LocalCluster, free_port, wait_until
+from paddler.testing.cluster import LocalCluster, free_port, real_model_cluster, wait_until
 from paddler.testing.tiny_model import write_tiny_llama
 
 N_EMBD = 64
@@ -44,38 +44,14 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def llama(tmp_path_factory: pytest.TempPathFactory, model: Path) -> Iterator[LocalCluster]:
     """A balancer serving the OpenAI API and one real agent with the tiny model
     (shared by the tests of this module that only read from it)."""
-    cluster = LocalCluster(tmp_path_factory.mktemp("openai-cluster"), **_addresses())
-    try:
-        cluster.start_balancer()
-        cluster.wait_for_http()
-        cluster.start_real_agent("llama", slots=2)
-        client = cluster.client()
-        client.put_desired_state(
-            {
-                "model": {"LocalToAgent": str(model)},
-                "inference_parameters": {
-                    "context_size": 1024,
-                    "temperature": 0.0,
-                    "enable_embeddings": True,
-                },
-            }
-        )
-        wait_until(
-            lambda: (
-                len(agents := client.agents()) == 1
-                and agents[0]["ready"]
-                and agents[0]["model_path"] == str(model)
-            ),
-            timeout_s=30,
-            what="the agent ready with the tiny model",
-        )
+    parameters = {"context_size": 1024, "temperature": 0.0, "enable_embeddings": True}
+    with real_model_cluster(
+        tmp_path_factory.mktemp("openai-cluster"),
+        model,
+        state={"inference_parameters": parameters},
+        **_addresses(),
+    ) as cluster:
         yield cluster
-    except BaseException:
-        for path in sorted(cluster.log_dir.glob("*.log")):
-            print(f"----- {path.name}\n{path.read_text(errors='replace')[-4000:]}")
-        raise
-    finally:
-        cluster.close()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from paddler.testing.cluster import LocalCluster, free_port, wait_until
+from paddler.testing.cluster import LocalCluster, free_port, real_model_cluster
 from paddler.testing.tiny_model import write_tiny_llama
 
 TEMPLATE = """
@@ -72,37 +72,20 @@ NAMED: Any = {"type": "function", "function": {"name": "get_weather"}}
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     model = write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny.gguf")
-    cluster = LocalCluster(
+    state = {
+        "inference_parameters": {"context_size": 2048, "temperature": 0.0},
+        "chat_template_override": {"content": TEMPLATE},
+        "use_chat_template_override": True,
+    }
+    with real_model_cluster(
         tmp_path_factory.mktemp("tools-cluster"),
+        model,
+        state=state,
         compat_openai_addr=f"127.0.0.1:{free_port()}",
         inference_addr=f"127.0.0.1:{free_port()}",
         management_addr=f"127.0.0.1:{free_port()}",
-    )
-    try:
-        cluster.start_balancer()
-        cluster.wait_for_http()
-        cluster.start_real_agent("llama", slots=2)
-        client = cluster.client()
-        client.put_desired_state(
-            {
-                "model": {"LocalToAgent": str(model)},
-                "inference_parameters": {"context_size": 2048, "temperature": 0.0},
-                "chat_template_override": {"content": TEMPLATE},
-                "use_chat_template_override": True,
-            }
-        )
-        wait_until(
-            lambda: (agents := client.agents()) != [] and agents[0]["ready"],
-            timeout_s=30,
-            what="the agent ready with the tiny model",
-        )
+    ) as cluster:
         yield cluster
-    except BaseException:
-        for path in sorted(cluster.log_dir.glob("*.log")):
-            print(f"----- {path.name}\n{path.read_text(errors='replace')[-4000:]}")
-        raise
-    finally:
-        cluster.close()
 
 
 def _sdk(cluster: LocalCluster) -> openai.OpenAI:
