@@ -61,7 +61,14 @@ class AgentService:
         self.worker = EngineWorker(engine, self.context, self._endpoint)
         self.dealer: zmq.Socket[bytes] | None = None
         self.status: AgentStatus = engine.status()
-        self.active: set[int] = set()
+        self.active: dict[int, int] = {}
+        """The requests of this session in flight: the engine's id of each (the
+        engine's ids are the agent's own: a balancer that restarted numbers its
+        requests from 1 again, while the engine may still be ending an abandoned
+        request of the last session with the same number)."""
+        self._broker_ids: dict[int, int] = {}
+        """The other way round: the broker's id of each engine id in flight."""
+        self._next_engine_id = 1
         self.held: dict[int, bytes] = {}
         """What each slot's kept KV cells hold (packed fingerprints), as last reported."""
         self.registered = False
@@ -105,9 +112,10 @@ class AgentService:
 
     def _register(self, now: float) -> None:
         """(Re)connect and register; requests of an earlier session are abandoned."""
-        for request_id in self.active:
-            self.pipe.send_multipart(encode(Kind.CANCEL, request_id, {}))
+        for engine_id in self.active.values():
+            self.pipe.send_multipart(encode(Kind.CANCEL, engine_id, {}))
         self.active.clear()
+        self._broker_ids.clear()
         self._connect()
         self.registered = False
         self._last_register = now
@@ -147,11 +155,17 @@ class AgentService:
                     # only a slot-unaware dispatch policy (round robin) does this: the
                     # engine queues the request until a slot frees
                     log.info("queued a dispatch beyond the free slots (request %d)", request_id)
-                self.active.add(request_id)
-                self.pipe.send_multipart(frames)
-            elif kind == Kind.CANCEL:
                 if request_id in self.active:
-                    self.pipe.send_multipart(frames)
+                    raise ProtocolError(f"request {request_id} was dispatched already")
+                engine_id = self._next_engine_id
+                self._next_engine_id += 1
+                self.active[request_id] = engine_id
+                self._broker_ids[engine_id] = request_id
+                self.pipe.send_multipart([HEADER.pack(kind, engine_id), frames[1]])
+            elif kind == Kind.CANCEL:
+                cancelled = self.active.get(request_id)
+                if cancelled is not None:
+                    self.pipe.send_multipart([HEADER.pack(kind, cancelled), frames[1]])
             elif kind == Kind.HEARTBEAT:
                 pass
             elif kind == Kind.AGENT_QUERY:
@@ -195,10 +209,13 @@ class AgentService:
                 self.held[slot] = packed
             self._send(frames)
             return
-        if request_id not in self.active:
+        broker_id = self._broker_ids.get(request_id)
+        if broker_id is None:
             return  # a request abandoned at re-registration
         if kind in _TERMINAL:
-            self.active.discard(request_id)
+            del self._broker_ids[request_id]
+            del self.active[broker_id]
+        frames[0] = HEADER.pack(kind, broker_id)
         self._send(frames)
 
     # -------------------------------------------------------------------- loop
@@ -265,8 +282,8 @@ class AgentService:
                         break
                     if now >= self._drain_deadline and not cancelled_all:
                         cancelled_all = True
-                        for request_id in list(self.active):
-                            self.pipe.send_multipart(encode(Kind.CANCEL, request_id, {}))
+                        for engine_id in list(self.active.values()):
+                            self.pipe.send_multipart(encode(Kind.CANCEL, engine_id, {}))
                     if now >= self._drain_deadline + 2.0:
                         break
                 if now - self._last_sent >= self.heartbeat_s:
