@@ -37,6 +37,8 @@ class ReasoningSplitter:
         self._trim = inside
 
     def _segment(self, out: list[tuple[bool, str]], text: str) -> None:
+        if not text:
+            return
         if self._trim:
             text = text.lstrip()
             if not text:

@@ -220,6 +220,17 @@ class GenerationParameters(Shape):
     grammar: Grammar | None = None
     add_generation_prompt: Flag = True
     enable_thinking: Flag = False
+    reasoning_budget: (
+        Annotated[
+            int,
+            Field(ge=0, le=MAX_TOKENS_LIMIT),
+            Says(f"must be null or an integer from 0 to {MAX_TOKENS_LIMIT}"),
+        ]
+        | None
+    ) = None
+    """With thinking on: at most this many reasoning tokens; then the agent closes
+    the reasoning block itself (writes the template's closing marker) and the model
+    answers. ``None``: no limit but ``max_tokens``."""
     tools: Tools = Field(default_factory=list)
     """Function tools shown to the model through its chat template."""
     tool_choice: ToolChoice = "auto"

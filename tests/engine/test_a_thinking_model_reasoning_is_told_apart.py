@@ -92,3 +92,26 @@ def test_a_reasoning_stream_continued_elsewhere_splits_the_same(make_engine, tin
         continued = dict(sink.ends()[5][1])
         continued.pop("cached_prompt_tokens", None)
         assert continued == usage, f"cut {cut}"
+
+
+def test_a_reasoning_budget_closes_the_block_and_the_model_answers(make_engine, tiny_model) -> None:
+    engine = _engine(make_engine, tiny_model)
+    plain = {"conversation_history": [{"role": "user", "content": "Why?"}], "max_tokens": 40}
+    sink = run(
+        engine,
+        {
+            1: {**plain, "enable_thinking": True, "reasoning_budget": 5},
+            2: {**plain, "enable_thinking": True, "reasoning_budget": 0},
+            3: {**plain, "enable_thinking": True},
+        },
+    )
+    for request_id, budget in ((1, 5), (2, 0)):
+        reasoning, answer = _texts(sink, request_id)
+        kind, usage = sink.ends()[request_id]
+        assert kind == "done"
+        assert usage.get("reasoning_tokens", 0) == budget
+        assert "</think>" not in reasoning + answer
+        assert usage["content_tokens"] > 0 and answer
+    # no budget: the random model never closes the block itself
+    _, usage = sink.ends()[3]
+    assert usage["reasoning_tokens"] == 40

@@ -190,6 +190,9 @@ def test_sampling_fields_thinking_and_output_format_reach_the_broker(app, fake) 
     assert _submitted(app, fake, thinking={"type": "adaptive"})["enable_thinking"] is True
     enabled = {"type": "enabled", "budget_tokens": 64}  # max_tokens keeps it
     assert _submitted(app, fake, thinking=enabled)["enable_thinking"] is True
+    assert _submitted(app, fake, thinking=enabled)["reasoning_budget"] is None
+    budget = _submitted(app, fake, thinking={"type": "enabled", "budget_tokens": 16})
+    assert (budget["enable_thinking"], budget["reasoning_budget"]) == (True, 16)
     assert _submitted(app, fake, thinking={"type": "disabled"})["enable_thinking"] is False
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     formatted = _submitted(
@@ -276,7 +279,6 @@ def test_tool_choice_none_hides_the_tools(app, fake) -> None:
             },
             "tool_choice",
         ),
-        ({"thinking": {"type": "enabled", "budget_tokens": 16}}, "thinking.budget_tokens"),
         ({"thinking": {"type": "enabled"}}, "thinking.budget_tokens"),
         ({"output_config": {"effort": "high"}}, "output_config.effort"),
         ({"metadata": {"user_id": "u", "tier": 1}}, "metadata.tier"),

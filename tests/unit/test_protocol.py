@@ -560,6 +560,7 @@ DEFAULTS = {
     "grammar": None,
     "add_generation_prompt": True,
     "enable_thinking": False,
+    "reasoning_budget": None,
     "tools": [],
     "tool_choice": "auto",
     "parallel_tool_calls": True,
@@ -602,6 +603,7 @@ def test_every_field_at_its_bounds() -> None:
             "grammar": {"type": "gbnf", "grammar": 'root ::= "a"'},
             "add_generation_prompt": False,
             "enable_thinking": True,
+            "reasoning_budget": 0,
             "tools": [
                 {"type": "function", "function": {"name": f"t{i}", "parameters": {}}}
                 for i in range(128)

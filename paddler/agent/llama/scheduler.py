@@ -607,6 +607,27 @@ class LlamaEngine(Engine):
         return segments
 
     @staticmethod
+    def _keep_budget(loaded: LoadedModel, slot: Slot) -> None:
+        """Close a reasoning block that used its request's ``reasoning_budget``: the
+        next tokens are the closing marker (when the grammar, if any, allows them)."""
+        request = slot.request
+        budget = request.get("reasoning_budget") if request is not None else None
+        if budget is None or slot.reasoning_tokens + slot.uncounted < budget:
+            return
+        slot.budget_spent = True
+        splitter = slot.splitter
+        model = loaded.model
+        closing = model.tokenize(splitter.closing + "\n", add_special=False, parse_special=True)
+        if closing and not model.piece(closing[0]).strip():
+            del closing[0]  # a tokenizer's space before a word (SentencePiece's prefix)
+        sampler = slot.sampler
+        if sampler is not None and sampler.grammar is not None:
+            log.info("request %d: no reasoning budget with a grammar", slot.request_id)
+            return
+        slot.forced = closing[::-1]
+        log.debug("request %d: reasoning budget of %d tokens spent", slot.request_id, budget)
+
+    @staticmethod
     def _count(slot: Slot, kind: int) -> None:
         """Count the tokens whose text just went out (held back text goes out later,
         with the text that decides what it is) as ``kind``."""
@@ -732,8 +753,14 @@ class LlamaEngine(Engine):
     def _advance(self, sink: EventSink, loaded: LoadedModel, slot: Slot) -> None:
         """Sample a slot's next token from its logits, send its text, end it if done."""
         assert slot.sampler is not None
+        if slot.splitter is not None and slot.splitter.inside and not slot.budget_spent:
+            self._keep_budget(loaded, slot)
         try:
-            token = slot.sampler.sample(loaded.context, slot.logits_index)
+            if slot.forced:
+                token = slot.forced.pop()
+                slot.sampler.accept(token)
+            else:
+                token = slot.sampler.sample(loaded.context, slot.logits_index)
         except Exception as exc:
             raise _RequestFault("SamplerError", exc) from exc
         model = loaded.model

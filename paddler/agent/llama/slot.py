@@ -89,6 +89,10 @@ class Slot:
     requests with tools, where the splitter must see them)."""
     tool_call_tokens: int = 0
     """Generated tokens that were the text of tool calls."""
+    forced: list[int] = field(default_factory=list)
+    """Tokens to write next instead of sampling (the closing marker of a reasoning
+    block whose budget is spent), in reverse order."""
+    budget_spent: bool = False
     uncounted: int = 0
     """Tokens sampled whose text has not gone out yet (held back): counted as
     content, reasoning or tool call when it does."""
@@ -127,6 +131,8 @@ class Slot:
         self.markers = _NO_MARKERS
         self.tool_call_tokens = 0
         self.uncounted = 0
+        self.forced = []
+        self.budget_spent = False
         self.generated = len(generated) if generated else 0
         self.unsent = []
         self.max_tokens = request["max_tokens"]

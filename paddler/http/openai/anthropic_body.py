@@ -441,8 +441,8 @@ class MessagesBody(Shape):
         request: dict[str, Any] = {
             "conversation_history": history,
             "max_tokens": self.max_tokens,
-            "enable_thinking": self._thinking(),
         }
+        self._thinking(request)
         for name in ("temperature", "top_p", "top_k"):
             value = getattr(self, name)
             if value is not None:
@@ -458,19 +458,13 @@ class MessagesBody(Shape):
             raise invalid_body(*problem)
         return trusted_wire(ConversationRequest, request)
 
-    def _thinking(self) -> bool:
-        """Thinking models think only when asked, as Anthropic's models do. A budget
-        below ``max_tokens`` would need the engine to cut thinking short, which it
-        cannot: refused. (At or above ``max_tokens``, ``max_tokens`` keeps it.)"""
+    def _thinking(self, request: dict[str, Any]) -> None:
+        """Thinking models think only when asked, as Anthropic's models do; a budget
+        is kept by the agent, which closes the reasoning block when it is spent."""
         thinking = self.thinking
+        request["enable_thinking"] = isinstance(thinking, ThinkingEnabled | ThinkingAdaptive)
         if isinstance(thinking, ThinkingEnabled) and thinking.budget_tokens < self.max_tokens:
-            raise invalid_body(
-                "thinking.budget_tokens",
-                f"a thinking budget below max_tokens ({self.max_tokens}) cannot be kept to: "
-                "the engine does not cut thinking short; use {'type': 'adaptive'} or a budget "
-                "of at least max_tokens",
-            )
-        return isinstance(thinking, ThinkingEnabled | ThinkingAdaptive)
+            request["reasoning_budget"] = thinking.budget_tokens
 
     def _tools(self, request: dict[str, Any]) -> None:
         choice = self.tool_choice
