@@ -1,13 +1,17 @@
 """The broker's answers to a client's questions about the cluster: ping, the agents
-list, the buffered count, the desired state (read and write), metrics, and questions
-to one agent about itself (forwarded, answered within a deadline)."""
+list, the buffered count, the desired state (read and write), metrics, questions
+to one agent about itself (forwarded, answered within a deadline), and the responses
+the OpenAI Responses API keeps (put, get, delete)."""
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 from typing import TYPE_CHECKING, Any
 
 from paddler.broker.records import error_frames
-from paddler.errors import ConfigurationError
+from paddler.broker.store import MAX_RESPONSE_ID, ResponseTooLarge
+from paddler.errors import ConfigurationError, ProtocolError
 from paddler.protocol.codec import HEADER, encode, unpack_body
 from paddler.protocol.desired_state import validate_desired_state
 from paddler.protocol.kinds import PROTOCOL_VERSION, Kind
@@ -16,8 +20,13 @@ from paddler.protocol.messages import body_value
 if TYPE_CHECKING:
     from paddler.broker.state import Broker
 
+log = logging.getLogger("paddler.broker")
+
 AGENT_QUERY_TIMEOUT_S = 5.0
 """How long an agent may take to answer a question about itself."""
+
+
+_STORED_RESPONSE_KINDS = (Kind.PUT_RESPONSE, Kind.GET_RESPONSE, Kind.DELETE_RESPONSE)
 
 
 class ClientQueries:
@@ -91,9 +100,44 @@ class ClientQueries:
                 )
             else:
                 self._reply(identity, encode(Kind.ACK, request_id, {}))
+        elif kind in _STORED_RESPONSE_KINDS:
+            self._stored_response(identity, kind, request_id, unpack_body(body))
         else:
             return False
         return True
+
+    def _stored_response(self, identity: bytes, kind: int, request_id: int, body: Any) -> None:
+        """Put, get or delete a stored response (``paddler.broker.store.ResponseStore``):
+        one short statement on the broker's loop. A response too large is a 413, an
+        unknown id a 404, a failing database a 503; none of them stops the broker."""
+        where = Kind(kind).name
+        response_id = body_value(body, "id", (str,), where)
+        if not 0 < len(response_id) <= MAX_RESPONSE_ID:
+            raise ProtocolError(f"{where}: id must be 1 to {MAX_RESPONSE_ID} characters")
+        store = self.broker.responses
+        unknown = error_frames(
+            request_id, 404, "UnknownResponse", f"no stored response {response_id!r}"
+        )
+        try:
+            if kind == Kind.PUT_RESPONSE:
+                store.put(response_id, body_value(body, "body", (bytes,), where))
+                reply = encode(Kind.ACK, request_id, {})
+            elif kind == Kind.GET_RESPONSE:
+                found = store.get(response_id)
+                if found is None:
+                    reply = unknown
+                else:
+                    reply = encode(Kind.STORED_RESPONSE, request_id, {"body": found})
+            else:
+                reply = encode(Kind.ACK, request_id, {}) if store.delete(response_id) else unknown
+        except ResponseTooLarge as exc:
+            reply = error_frames(request_id, 413, "ResponseTooLarge", str(exc))
+        except sqlite3.Error as exc:
+            log.warning("the stored responses' database failed: %s", exc)
+            reply = error_frames(
+                request_id, 503, "ResponseStoreFailed", f"the state database failed: {exc}"
+            )
+        self._reply(identity, reply)
 
     def _ask_agent(self, client: bytes, client_request_id: int, body: Any, now: float) -> None:
         """Ask an agent about itself (model metadata, chat template override)."""

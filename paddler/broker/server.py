@@ -324,3 +324,4 @@ class BrokerServer:
             self.curve.stop()
         self.context.term()
         self.broker.store.close()
+        self.broker.responses.close()

@@ -55,7 +55,33 @@ class BrokerSettings:
     state_database: str = field(
         default="memory://",
         metadata=option(
-            "Where the desired state is kept: memory:// or the path of an SQLite database file."
+            "Where the desired state and the stored responses of the OpenAI Responses API "
+            "are kept: memory:// or the path of an SQLite database file."
+        ),
+    )
+    max_stored_responses: int = field(
+        default=1000,
+        metadata=option(
+            "How many responses of the OpenAI Responses API (store: true) the balancer "
+            "keeps in --state-database, for previous_response_id and GET /v1/responses/{id}; "
+            "the oldest are forgotten first to make room; 0 keeps none.",
+            minimum=0,
+        ),
+    )
+    max_stored_response_bytes: int = field(
+        default=1 << 20,
+        metadata=option(
+            "The largest stored response in bytes, with the conversation it continues; "
+            "a larger one is answered but not kept (its 'store' says false).",
+            minimum=1024,
+        ),
+    )
+    stored_responses_bytes: int = field(
+        default=64 << 20,
+        metadata=option(
+            "Bytes all stored responses may take together; the oldest are forgotten "
+            "first to make room.",
+            minimum=1024,
         ),
     )
     heartbeat_interval: int = field(

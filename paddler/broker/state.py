@@ -24,7 +24,7 @@ from paddler.broker.metrics import BrokerMetrics, LogBudget
 from paddler.broker.queries import ClientQueries
 from paddler.broker.records import AgentInfo, Outgoing, RequestRecord, Target, error_frames
 from paddler.broker.settings import BrokerSettings
-from paddler.broker.store import StateStore
+from paddler.broker.store import ResponseStore, StateStore
 from paddler.curve import fingerprint
 from paddler.errors import InvalidRequest, ProtocolError
 from paddler.protocol.codec import (
@@ -92,6 +92,13 @@ class Broker:
     def __init__(self, settings: BrokerSettings, store: StateStore | None = None) -> None:
         self.settings = settings
         self.store = store if store is not None else StateStore(settings.state_database)
+        self.responses = ResponseStore(
+            settings.state_database,
+            max_count=settings.max_stored_responses,
+            max_bytes=settings.max_stored_response_bytes,
+            max_total_bytes=settings.stored_responses_bytes,
+        )
+        """Responses of the OpenAI Responses API kept with ``store: true``."""
         self.registry = Registry()
         self.buffer = RequestBuffer(settings.max_buffered_requests)
         self.in_flight = InFlight()

@@ -295,6 +295,19 @@ class AsyncClient(CoreDriver):
         """Store and apply a desired state; ``ConfigurationError`` names a bad field."""
         await self._query(queries.put_desired_state(state))
 
+    async def put_response(self, response_id: str, body: bytes) -> None:
+        """Keep a response of the OpenAI Responses API in the balancer's state database;
+        ``RequestFailed`` 413 if it is larger than a stored response may be."""
+        await self._query(queries.put_response(response_id, body))
+
+    async def get_response(self, response_id: str) -> bytes:
+        """A kept response; ``RequestFailed`` 404 if there is none of that id."""
+        return await self._query(queries.get_response(response_id))
+
+    async def delete_response(self, response_id: str) -> None:
+        """Forget a kept response; ``RequestFailed`` 404 if there is none of that id."""
+        await self._query(queries.delete_response(response_id))
+
     @property
     def closed(self) -> bool:
         return self._core.closed

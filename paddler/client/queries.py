@@ -70,3 +70,16 @@ def agent_info(agent_id: str, what: str) -> Query[Any]:
 
 def put_desired_state(state: dict[str, Any]) -> Query[Any]:
     return Query(Kind.PUT_DESIRED_STATE, {"state": state}, Kind.ACK)
+
+
+def put_response(response_id: str, body: bytes) -> Query[Any]:
+    """Keep ``body`` as the stored response ``response_id`` (OpenAI's Responses API)."""
+    return Query(Kind.PUT_RESPONSE, {"id": response_id, "body": body}, Kind.ACK)
+
+
+def get_response(response_id: str) -> Query[bytes]:
+    return Query(Kind.GET_RESPONSE, {"id": response_id}, Kind.STORED_RESPONSE, "body")
+
+
+def delete_response(response_id: str) -> Query[Any]:
+    return Query(Kind.DELETE_RESPONSE, {"id": response_id}, Kind.ACK)

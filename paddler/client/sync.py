@@ -217,6 +217,19 @@ class Client(CoreDriver):
         """Store and apply a desired state; ``ConfigurationError`` names a bad field."""
         self._query(queries.put_desired_state(state))
 
+    def put_response(self, response_id: str, body: bytes) -> None:
+        """Keep a response of the OpenAI Responses API in the balancer's state database;
+        ``RequestFailed`` 413 if it is larger than a stored response may be."""
+        self._query(queries.put_response(response_id, body))
+
+    def get_response(self, response_id: str) -> bytes:
+        """A kept response; ``RequestFailed`` 404 if there is none of that id."""
+        return self._query(queries.get_response(response_id))
+
+    def delete_response(self, response_id: str) -> None:
+        """Forget a kept response; ``RequestFailed`` 404 if there is none of that id."""
+        self._query(queries.delete_response(response_id))
+
     def close(self) -> None:
         if self._core.closed:
             return

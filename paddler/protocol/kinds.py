@@ -55,6 +55,12 @@ class Kind(IntEnum):
     DISPATCHED = 45  # the request left the buffer for an agent
     AGENT_INFO = 46
     METRICS = 47
+    # client -> broker: responses kept for the OpenAI Responses API (paddler.broker.store)
+    PUT_RESPONSE = 50
+    GET_RESPONSE = 51
+    DELETE_RESPONSE = 52
+    # broker -> client
+    STORED_RESPONSE = 53
 
 
 KNOWN_KINDS = frozenset(int(k) for k in Kind)

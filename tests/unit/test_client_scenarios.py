@@ -451,6 +451,39 @@ def test_queries_return_their_answers(api: Api, broker: ScriptedBroker) -> None:
     assert repr(client) == f"<{api.name} {broker.address} open_requests=0>"
 
 
+def test_stored_responses_are_put_got_and_deleted(api: Api, broker: ScriptedBroker) -> None:
+    kept: dict[str, bytes] = {}
+
+    def put(rid: int, body: Any) -> list[list[bytes]]:
+        kept[body["id"]] = body["body"]
+        return [encode(Kind.ACK, rid, {})]
+
+    def get(rid: int, body: Any) -> list[list[bytes]]:
+        if body["id"] not in kept:
+            return [error(rid, 404, "UnknownResponse", "none")]
+        return [encode(Kind.STORED_RESPONSE, rid, {"body": kept[body["id"]]})]
+
+    def delete(rid: int, body: Any) -> list[list[bytes]]:
+        return [
+            encode(Kind.ACK, rid, {})
+            if kept.pop(body["id"], None)
+            else error(rid, 404, "UnknownResponse", "none")
+        ]
+
+    broker.answers.update(
+        {Kind.PUT_RESPONSE: put, Kind.GET_RESPONSE: get, Kind.DELETE_RESPONSE: delete}
+    )
+    client = api.connect(broker.address)
+    assert api.call(client, "put_response", "resp_a", b"\x00{}") is None
+    assert api.call(client, "get_response", "resp_a") == b"\x00{}"
+    assert api.call(client, "delete_response", "resp_a") is None
+    for method in ("get_response", "delete_response"):
+        with pytest.raises(RequestFailed) as unknown:
+            api.call(client, method, "resp_a")
+        assert (unknown.value.code, unknown.value.kind) == (404, "UnknownResponse")
+    assert repr(client) == f"<{api.name} {broker.address} open_requests=0>"
+
+
 def test_query_errors_are_raised_as_ours(api: Api, broker: ScriptedBroker) -> None:
     broker.answers.update(
         {
