@@ -64,6 +64,9 @@ class FakeClient:
         self.put: list[dict[str, Any]] = []
         self.unreachable = False
         self.on_hang: asyncio.Event | None = None
+        self.responses: dict[str, bytes] = {}
+        """Stored responses (OpenAI's Responses API), as the broker keeps them."""
+        self.max_response_bytes = 1 << 20
 
     def _check(self) -> None:
         if self.unreachable:
@@ -113,6 +116,23 @@ class FakeClient:
                         "inter_token_seconds": histogram, "requests": {"done": 2},
                         "tokens_by_agent": {"a1": 10}, "requests_by_agent": {"a1": 2}},
         }  # fmt: skip
+
+    async def put_response(self, response_id: str, body: bytes) -> None:
+        self._check()
+        if len(body) > self.max_response_bytes:
+            raise RequestFailed(413, "ResponseTooLarge", "too large")
+        self.responses[response_id] = body
+
+    async def get_response(self, response_id: str) -> bytes:
+        self._check()
+        if response_id not in self.responses:
+            raise RequestFailed(404, "UnknownResponse", f"no stored response {response_id!r}")
+        return self.responses[response_id]
+
+    async def delete_response(self, response_id: str) -> None:
+        self._check()
+        if self.responses.pop(response_id, None) is None:
+            raise RequestFailed(404, "UnknownResponse", f"no stored response {response_id!r}")
 
 
 class FakeLink:

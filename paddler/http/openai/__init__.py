@@ -5,7 +5,9 @@
 - ``errors``: OpenAI's error envelope and the mapping of paddler's errors to it;
 - ``schemas``: the request bodies as shapes, and their broker requests;
 - ``streaming``: the status-deciding wait, usage and SSE chunks of generations;
-- ``chat``, ``completions``, ``embeddings``, ``models``: one endpoint each.
+- ``chat``, ``completions``, ``embeddings``, ``models``: one endpoint each;
+- ``responses`` (with ``responses_body``): OpenAI's Responses API, its responses
+  kept by the balancer.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from paddler.http.openai.completions import Completions
 from paddler.http.openai.embeddings import Embeddings
 from paddler.http.openai.errors import ERROR_REPLY, OpenAIError, add_openai_error_handlers
 from paddler.http.openai.models import Model, Models, model_id
+from paddler.http.openai.responses import Responses, StoredResponse
 from paddler.http.openapi import OpenApiDocument
 
 
@@ -31,6 +34,8 @@ def create_app(deps: HttpDeps) -> falcon.asgi.App[Any, Any]:
     created = int(time.time())
     app.add_route("/v1/chat/completions", ChatCompletions(deps))
     app.add_route("/v1/completions", Completions(deps))
+    app.add_route("/v1/responses", Responses(deps))
+    app.add_route("/v1/responses/{response_id}", StoredResponse(deps))
     app.add_route("/v1/embeddings", Embeddings(deps))
     app.add_route("/v1/models", Models(deps, created))
     app.add_route("/v1/models/{model:path}", Model(deps, created))

@@ -150,6 +150,16 @@ async def collect_answer(events: AsyncIterator[Event]) -> Answer:
     return answer
 
 
+async def collect_opened(lead: list[Event], events: AsyncGenerator[Event, None]) -> Answer:
+    """The whole answer of a generation ``open_generation`` opened: its events read so
+    far and the rest, whose stream is closed however this ends."""
+    try:
+        async with contextlib.aclosing(chain(lead, events)) as everything:
+            return await collect_answer(everything)
+    finally:
+        await events.aclose()
+
+
 async def _lead(events: AsyncGenerator[Event, None]) -> list[Event] | None:
     """The events up to the first that decides the status (not ``Dispatched``);
     ``None`` if the client went away first."""
@@ -240,11 +250,7 @@ class Generation:
             sse.set_headers(resp)
             resp.stream = ClosingStream(self._chunks(ident, options, request, lead, events), events)
             return
-        try:
-            async with contextlib.aclosing(chain(lead, events)) as everything:
-                answer = await collect_answer(everything)
-        finally:
-            await events.aclose()
+        answer = await collect_opened(lead, events)
         if answer.usage is None:
             resp.status = 499
             return

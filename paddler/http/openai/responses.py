@@ -1,0 +1,560 @@
+"""OpenAI's Responses API: ``POST /v1/responses``, ``GET`` and ``DELETE
+/v1/responses/{response_id}``.
+
+A response is one turn of a conversation: its input (``responses_body``) continues
+the conversation of ``previous_response_id`` when given, and its output is a list of
+items: the model's ``reasoning``, its ``message`` (``output_text``) and its
+``function_call`` items. Streamed, it is the event sequence the ``openai`` SDK
+accumulates (``response.created`` ... ``response.completed``), each event numbered
+by ``sequence_number``.
+
+The status is decided as for chat completions (``open_generation``): bad input, an
+unknown ``previous_response_id``, a full buffer or a refused request are answered in
+OpenAI's error envelope before anything streams; an error after that ends the
+stream with ``response.failed``.
+
+With ``store`` (the default, as OpenAI's), a finished response is kept by the
+balancer (``paddler.broker.store.ResponseStore``, in the state database) with the
+conversation it ended: the messages before it, without its ``instructions``, which
+``previous_response_id`` does not carry over. Only ``completed`` and ``incomplete``
+responses are kept; one larger than ``--max-stored-response-bytes``, or on a
+balancer that keeps none, is answered with ``store: false``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any
+
+import falcon
+import falcon.asgi
+
+from paddler.client import Done, Event, Failed, Logprobs, Reasoning, Tokens, ToolCalls, ToolCallText
+from paddler.errors import BrokerUnreachable, RequestFailed
+from paddler.http import sse
+from paddler.http.common import ClosingStream, HttpDeps, dumps, read_json
+from paddler.http.openai.errors import OpenAIError, failure, invalid, invalid_body
+from paddler.http.openai.models import served_model_id
+from paddler.http.openai.responses_body import FunctionChoice, FunctionTool, ResponsesBody
+from paddler.http.openai.streaming import (
+    Answer,
+    broker_call,
+    chain,
+    collect_opened,
+    finish_reason,
+    open_generation,
+    tool_call_error,
+    usage_body,
+)
+from paddler.http.openapi import JSON, Operation, Reply
+from paddler.protocol.messages import Usage
+from paddler.protocol.shapes import check
+from paddler.protocol.tool_calls import ToolCall
+
+RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")
+"""The ids this server gives; any other is unknown without asking the balancer."""
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def responses_usage(usage: Usage) -> dict[str, Any]:
+    """OpenAI's usage of a response, from the same counts as a chat completion's."""
+    body = usage_body(usage)
+    return {
+        "input_tokens": body["prompt_tokens"],
+        "input_tokens_details": body["prompt_tokens_details"],
+        "output_tokens": body["completion_tokens"],
+        "output_tokens_details": body["completion_tokens_details"],
+        "total_tokens": body["total_tokens"],
+    }
+
+
+# ---------------------------------------------------------------------- output items
+
+
+def text_part(text: str, logprobs: list[dict[str, Any]] | None) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
+
+
+def message_item(ident: str, status: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"type": "message", "id": ident, "status": status, "role": "assistant", "content": parts}
+
+
+def reasoning_part(text: str) -> dict[str, Any]:
+    return {"type": "reasoning_text", "text": text}
+
+
+def reasoning_item(ident: str, status: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"type": "reasoning", "id": ident, "status": status, "summary": [], "content": parts}
+
+
+def call_item(ident: str, status: str, call: ToolCall, arguments: str) -> dict[str, Any]:
+    return {
+        "type": "function_call",
+        "id": ident,
+        "status": status,
+        "call_id": call.id,
+        "name": call.name,
+        "arguments": arguments,
+    }
+
+
+def output_of(answer: Answer, status: str, logprobs: bool) -> list[dict[str, Any]]:
+    """The output items of a whole answer: its reasoning, its text (also when it says
+    nothing and calls nothing), its calls; the last of the first two has ``status``
+    (``incomplete``: cut at ``max_output_tokens``), a call is always complete."""
+    output: list[dict[str, Any]] = []
+    if answer.reasoning:
+        output.append(reasoning_item(new_id("rs"), "completed", [reasoning_part(answer.reasoning)]))
+    if answer.text or not answer.tool_calls:
+        part = text_part(answer.text, answer.logprobs if logprobs else None)
+        item = message_item(new_id("msg"), "completed", [part])
+        if answer.tool_call_errors:
+            item["tool_call_errors"] = answer.tool_call_errors
+        output.append(item)
+    if output:
+        output[-1]["status"] = status
+    output.extend(
+        call_item(new_id("fc"), "completed", call, call.arguments_json)
+        for call in answer.tool_calls
+    )
+    return output
+
+
+def assistant_message(output: list[dict[str, Any]]) -> dict[str, Any]:
+    """The output as the chat template sees it again: one assistant message with its
+    text, its calls and its reasoning."""
+    message: dict[str, Any] = {"role": "assistant", "content": ""}
+    calls = []
+    for item in output:
+        if item["type"] == "message":
+            message["content"] += "".join(part["text"] for part in item["content"])
+        elif item["type"] == "reasoning":
+            reasoning = "".join(part["text"] for part in item["content"])
+            message["reasoning_content"] = message.get("reasoning_content", "") + reasoning
+        else:
+            calls.append(
+                {
+                    "id": item["call_id"],
+                    "type": "function",
+                    "function": {"name": item["name"], "arguments": item["arguments"]},
+                }
+            )
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+# --------------------------------------------------------------------------- a turn
+
+
+@dataclass
+class Turn:
+    """One response being made: what was asked, and the conversation it continues."""
+
+    body: ResponsesBody
+    model: str
+    history: list[dict[str, Any]]
+    """The conversation up to this response, its instructions left out."""
+    request: dict[str, Any]
+    ident: str = field(default_factory=lambda: new_id("resp"))
+    created_at: int = field(default_factory=lambda: int(time.time()))
+    store: bool = True
+
+    def response(
+        self,
+        status: str,
+        output: list[dict[str, Any]],
+        usage: Usage | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The response object with ``status``; ``incomplete`` says why."""
+        body = self.body
+        text_format = body.text.format if body.text is not None else None
+        tool_choice = body.tool_choice
+        return {
+            "id": self.ident,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "completed_at": int(time.time()) if status == "completed" else None,
+            "background": False,
+            "error": error,
+            "incomplete_details": (
+                {"reason": "max_output_tokens"} if status == "incomplete" else None
+            ),
+            "instructions": body.instructions,
+            "max_output_tokens": body.max_output_tokens,
+            "max_tool_calls": body.max_tool_calls,
+            "model": self.model,
+            "output": output,
+            "parallel_tool_calls": self.request["parallel_tool_calls"],
+            "previous_response_id": body.previous_response_id,
+            "reasoning": {
+                "effort": body.reasoning.effort if body.reasoning else None,
+                "summary": None,
+            },
+            "service_tier": "default",
+            "store": self.store,
+            "temperature": body.temperature,
+            "text": {
+                "format": (
+                    text_format.model_dump(by_alias=True, exclude_none=True)
+                    if text_format is not None
+                    else {"type": "text"}
+                )
+            },
+            "tool_choice": (
+                tool_choice.model_dump()
+                if isinstance(tool_choice, FunctionChoice)
+                else tool_choice or "auto"
+            ),
+            "tools": [
+                tool.model_dump(exclude_none=True)
+                for tool in body.tools or ()
+                if isinstance(tool, FunctionTool)
+            ],
+            "top_logprobs": body.top_logprobs or 0,
+            "top_p": body.top_p,
+            "truncation": "disabled",
+            "usage": None if usage is None else responses_usage(usage),
+            "user": body.user,
+            "metadata": body.metadata or {},
+        }
+
+    def status(self, usage: Usage) -> str:
+        """``incomplete`` when the answer used every token it could have."""
+        incomplete = finish_reason(usage, self.request["max_tokens"]) == "length"
+        return "incomplete" if incomplete else "completed"
+
+    async def keep(self, deps: HttpDeps, response: dict[str, Any]) -> None:
+        """Keep ``response`` at the balancer with the conversation it ends, if asked;
+        ``response["store"]`` says whether it is kept."""
+        if not self.store:
+            return
+        record = {
+            "response": response,
+            "conversation": [*self.history, assistant_message(response["output"])],
+        }
+        data = dumps(record).encode()
+        try:
+            await broker_call(deps, lambda client: client.put_response(self.ident, data))
+        except (RequestFailed, BrokerUnreachable):
+            self.store = response["store"] = False
+
+
+async def stored_record(deps: HttpDeps, response_id: str, param: str | None) -> dict[str, Any]:
+    """The record kept for ``response_id``; OpenAI's 404 when there is none."""
+    prefix = "Previous response" if param else "Response"
+    unknown = OpenAIError(
+        404, f"{prefix} with id '{response_id}' not found.", param=param, code="not_found"
+    )
+    if not RESPONSE_ID.fullmatch(response_id):
+        raise unknown
+    try:
+        data = await broker_call(deps, lambda client: client.get_response(response_id))
+    except RequestFailed as exc:
+        if exc.code == 404:
+            raise unknown from None
+        raise
+    record: dict[str, Any] = json.loads(data)
+    return record
+
+
+# ------------------------------------------------------------------------ streaming
+
+
+class EventStream:
+    """The events of a streamed response, numbered, and the output items they build:
+    one item at a time is open (a reasoning or a message item, which text streams
+    into); a call is an item of its own, added and done at once."""
+
+    def __init__(self, turn: Turn, logprobs: bool) -> None:
+        self.turn = turn
+        self.logprobs = logprobs
+        self.sequence = 0
+        self.output: list[dict[str, Any]] = []
+        self.open: dict[str, Any] | None = None
+        self.pieces: list[str] = []
+        self.entries: list[dict[str, Any]] = []
+        self.answer = Answer()
+
+    def event(self, kind: str, **fields: Any) -> bytes:
+        payload = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return b"event: " + kind.encode() + b"\n" + sse.event(payload)
+
+    def lifecycle(self, kind: str, response: dict[str, Any]) -> bytes:
+        return self.event(kind, response=response)
+
+    def _place(self, item: dict[str, Any]) -> dict[str, Any]:
+        return {"item_id": item["id"], "output_index": len(self.output), "content_index": 0}
+
+    def begin(self, kind: str) -> list[bytes]:
+        """Open an item of ``kind`` (``message`` or ``reasoning``) unless one is open."""
+        if self.open is not None and self.open["type"] == kind:
+            return []
+        events = self.end("completed")
+        if kind == "message":
+            item = message_item(new_id("msg"), "in_progress", [])
+            part = text_part("", [] if self.logprobs else None)
+        else:
+            item = reasoning_item(new_id("rs"), "in_progress", [])
+            part = reasoning_part("")
+        events.append(
+            self.event("response.output_item.added", output_index=len(self.output), item=item)
+        )
+        events.append(self.event("response.content_part.added", **self._place(item), part=part))
+        self.open = item
+        return events
+
+    def text(self, piece: str, entries: list[dict[str, Any]] | None) -> list[bytes]:
+        events = self.begin("message")
+        self.pieces.append(piece)
+        self.entries.extend(entries or ())
+        assert self.open is not None
+        events.append(
+            self.event(
+                "response.output_text.delta",
+                **self._place(self.open),
+                delta=piece,
+                logprobs=entries or [],
+            )
+        )
+        return events
+
+    def reasoning(self, piece: str) -> list[bytes]:
+        events = self.begin("reasoning")
+        self.pieces.append(piece)
+        assert self.open is not None
+        events.append(
+            self.event("response.reasoning_text.delta", **self._place(self.open), delta=piece)
+        )
+        return events
+
+    def end(self, status: str) -> list[bytes]:
+        """Close the open item with ``status``."""
+        item = self.open
+        if item is None:
+            return []
+        text = "".join(self.pieces)
+        place = self._place(item)
+        if item["type"] == "message":
+            part = text_part(text, self.entries if self.logprobs else None)
+            events = [
+                self.event(
+                    "response.output_text.done", **place, text=text, logprobs=part["logprobs"]
+                )
+            ]
+            self.answer.text += text
+        else:
+            part = reasoning_part(text)
+            events = [self.event("response.reasoning_text.done", **place, text=text)]
+            self.answer.reasoning += text
+        events.append(self.event("response.content_part.done", **place, part=part))
+        item = {**item, "status": status, "content": [part]}
+        events.append(
+            self.event("response.output_item.done", output_index=place["output_index"], item=item)
+        )
+        self.output.append(item)
+        self.open, self.pieces, self.entries = None, [], []
+        return events
+
+    def calls(self, calls: list[ToolCall]) -> list[bytes]:
+        """Each call as an item: added with no arguments, its arguments, done."""
+        events = self.end("completed")
+        for call in calls:
+            ident = new_id("fc")
+            index = len(self.output)
+            arguments = call.arguments_json
+            place = {"item_id": ident, "output_index": index}
+            events += [
+                self.event(
+                    "response.output_item.added",
+                    output_index=index,
+                    item=call_item(ident, "in_progress", call, ""),
+                ),
+                self.event("response.function_call_arguments.delta", **place, delta=arguments),
+                self.event("response.function_call_arguments.done", **place, arguments=arguments),
+            ]
+            item = call_item(ident, "completed", call, arguments)
+            events.append(self.event("response.output_item.done", output_index=index, item=item))
+            self.output.append(item)
+            self.answer.tool_calls.append(call)
+        return events
+
+
+async def response_events(
+    deps: HttpDeps, turn: Turn, lead: list[Event], events: AsyncGenerator[Event, None]
+) -> AsyncGenerator[bytes, None]:
+    """The server-sent events of a streamed response (the client's SDK accumulates
+    them into the same response a non-streamed request gets)."""
+    stream = EventStream(turn, turn.body.logprobs)
+    pending: list[dict[str, Any]] = []
+    try:
+        yield stream.lifecycle("response.created", turn.response("in_progress", []))
+        yield stream.lifecycle("response.in_progress", turn.response("in_progress", []))
+        async with contextlib.aclosing(chain(lead, events)) as everything:
+            async for event in everything:
+                chunks: list[bytes] = []
+                if isinstance(event, Logprobs):
+                    pending.extend(event.entries)
+                elif isinstance(event, Reasoning):
+                    for piece in event.pieces:
+                        if piece:
+                            chunks += stream.reasoning(piece)
+                elif isinstance(event, Tokens):
+                    for piece in event.pieces:
+                        if piece:
+                            chunks += stream.text(piece, pending)
+                            pending = []
+                elif isinstance(event, ToolCalls):
+                    pending = []
+                    if event.outcome.parsed:
+                        chunks += stream.calls(event.outcome.calls)
+                    else:  # not a call: its text is the answer's
+                        stream.answer.tool_call_errors.append(tool_call_error(event))
+                        chunks += stream.text(event.outcome.text, None)
+                elif isinstance(event, ToolCallText):
+                    pending = []  # their tokens are not content
+                elif isinstance(event, Done):
+                    status = turn.status(event.usage)
+                    for chunk in stream.end(status):
+                        yield chunk
+                    if not any(item["type"] != "reasoning" for item in stream.output):
+                        # nothing said, nothing called: an empty message, as unstreamed
+                        for chunk in stream.begin("message") + stream.end(status):
+                            yield chunk
+                    if stream.answer.tool_call_errors:
+                        for item in stream.output:
+                            if item["type"] == "message":
+                                item["tool_call_errors"] = stream.answer.tool_call_errors
+                    response = turn.response(status, stream.output, event.usage)
+                    await turn.keep(deps, response)
+                    kind = "response.completed" if status == "completed" else "response.incomplete"
+                    yield stream.lifecycle(kind, response)
+                    return
+                elif isinstance(event, Failed):
+                    for chunk in stream.end("incomplete"):
+                        yield chunk
+                    error = failure(event)
+                    details = {"code": error.code or "server_error", "message": error.message}
+                    turn.store = False
+                    response = turn.response("failed", stream.output, error=details)
+                    yield stream.lifecycle("response.failed", response)
+                    return
+                for chunk in chunks:
+                    yield chunk
+    finally:
+        await events.aclose()  # cancels the broker request, wherever it is
+
+
+# ------------------------------------------------------------------------ endpoints
+
+
+class Responses:
+    OPERATIONS = {
+        "post": Operation(
+            "Create a model response",
+            ResponsesBody,
+            {
+                200: Reply(
+                    "A response object; with stream: true, server-sent events "
+                    "(response.created ... response.completed, response.incomplete or "
+                    "response.failed)",
+                    JSON,
+                    {"type": "object"},
+                )
+            },
+        )
+    }
+
+    def __init__(self, deps: HttpDeps) -> None:
+        self.deps = deps
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        deps = self.deps
+        body = check(ResponsesBody, await read_json(req, deps.max_body_bytes), invalid_body)
+        history: list[dict[str, Any]] = []
+        if body.previous_response_id is not None:
+            record = await stored_record(deps, body.previous_response_id, "previous_response_id")
+            history = record["conversation"]
+        history = body.input_messages(history)
+        request = body.broker_request(history)
+        model = body.model or await served_model_id(deps)
+        turn = Turn(body, model, history, request, store=body.store is not False)
+        opened = await open_generation(deps, req, request)
+        if opened is None:  # the client went away while its request waited
+            resp.status = 499
+            return
+        lead, events = opened
+        if body.stream:
+            sse.set_headers(resp)
+            resp.stream = ClosingStream(response_events(deps, turn, lead, events), events)
+            return
+        answer = await collect_opened(lead, events)
+        if answer.usage is None:
+            resp.status = 499
+            return
+        status = turn.status(answer.usage)
+        response = turn.response(status, output_of(answer, status, body.logprobs), answer.usage)
+        await turn.keep(deps, response)
+        resp.content_type = falcon.MEDIA_JSON
+        resp.text = dumps(response)
+
+
+class StoredResponse:
+    OPERATIONS = {
+        "get": Operation(
+            "A stored response",
+            replies={
+                200: Reply("The response object, as it was answered", JSON, {"type": "object"})
+            },
+        ),
+        "delete": Operation(
+            "Forget a stored response",
+            replies={
+                200: Reply(
+                    "{id, object: response, deleted: true}",
+                    JSON,
+                    {"type": "object"},
+                )
+            },
+        ),
+    }
+
+    def __init__(self, deps: HttpDeps) -> None:
+        self.deps = deps
+
+    async def on_get(
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, response_id: str
+    ) -> None:
+        for name, value in req.params.items():
+            if not (name == "stream" and value == "false"):
+                raise invalid(name, "is not supported: a stored response is answered as it was")
+        record = await stored_record(self.deps, response_id, None)
+        resp.content_type = falcon.MEDIA_JSON
+        resp.text = dumps(record["response"])
+
+    async def on_delete(
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, response_id: str
+    ) -> None:
+        unknown = OpenAIError(404, f"Response with id '{response_id}' not found.", code="not_found")
+        if not RESPONSE_ID.fullmatch(response_id):
+            raise unknown
+        try:
+            await broker_call(self.deps, lambda client: client.delete_response(response_id))
+        except RequestFailed as exc:
+            if exc.code == 404:
+                raise unknown from None
+            raise
+        resp.content_type = falcon.MEDIA_JSON
+        resp.text = dumps({"id": response_id, "object": "response", "deleted": True})

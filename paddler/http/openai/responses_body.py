@@ -1,0 +1,587 @@
+"""The body of ``POST /v1/responses`` (OpenAI's Responses API) as shapes, and the
+conversation it continues as chat messages.
+
+Unlike the chat bodies, an unknown field is a 400 that names it, and every field
+OpenAI has is either honoured or refused with a 400 (a few that do not concern a
+server are accepted; the README lists them). What the body asks of the model is
+built by ``ChatCompletionBody.to_request`` from the same fields a chat completion
+would carry, so both APIs mean the same by each (sampling, ``tool_choice`` and its
+grammar, ``text.format`` as a grammar, thinking on or off).
+
+Input items become the messages the chat template sees: a message item its role and
+its text; ``function_call`` items the ``tool_calls`` of an assistant message (the one
+just before, or a new one with no content); ``function_call_output`` items ``tool``
+messages with their ``tool_call_id`` (and the tool's ``name`` when the call is in the
+conversation); a ``reasoning`` item the ``reasoning_content`` of the assistant
+message that follows it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import AfterValidator, Discriminator, Field
+from pydantic_core import PydanticCustomError
+
+from paddler.http.openai.errors import invalid
+from paddler.http.openai.schemas import (
+    ChatCompletionBody,
+    JsonObjectFormat,
+    JsonSchemaFormat,
+    JsonSchemaSpec,
+    OpenAITemperature,
+    TextFormat,
+    _format_tag,
+    _refuse,
+)
+from paddler.protocol.requests import MaxTokens, Probability, TopLogprobs
+from paddler.protocol.shapes import Says, Shape, member_tag
+from paddler.protocol.tool_calls import (
+    MAX_TOOLS,
+    FunctionSpec,
+    NamedFunction,
+    NamedToolChoice,
+    Tool,
+    ToolName,
+)
+
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+"""The one ``include`` value honoured: the log-probabilities of the output text."""
+MAX_METADATA = 16
+ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
+
+Text = Annotated[str, Says("must be a string")]
+Flag = Annotated[bool, Says("must be true or false")]
+Status = Annotated[
+    Literal["in_progress", "completed", "incomplete"],
+    Says("must be 'in_progress', 'completed' or 'incomplete'"),
+]
+
+
+def _unsupported(what: str, instead: str) -> AfterValidator:
+    """For the ``type`` of an object that is never valid: the error names it."""
+
+    def name_it(kind: str) -> str:
+        raise PydanticCustomError("unsupported", f"{kind!r} {what} are not supported; {instead}")
+
+    return AfterValidator(name_it)
+
+
+class Unsupported(Shape):
+    """Never valid: an object whose ``type`` is not one this server takes."""
+
+    model_config = Shape.model_config | {"extra": "ignore"}
+
+
+def _tag(kinds: tuple[str, ...], default: str | None = None) -> Any:
+    """A discriminator on ``type``: ``~kind`` for the kinds known, ``~unsupported`` for
+    any other string (``default`` when there is no ``type``)."""
+
+    def tag(value: Any) -> str | None:
+        if isinstance(value, Shape):
+            return f"~{getattr(value, 'type', None) or default}"
+        if isinstance(value, str) and "~str" in kinds:
+            return "~str"
+        if not isinstance(value, dict):
+            return None
+        kind = value.get("type", default)
+        if kind is None and default is not None:
+            kind = default
+        if not isinstance(kind, str):
+            return "~unsupported"
+        return f"~{kind}" if kind in kinds else "~unsupported"
+
+    return Discriminator(tag)
+
+
+# ------------------------------------------------------------------ content parts
+
+
+class InputTextPart(Shape):
+    type: Literal["input_text"]
+    text: Text
+
+
+class OutputTextPart(Shape):
+    """Text the model wrote, sent back: ``annotations`` and ``logprobs`` describe it."""
+
+    type: Literal["output_text"]
+    text: Text
+    annotations: list[Any] = Field(default_factory=list)
+    logprobs: list[Any] | None = None
+
+
+class RefusalPart(Shape):
+    type: Literal["refusal"]
+    refusal: Text
+
+
+class UnsupportedPart(Unsupported):
+    type: Annotated[str, _unsupported("parts", "this server's models read text ('input_text')")]
+
+
+Part = Annotated[
+    Annotated[InputTextPart, member_tag("~input_text")]
+    | Annotated[OutputTextPart, member_tag("~output_text")]
+    | Annotated[RefusalPart, member_tag("~refusal")]
+    | Annotated[UnsupportedPart, member_tag("~unsupported")],
+    _tag(("input_text", "output_text", "refusal")),
+    Says("must be an object with a 'type'"),
+]
+
+
+def _string_or_list(value: Any) -> str | None:
+    return "~text" if isinstance(value, str) else "~parts" if isinstance(value, list) else None
+
+
+Content = Annotated[
+    Annotated[str, member_tag("~text")] | Annotated[list[Part], member_tag("~parts")],
+    Discriminator(_string_or_list),
+    Says("must be a string or a list of content parts"),
+]
+
+
+def text_of(content: str | list[Any]) -> str:
+    """The text of a content: the string, or its parts' texts one after the other."""
+    if isinstance(content, str):
+        return content
+    return "".join(part.refusal if isinstance(part, RefusalPart) else part.text for part in content)
+
+
+# -------------------------------------------------------------------- input items
+
+
+class MessageItem(Shape):
+    """A message: given as input, or one the model wrote sent back (``id``,
+    ``status`` and ``phase`` describe it)."""
+
+    SAYS: ClassVar[str] = "must be an object with 'role' and 'content'"
+
+    type: Literal["message"] | None = None
+    role: Annotated[
+        Literal["user", "assistant", "system", "developer"],
+        Says("must be one of user, assistant, system, developer"),
+    ]
+    content: Content
+    id: Text | None = None
+    status: Status | None = None
+    phase: (
+        Annotated[
+            Literal["commentary", "final_answer"], Says("must be 'commentary' or 'final_answer'")
+        ]
+        | None
+    ) = None
+
+
+class FunctionCallItem(Shape):
+    """A call the model made, sent back."""
+
+    type: Literal["function_call"]
+    call_id: Annotated[str, Field(min_length=1), Says("must be a non-empty string")]
+    name: Annotated[str, Field(min_length=1), Says("must be a non-empty string")]
+    arguments: Annotated[str, Says("must be the arguments as a JSON string")]
+    id: Text | None = None
+    status: Status | None = None
+
+
+class FunctionCallOutputItem(Shape):
+    """What a call gave: becomes a ``tool`` message."""
+
+    type: Literal["function_call_output"]
+    call_id: Annotated[str, Field(min_length=1), Says("must be a non-empty string")]
+    output: Content
+    id: Text | None = None
+    status: Status | None = None
+
+
+class SummaryText(Shape):
+    type: Literal["summary_text"]
+    text: Text
+
+
+class ReasoningText(Shape):
+    type: Literal["reasoning_text"]
+    text: Text
+
+
+class ReasoningItem(Shape):
+    """Reasoning the model wrote, sent back: the ``reasoning_content`` of the
+    assistant message that follows (templates that show past reasoning use it)."""
+
+    type: Literal["reasoning"]
+    id: Text | None = None
+    summary: list[SummaryText] = Field(default_factory=list)
+    content: list[ReasoningText] | None = None
+    status: Status | None = None
+    encrypted_content: Annotated[
+        Any, _refuse("is not supported: this server keeps reasoning as text ('content')")
+    ] = None
+
+    @property
+    def text(self) -> str:
+        parts = self.content if self.content else self.summary
+        return "".join(part.text for part in parts)
+
+
+class UnsupportedItem(Unsupported):
+    type: Annotated[
+        str,
+        _unsupported(
+            "items", "use messages, 'function_call', 'function_call_output' and 'reasoning' items"
+        ),
+    ]
+
+
+ITEM_KINDS = ("message", "function_call", "function_call_output", "reasoning")
+
+Item = Annotated[
+    Annotated[MessageItem, member_tag("~message")]
+    | Annotated[FunctionCallItem, member_tag("~function_call")]
+    | Annotated[FunctionCallOutputItem, member_tag("~function_call_output")]
+    | Annotated[ReasoningItem, member_tag("~reasoning")]
+    | Annotated[UnsupportedItem, member_tag("~unsupported")],
+    _tag(ITEM_KINDS, default="message"),
+    Says("must be an object with a 'type' (or a message with a 'role')"),
+]
+
+Input = Annotated[
+    Annotated[str, member_tag("~text")] | Annotated[list[Item], member_tag("~parts")],
+    Discriminator(_string_or_list),
+    Says("must be a string or a list of input items"),
+]
+
+
+REASONING_ALONE = (
+    "a reasoning item must come right before the assistant message or function call it led to"
+)
+
+
+def messages_of(items: list[Any], history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``history`` followed by the messages of ``items`` (a new list): see the module's
+    docstring; ``OpenAIError`` 400 for a reasoning item no assistant turn follows."""
+    messages = list(history)
+    names = {
+        call["id"]: call["function"]["name"]
+        for message in history
+        for call in message.get("tool_calls", ())
+    }
+    reasoning: tuple[int, str] | None = None
+    """The index and text of a reasoning item waiting for its assistant turn."""
+    for index, item in enumerate(items):
+        if isinstance(item, ReasoningItem):
+            if reasoning is not None:
+                raise invalid(f"input[{reasoning[0]}]", REASONING_ALONE)
+            reasoning = (index, item.text)
+            continue
+        message: dict[str, Any]
+        if isinstance(item, MessageItem):
+            message = {"role": ROLES[item.role], "content": text_of(item.content)}
+        elif isinstance(item, FunctionCallItem):
+            call = {
+                "id": item.call_id,
+                "type": "function",
+                "function": {"name": item.name, "arguments": item.arguments},
+            }
+            names[item.call_id] = item.name
+            if messages and messages[-1]["role"] == "assistant" and reasoning is None:
+                last = messages.pop()  # its calls: one assistant turn
+                message = {**last, "tool_calls": [*last.get("tool_calls", ()), call]}
+            else:
+                message = {"role": "assistant", "content": "", "tool_calls": [call]}
+        else:
+            message = {
+                "role": "tool",
+                "content": text_of(item.output),
+                "tool_call_id": item.call_id,
+            }
+            if item.call_id in names:
+                message["name"] = names[item.call_id]
+        if reasoning is not None:
+            if message["role"] != "assistant":
+                raise invalid(f"input[{reasoning[0]}]", REASONING_ALONE)
+            message["reasoning_content"] = reasoning[1]
+            reasoning = None
+        messages.append(message)
+    if reasoning is not None:
+        raise invalid(f"input[{reasoning[0]}]", REASONING_ALONE)
+    return messages
+
+
+# -------------------------------------------------------------------------- tools
+
+
+class FunctionTool(FunctionSpec):
+    """A function tool as the Responses API gives it: flat, with ``type``."""
+
+    model_config = FunctionSpec.model_config | {"extra": "forbid"}
+    SAYS: ClassVar[str] = "must be an object with 'type' and 'name'"
+
+    type: Literal["function"]
+
+    def chat_tool(self) -> Tool:
+        """The tool as chat completions (and the broker) have it."""
+        spec = FunctionSpec.model_construct(
+            name=self.name,
+            description=self.description,
+            parameters=self.parameters,
+            strict=self.strict,
+        )
+        return Tool.model_construct(type="function", function=spec)
+
+
+class UnsupportedTool(Unsupported):
+    type: Annotated[
+        str, _unsupported("tools", "only 'function' tools are (this server runs no tools itself)")
+    ]
+
+
+ResponsesTool = Annotated[
+    Annotated[FunctionTool, member_tag("~function")]
+    | Annotated[UnsupportedTool, member_tag("~unsupported")],
+    _tag(("function",)),
+    Says("must be an object with a 'type'"),
+]
+
+TOOL_CHOICE_MESSAGE = "must be 'auto', 'none', 'required' or {'type': 'function', 'name': ...}"
+
+
+class FunctionChoice(Shape):
+    """``{"type": "function", "name": ...}``: call this tool."""
+
+    SAYS: ClassVar[str] = TOOL_CHOICE_MESSAGE
+
+    type: Literal["function"]
+    name: ToolName
+
+
+class UnsupportedChoice(Unsupported):
+    type: Annotated[str, _unsupported("tool choices", TOOL_CHOICE_MESSAGE)]
+
+
+ResponsesToolChoice = Annotated[
+    Annotated[Literal["auto", "none", "required"], member_tag("~str"), Says(TOOL_CHOICE_MESSAGE)]
+    | Annotated[FunctionChoice, member_tag("~function")]
+    | Annotated[UnsupportedChoice, member_tag("~unsupported")],
+    _tag(("~str", "function")),
+    Says(TOOL_CHOICE_MESSAGE),
+]
+
+
+# ---------------------------------------------------------------- text and others
+
+
+class JsonSchemaTextFormat(JsonSchemaSpec):
+    """``{"type": "json_schema", "name", "schema", "description", "strict"}``: the
+    output follows the schema (a grammar)."""
+
+    model_config = JsonSchemaSpec.model_config | {"extra": "forbid"}
+    SAYS: ClassVar[str] = "must be an object with 'type' and 'schema'"
+
+    type: Literal["json_schema"]
+    name: Text | None = None
+    description: Text | None = None
+    strict: Flag | None = None
+
+
+FORMAT_TYPES = "must be 'text', 'json_object' or 'json_schema'"
+
+
+class TextConfig(Shape):
+    format: (
+        Annotated[
+            Annotated[TextFormat, member_tag("~text")]
+            | Annotated[JsonObjectFormat, member_tag("~json_object")]
+            | Annotated[JsonSchemaTextFormat, member_tag("~json_schema")],
+            Discriminator(_format_tag),
+            Says(f"must be an object whose type {FORMAT_TYPES[5:]}"),
+        ]
+        | None
+    ) = None
+    verbosity: Annotated[Any, _refuse("is not supported: the model writes as long as it does")] = (
+        None
+    )
+
+    def response_format(self) -> TextFormat | JsonObjectFormat | JsonSchemaFormat | None:
+        """The format as chat's ``response_format``."""
+        if isinstance(self.format, JsonSchemaTextFormat):
+            return JsonSchemaFormat.model_construct(type="json_schema", json_schema=self.format)
+        return self.format
+
+
+class ReasoningConfig(Shape):
+    effort: (
+        Annotated[
+            Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"],
+            Says("must be 'none', 'minimal', 'low', 'medium', 'high', 'xhigh' or 'max'"),
+        ]
+        | None
+    ) = None
+    """``none`` turns thinking off; any other level turns it on (a level is not a
+    budget here: the model reasons as long as it does)."""
+    summary: Annotated[
+        Any, _refuse("is not supported: reasoning comes as its text, not summarised")
+    ] = None
+    generate_summary: Annotated[
+        Any, _refuse("is not supported: reasoning comes as its text, not summarised")
+    ] = None
+    context: Annotated[
+        Any, _refuse("is not supported: the chat template decides which reasoning it shows")
+    ] = None
+    mode: Annotated[Any, _refuse("is not supported")] = None
+
+
+class StreamOptions(Shape):
+    include_obfuscation: Annotated[
+        Literal[False], Says("may only be false: this server does not pad stream events")
+    ] = False
+
+
+def _include(value: str) -> str:
+    if value != LOGPROBS_INCLUDE:
+        raise PydanticCustomError(
+            "include",
+            f"{value!r} is not supported; only {LOGPROBS_INCLUDE!r} is",
+        )
+    return value
+
+
+def _metadata(value: dict[str, str]) -> dict[str, str]:
+    if len(value) > MAX_METADATA:
+        raise PydanticCustomError("metadata", f"may have at most {MAX_METADATA} keys")
+    for key, text in value.items():
+        if len(key) > 64 or len(text) > 512:
+            raise PydanticCustomError(
+                "metadata", "keys may have at most 64 characters, values at most 512"
+            )
+    return value
+
+
+# ---------------------------------------------------------------------- the body
+
+
+class ResponsesBody(Shape):
+    """``POST /v1/responses``."""
+
+    ROOT: ClassVar[str] = "body"
+    SAYS: ClassVar[str] = "the request body must be a JSON object"
+
+    model: Text | None = None
+    input: Input | None = None
+    """A string (one user message) or input items; continues the conversation of
+    ``previous_response_id`` when given."""
+    instructions: Text | None = None
+    """The system message (not carried over by ``previous_response_id``)."""
+    previous_response_id: Text | None = None
+    store: Flag | None = None
+    """Keep the response (default ``true``) for ``previous_response_id`` and ``GET``."""
+    tools: (
+        Annotated[
+            list[ResponsesTool],
+            Field(max_length=MAX_TOOLS),
+            Says("must be a list of tools", too_long=f"has more than {MAX_TOOLS} tools"),
+        ]
+        | None
+    ) = None
+    tool_choice: ResponsesToolChoice | None = None
+    parallel_tool_calls: Flag | None = None
+    text: TextConfig | None = None
+    max_output_tokens: MaxTokens | None = None
+    temperature: OpenAITemperature | None = None
+    top_p: Probability | None = None
+    top_logprobs: TopLogprobs | None = None
+    include: (
+        Annotated[list[Annotated[str, AfterValidator(_include)]], Says("must be a list")] | None
+    ) = None
+    reasoning: ReasoningConfig | None = None
+    stream: Flag | None = None
+    stream_options: StreamOptions | None = None
+    metadata: (
+        Annotated[
+            dict[str, str],
+            AfterValidator(_metadata),
+            Says("must be an object of strings", out_of_range=None),
+        ]
+        | None
+    ) = None
+    truncation: (
+        Annotated[
+            Literal["disabled"],
+            Says("may only be 'disabled': a conversation too long for the context is an error"),
+        ]
+        | None
+    ) = None
+    background: (
+        Annotated[Literal[False], Says("may only be false: responses are answered at once")] | None
+    ) = None
+    max_tool_calls: Annotated[int, Field(ge=1), Says("must be a positive integer")] | None = None
+    """Counts calls of built-in tools; this server has none, so there is nothing to count."""
+    user: Text | None = None
+    safety_identifier: Text | None = None
+    prompt_cache_key: Text | None = None
+    """Prompts are cached by their prefix on every agent: there is no key to give."""
+    prompt_cache_retention: (
+        Annotated[
+            Literal["in_memory"],
+            Says("may only be 'in_memory': agents keep prompts in their slots' memory"),
+        ]
+        | None
+    ) = None
+    service_tier: Text | None = None
+    """Every request is served alike (the response says ``default``)."""
+    conversation: Annotated[
+        Any, _refuse("is not supported: continue with previous_response_id")
+    ] = None
+    prompt: Annotated[Any, _refuse("(reusable prompt templates) is not supported")] = None
+    context_management: Annotated[Any, _refuse("is not supported")] = None
+    moderation: Annotated[Any, _refuse("is not supported: this server moderates nothing")] = None
+    image: Annotated[Any, _refuse("is not supported: this server writes text only")] = None
+    access_programs: Annotated[Any, _refuse("is not supported")] = None
+    background_options: Annotated[
+        Any, _refuse("is not supported: responses are answered at once")
+    ] = None
+    prompt_cache_options: Annotated[
+        Any, _refuse("is not supported: prompts are cached by their prefix")
+    ] = None
+
+    @property
+    def logprobs(self) -> bool:
+        return LOGPROBS_INCLUDE in (self.include or ())
+
+    def input_messages(self, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``history`` (the conversation continued) with this body's input after it."""
+        if self.input is None:
+            return list(history)
+        if isinstance(self.input, str):
+            return [*history, {"role": "user", "content": self.input}]
+        return messages_of(self.input, history)
+
+    def broker_request(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        """The broker's conversation request for ``history`` (instructions first)."""
+        if not history:
+            raise invalid("input", "is required (a string or a non-empty list of items)")
+        if self.top_logprobs and not self.logprobs:
+            raise invalid("top_logprobs", f"needs include: [{LOGPROBS_INCLUDE!r}]")
+        choice = self.tool_choice
+        chat = ChatCompletionBody.model_construct(
+            messages=[],
+            max_completion_tokens=self.max_output_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            response_format=self.text.response_format() if self.text else None,
+            tools=[tool.chat_tool() for tool in self.tools or () if isinstance(tool, FunctionTool)],
+            tool_choice=(
+                NamedToolChoice.model_construct(
+                    type="function", function=NamedFunction.model_construct(name=choice.name)
+                )
+                if isinstance(choice, FunctionChoice)
+                else choice
+            ),
+            parallel_tool_calls=self.parallel_tool_calls,
+            reasoning_effort=self.reasoning.effort if self.reasoning else None,
+            logprobs=self.logprobs or None,
+            top_logprobs=self.top_logprobs,
+        )
+        request = chat.to_request()
+        system = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        request["conversation_history"] = [*system, *history]
+        return request
