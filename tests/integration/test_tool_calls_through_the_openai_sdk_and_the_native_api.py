@@ -7,36 +7,13 @@ streams ``ToolCallToken`` pieces and ``ToolCallParsed`` before ``Done``."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from paddler.testing.cluster import LocalCluster, free_port, real_model_cluster
-from paddler.testing.tiny_model import write_tiny_llama
-
-TEMPLATE = """
-{%- if tools %}<|im_start|>system
-You may call functions: {% for t in tools %}{{ t | tojson }}{% endfor %}
-Call them as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>
-{% endif %}
-{%- for m in messages %}
-{%- if m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant
-{% for c in m.tool_calls %}
-{%- if c.function.arguments is string %}{{ raise_exception('not an object') }}{% endif %}
-<tool_call>{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments|tojson }}}
-</tool_call>
-{%- endfor %}<|im_end|>
-{% elif m.role == 'tool' %}<|im_start|>user
-<tool_response>{{ m.content }}</tool_response><|im_end|>
-{% else %}<|im_start|>{{ m.role }}
-{{ m.content }}<|im_end|>
-{% endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}<|im_start|>assistant
-{% endif %}"""
+from paddler.testing.cluster import LocalCluster
 
 TOOLS: list[Any] = [
     {
@@ -70,22 +47,8 @@ NAMED: Any = {"type": "function", "function": {"name": "get_weather"}}
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    model = write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny.gguf")
-    state = {
-        "inference_parameters": {"context_size": 2048, "temperature": 0.0},
-        "chat_template_override": {"content": TEMPLATE},
-        "use_chat_template_override": True,
-    }
-    with real_model_cluster(
-        tmp_path_factory.mktemp("tools-cluster"),
-        model,
-        state=state,
-        compat_openai_addr=f"127.0.0.1:{free_port()}",
-        inference_addr=f"127.0.0.1:{free_port()}",
-        management_addr=f"127.0.0.1:{free_port()}",
-    ) as cluster:
-        yield cluster
+def cluster(tools_cluster: LocalCluster) -> LocalCluster:
+    return tools_cluster
 
 
 def _sdk(cluster: LocalCluster) -> openai.OpenAI:
