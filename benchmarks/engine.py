@@ -113,7 +113,7 @@ def engine(
         def logprobs(self, request_id: int, entries: list[dict[str, Any]]) -> None:
             self.entries += len(entries)
 
-        def done(self, request_id: int, usage: dict[str, int]) -> None:
+        def done(self, request_id: int, usage: dict[str, int], stop_sequence: Any = None) -> None:
             self.count += usage["content_tokens"]
 
         def error(self, request_id: int, code: int, kind: str, description: str) -> None:

@@ -9,6 +9,7 @@ cdef class TextAssembler:
     cdef list _stop
     cdef unicode _pending
     cdef public bint stopped
+    cdef public object stopped_by
 
     # ``stop`` stays untyped: a ``unicode`` local would refuse str subclasses, which
     # the twin accepts. Typed as is, a piece with stop strings costs about a third of

@@ -28,6 +28,8 @@ class TextAssembler:
         self._stop = [s for s in stop if s]
         self._pending = ""
         self.stopped = False
+        self.stopped_by: str | None = None
+        """The stop string that ended the text, once one did."""
 
     def push(self, data: bytes) -> str:
         """Add one token's bytes; return the text that can be sent now."""
@@ -38,12 +40,15 @@ class TextAssembler:
             return text
         pending = self._pending + text
         cut = -1
+        matched = None
         for stop in self._stop:
             index = pending.find(stop)
             if index >= 0 and (cut < 0 or index < cut):
                 cut = index
+                matched = stop
         if cut >= 0:
             self.stopped = True
+            self.stopped_by = matched
             self._pending = ""
             return pending[:cut]
         hold = 0

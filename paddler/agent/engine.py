@@ -74,7 +74,11 @@ class EventSink(Protocol):
 
     def embedding(self, request_id: int, result: dict[str, Any]) -> None: ...
 
-    def done(self, request_id: int, usage: dict[str, int]) -> None: ...
+    def done(
+        self, request_id: int, usage: dict[str, int], stop_sequence: str | None = None
+    ) -> None:
+        """The request ended with its whole answer; ``stop_sequence``: the stop
+        string that ended it, if one did."""
 
     def error(self, request_id: int, code: int, kind: str, description: str) -> None: ...
 

@@ -92,9 +92,14 @@ class _SocketSink:
     def embedding(self, request_id: int, result: dict[str, Any]) -> None:
         self.socket.send_multipart(encode(Kind.EMBEDDING, request_id, result))
 
-    def done(self, request_id: int, usage: dict[str, int]) -> None:
+    def done(
+        self, request_id: int, usage: dict[str, int], stop_sequence: str | None = None
+    ) -> None:
         self.open.discard(request_id)
-        self.socket.send_multipart(encode(Kind.DONE, request_id, {"usage": usage}))
+        body: dict[str, Any] = {"usage": usage}
+        if stop_sequence is not None:
+            body["stop_sequence"] = stop_sequence
+        self.socket.send_multipart(encode(Kind.DONE, request_id, body))
 
     def error(self, request_id: int, code: int, kind: str, description: str) -> None:
         self.open.discard(request_id)

@@ -76,6 +76,8 @@ class Embedding:
 @dataclass(frozen=True, slots=True)
 class Done:
     usage: Usage
+    stop_sequence: str | None = None
+    """The stop string (one of the request's ``stop``) that ended the answer, if one did."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +114,11 @@ def decode_event(kind: int, body: bytes) -> Event:
             return ToolCallText(token_pieces(unpack_body(body)))
         value: Any = unpack_body(body)
         if kind == Kind.DONE:
-            return Done(Usage.from_body(body_value(value, "usage", (dict,), "Done")))
+            usage = Usage.from_body(body_value(value, "usage", (dict,), "Done"))
+            stop = value.get("stop_sequence")
+            if stop is not None and not isinstance(stop, str):
+                raise ProtocolError("Done: stop_sequence must be a string")
+            return Done(usage, stop)
         if kind == Kind.ERROR:
             error = ErrorBody.from_body(value)
             return Failed(error.code, error.kind, error.description)

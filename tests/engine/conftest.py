@@ -28,6 +28,7 @@ class RecordingSink:
     def __init__(self, engine: LlamaEngine) -> None:
         self.engine = engine
         self.events: list[tuple[int, str, int, Any]] = []
+        self.stops: dict[int, str] = {}
         self.frames: dict[int, list[tuple[str, list[int]]]] = defaultdict(list)
         """Each request's token frames: their text and the token ids they carried."""
 
@@ -58,8 +59,12 @@ class RecordingSink:
     def embedding(self, request_id: int, result: dict[str, Any]) -> None:
         self.events.append((self.engine.decode_steps, "embedding", request_id, result))
 
-    def done(self, request_id: int, usage: dict[str, int]) -> None:
+    def done(
+        self, request_id: int, usage: dict[str, int], stop_sequence: str | None = None
+    ) -> None:
         self.events.append((self.engine.decode_steps, "done", request_id, usage))
+        if stop_sequence is not None:
+            self.stops[request_id] = stop_sequence
 
     def error(self, request_id: int, code: int, kind: str, description: str) -> None:
         self.events.append(

@@ -155,7 +155,7 @@ def test_a_request_whose_end_fails_ends_with_an_error(make_engine, monkeypatch) 
     reference = run(engine, {9: GOOD}).text()[9]
 
     class RefusingSink(RecordingSink):
-        def done(self, request_id: int, usage: dict[str, int]) -> None:
+        def done(self, request_id: int, usage: dict[str, int], stop_sequence: Any = None) -> None:
             if request_id == 1:
                 raise RuntimeError("cannot end it")
             super().done(request_id, usage)

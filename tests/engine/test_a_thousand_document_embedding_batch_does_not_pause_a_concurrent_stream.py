@@ -33,7 +33,7 @@ class _Collector:
     def embedding(self, request_id: int, result: dict[str, Any]) -> None:
         self.results.append(result)
 
-    def done(self, request_id: int, usage: dict[str, int]) -> None:
+    def done(self, request_id: int, usage: dict[str, int], stop_sequence: Any = None) -> None:
         self.usage = usage
 
     def error(self, request_id: int, code: int, kind: str, description: str) -> None:

@@ -48,11 +48,14 @@ def test_a_stop_string_ends_the_request_before_it(make_engine) -> None:
     stop = free[10:16]  # usually spans a token boundary
     cut = free.index(stop)
     stopped = run(
-        engine, {2: {"raw_prompt": "the quick brown fox", "max_tokens": 40, "stop": [stop]}}
+        engine,
+        {2: {"raw_prompt": "the quick brown fox", "max_tokens": 40, "stop": ["@@@", stop]}},
     )
     assert stopped.text()[2] == free[:cut]
     assert stopped.ends()[2][0] == "done"
     assert stop not in stopped.text()[2]
+    assert stopped.stops == {2: stop}  # which stop string ended it
+    assert run(engine, {3: {"raw_prompt": "the quick", "max_tokens": 5}}).stops == {}
 
 
 def _others(count: int, **options: Any) -> dict[int, dict[str, Any]]:

@@ -423,8 +423,21 @@ def test_the_stop_reason_says_whether_max_tokens_ended_the_answer(app, fake, usa
     fake.script.append(_answer(Tokens(["a"]), usage=usage))
     message = app.simulate_post("/v1/messages", json={**BODY, "stop_sequences": ["Z"]}).json
     assert message["stop_reason"] == reason
-    assert message["stop_sequence"] is None  # the engine does not say which stop string
+    assert message["stop_sequence"] is None
     assert message["model"] == "claude-x"
+
+
+def test_an_answer_a_stop_sequence_ended_says_which(app, fake) -> None:
+    done = Done(Usage(prompt_tokens=3, content_tokens=5), stop_sequence="END")
+    events = [Dispatched("agent-x", "a1", 0), Tokens(["a"]), done]
+    fake.script += [list(events), list(events)]
+    body = {**BODY, "stop_sequences": ["Z", "END"]}
+    message = app.simulate_post("/v1/messages", json=body).json
+    assert (message["stop_reason"], message["stop_sequence"]) == ("stop_sequence", "END")
+    streamed = app.simulate_post("/v1/messages", json={**body, "stream": True}).text
+    assert '"delta":{"stop_reason":"stop_sequence","stop_sequence":"END"}' in streamed.replace(
+        " ", ""
+    )
 
 
 def test_a_request_without_a_model_is_answered_with_the_served_one(app, fake) -> None:

@@ -53,6 +53,10 @@ def test_utf8_split_across_tokens_is_joined(text_impl) -> None:
 def test_a_stop_string_spanning_tokens_is_cut_before_it(text_impl) -> None:
     text, stopped = _assemble(text_impl, [b"Hello, ", b"wor", b"ld! More"], ["world"])
     assert (text, stopped) == ("Hello, ", True)
+    assembler = text_impl.TextAssembler(["xyz", "lo", "He"])
+    assert assembler.stopped_by is None
+    assert assembler.push(b"Hello") == ""
+    assert assembler.stopped_by == "He"  # the earliest in the text, not in the list
 
 
 def test_text_that_only_looks_like_a_stop_prefix_is_released(text_impl) -> None:

@@ -690,7 +690,11 @@ class LlamaEngine(Engine):
             usage["tool_call_tokens"] = slot.tool_call_tokens
         if slot.cached:  # absent is 0
             usage["cached_prompt_tokens"] = min(slot.cached, slot.prompt_tokens)
-        sink.done(slot.request_id, usage)
+        stop = slot.text.stopped_by
+        if stop is None:
+            sink.done(slot.request_id, usage)
+        else:
+            sink.done(slot.request_id, usage, stop_sequence=stop)
         self._finish(loaded, slot, answered=True)
 
     def _fail_all(self, sink: EventSink, code: int, kind: str, message: str) -> None:

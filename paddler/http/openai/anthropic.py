@@ -52,9 +52,8 @@ KEY_HEADER = "x-api-key"
 """Anthropic's SDKs send their key in this header; ``Authorization: Bearer`` works too."""
 
 STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use", "stop": "end_turn"}
-"""Anthropic's ``stop_reason`` for each of OpenAI's finish reasons. The engine does
-not say which stop string ended an answer, so an answer cut by ``stop_sequences``
-is ``end_turn`` (``stop_sequence`` is always null)."""
+"""Anthropic's ``stop_reason`` for each of OpenAI's finish reasons; an answer one of
+``stop_sequences`` ended is ``stop_sequence`` (``Done`` says which one)."""
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -135,8 +134,12 @@ def usage_of(usage: Usage) -> dict[str, Any]:
     }
 
 
-def stop_reason(usage: Usage, max_tokens: int, called: bool) -> str:
-    return STOP_REASONS[finish_reason(usage, max_tokens, called)]
+def stop_reason(done: Done, max_tokens: int, called: bool) -> dict[str, Any]:
+    """``stop_reason`` and ``stop_sequence`` of an answer that ended with ``done``."""
+    if done.stop_sequence is not None:
+        return {"stop_reason": "stop_sequence", "stop_sequence": done.stop_sequence}
+    reason = STOP_REASONS[finish_reason(done.usage, max_tokens, called)]
+    return {"stop_reason": reason, "stop_sequence": None}
 
 
 StreamEvent = tuple[str, dict[str, Any]]
@@ -309,8 +312,7 @@ class Messages:
         message = {
             **head,
             "content": blocks.content,
-            "stop_reason": stop_reason(done.usage, body.max_tokens, blocks.calls > 0),
-            "stop_sequence": None,
+            **stop_reason(done, body.max_tokens, blocks.calls > 0),
             "usage": usage_of(done.usage),
         }
         if blocks.tool_call_errors:
@@ -344,8 +346,7 @@ class Messages:
                     if isinstance(event, Done):
                         for name, data in blocks.close():
                             yield named_event(name, data)
-                        reason = stop_reason(event.usage, max_tokens, blocks.calls > 0)
-                        delta = {"stop_reason": reason, "stop_sequence": None}
+                        delta = stop_reason(event, max_tokens, blocks.calls > 0)
                         yield named_event(
                             "message_delta",
                             {
