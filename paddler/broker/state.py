@@ -831,9 +831,9 @@ class Broker:
     def handler_failed(
         self, agents_side: bool, identity: bytes, frames: list[bytes], now: float
     ) -> None:
-        """A handler raised on this message (a bug): the request it was about ends
-        with 500 ``InternalError``, so its client is not left waiting and its slot is
-        not held forever. Called by the socket loop, which logs the bug."""
+        """A handler raised on this message (a bug): the request or query it was
+        about ends with 500 ``InternalError``, so its client is not left waiting and
+        its slot is not held forever. Called by the socket loop, which logs the bug."""
         if len(frames) not in (2, 3) or len(frames[0]) != 9:
             return
         kind, request_id = HEADER.unpack(frames[0])
@@ -847,6 +847,7 @@ class Broker:
             if record is None:
                 if kind == Kind.SUBMIT:
                     self.metrics.count_outcome("InternalError")
+                if kind != Kind.CANCEL:  # a submit or a query: its client waits for an answer
                     self._send_client(
                         identity, error_frames(request_id, 500, "InternalError", _BUG)
                     )

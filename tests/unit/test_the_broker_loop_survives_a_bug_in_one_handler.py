@@ -132,3 +132,16 @@ def test_the_loop_serves_on_through_a_bug_in_a_message_handler_and_in_its_timers
     assert any(m.startswith("bug while handling a message from a client (") for m in messages)
     assert "bug while handling the timers; the broker goes on" in messages
     assert server.broker.metrics.requests == {"InternalError": 1}
+
+
+def test_a_query_whose_handler_has_a_bug_is_answered_not_left_waiting(
+    server: BrokerServer,
+) -> None:
+    broker = server.broker
+    broker.handler_failed(False, b"c", encode(Kind.GET_AGENTS, 9, {}), 0.0)
+    broker.handler_failed(False, b"c", encode(Kind.CANCEL, 10, {}), 0.0)
+    answers = [decode(frames) for _, identity, frames in broker.outbox if identity == b"c"]
+    assert [(kind, request_id, body["code"]) for kind, request_id, body in answers] == [
+        (Kind.ERROR, 9, 500)
+    ]
+    assert broker.metrics.requests == {}  # a query is not a request
