@@ -1,6 +1,7 @@
 """The I/O side of an agent: one DEALER to the broker, heartbeats, status.
 
-It registers with a stable identity, forwards dispatched requests and cancels to
+It registers with an identity of its own (a new one for each connection: see
+``_register``), forwards dispatched requests and cancels to
 the engine worker, forwards the worker's token frames to the broker untouched,
 re-registers by itself when the broker goes silent (a restart), and on SIGTERM
 stops taking work, lets running requests finish (or cancels them after
@@ -52,7 +53,11 @@ class AgentService:
         self.curve_keys = client_keys(
             settings.broker_public_key, settings.curve_secret_key, "--curve-secret-key"
         )
-        self.identity = identity or f"agent-{uuid.uuid4().hex[:12]}".encode()
+        self.base_identity = identity or f"agent-{uuid.uuid4().hex[:12]}".encode()
+        self.identity = self.base_identity
+        """The identity of the current connection: the base one, then with ``/2``,
+        ``/3``... for each reconnection."""
+        self._connections = 0
         self.context = zmq.Context()
         self._endpoint = f"inproc://engine-{id(self)}"
         self.pipe = self.context.socket(zmq.PAIR)
@@ -116,6 +121,13 @@ class AgentService:
             self.pipe.send_multipart(encode(Kind.CANCEL, engine_id, {}))
         self.active.clear()
         self._broker_ids.clear()
+        # A new connection gets a new identity: frames the old one sent may still be
+        # read by the broker after the new one registered (two TCP connections keep
+        # no order between them), and under the same identity they would count as
+        # the frames of a request the broker sends again to this agent.
+        self._connections += 1
+        if self._connections > 1:
+            self.identity = self.base_identity + f"/{self._connections}".encode()
         self._connect()
         self.registered = False
         self._last_register = now
