@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Benchmarks: ./bench.sh (about 20 minutes here, 10 of them the soak) or ./bench.sh quick
-# (about 4).
+# Benchmarks: ./bench.sh (about 40 minutes here, 10 of them the soak, 7-8 the comparison
+# with llama-server, which is built once first: about 7 minutes more) or ./bench.sh quick
+# (about 7).
 # Sets up .venv like test.sh, then runs benchmarks/run.py, which writes
 # benchmarks/results/{summary.md,*.json,*.png} and prints the summary.
 set -euo pipefail

@@ -1,7 +1,8 @@
 """Run every benchmark, then write the reports: ``benchmarks/results/summary.md``
 (all tables, the targets next to the measured values), the JSON of each benchmark,
-and PNG plots. ``bench.sh`` calls this; ``--quick`` keeps it under 4 minutes, the full
-run takes about 20 (10 of them the soak).
+and PNG plots. ``bench.sh`` calls this; ``--quick`` takes about 7 minutes, the full run
+about 40 (10 of them the soak, 7-8 the comparison with llama-server; building
+llama-server the first time adds about 7 more on 2 cores).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from benchmarks.common import RESULTS, machine
 
-BENCHMARKS = ("core", "broker", "engine", "http", "cluster", "prefix", "soak")
+BENCHMARKS = ("core", "broker", "engine", "llama_server", "http", "cluster", "prefix", "soak")
 
 
 def run_all(quick: bool, only: list[str]) -> dict[str, float]:
