@@ -73,6 +73,8 @@ TopK = Annotated[int, Field(ge=0, le=MAX_TOP_K), Says("must be a non-negative in
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1), Says("must be an integer from 0 to 4294967295")]
 Flag = Annotated[bool, Says("must be true or false")]
 Penalty = Annotated[float, Field(ge=-2, le=2), Says("must be a number from -2 to 2")]
+MAX_TEXT_INTERVAL_MS = 10_000
+TEXT_INTERVAL_MESSAGE = f"must be an integer from 0 to {MAX_TEXT_INTERVAL_MS}"
 MAX_LOGIT_BIAS = 1024
 MAX_TOP_LOGPROBS = 20
 LOGIT_BIAS_MESSAGE = (
@@ -251,6 +253,14 @@ class GenerationParameters(Shape):
     presence_penalty: Penalty | None = None
     """Lowers the logit of every token that came already (else ``penalty_presence``)."""
     logit_bias: LogitBias | None = None
+    text_interval_ms: Annotated[
+        int, Field(ge=0, le=MAX_TEXT_INTERVAL_MS), Says(TEXT_INTERVAL_MESSAGE)
+    ] = 0
+    """At most one text frame per this many milliseconds: the text of the steps in
+    between comes together (the first piece and the end are never held). For clients
+    that read the whole answer at the end: a frame per token costs the agent, the
+    balancer and the HTTP worker a wakeup each, which on a small machine takes CPU
+    from llama.cpp. 0: each step's text as soon as it is made."""
     logprobs: Flag = False
     """Send the log-probability of each generated token (a ``Logprobs`` event)."""
     top_logprobs: TopLogprobs = 0

@@ -175,3 +175,22 @@ def test_openai_fields_this_server_does_not_honour_are_refused(app, fake, path, 
     assert result.status_code == 400, result.text
     assert result.json["error"]["param"] == param
     assert fake.submitted == []
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", CHAT),
+        ("/v1/completions", {"prompt": "x"}),
+        ("/v1/responses", {"input": "x"}),
+        ("/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}),
+    ],
+)
+def test_an_answer_read_at_its_end_has_its_text_in_a_few_frames(app, fake, path, body) -> None:
+    done = [Dispatched("agent-x", "a1", 0), Tokens(["ok"]), Done(Usage(content_tokens=1))]
+    fake.script += [list(done), list(done)]
+    assert app.simulate_post(path, json=body).status_code == 200
+    assert app.simulate_post(path, json={**body, "stream": True}).status_code == 200
+    whole, streamed = fake.submitted
+    assert whole["text_interval_ms"] == 100
+    assert streamed["text_interval_ms"] == 0  # each token as it comes

@@ -574,6 +574,7 @@ DEFAULTS = {
     "frequency_penalty": None,
     "presence_penalty": None,
     "logit_bias": None,
+    "text_interval_ms": 0,
     "logprobs": False,
     "top_logprobs": 0,
 }
@@ -604,6 +605,7 @@ def test_every_field_at_its_bounds() -> None:
             "add_generation_prompt": False,
             "enable_thinking": True,
             "reasoning_budget": 0,
+            "text_interval_ms": 10_000,
             "tools": [
                 {"type": "function", "function": {"name": f"t{i}", "parameters": {}}}
                 for i in range(128)

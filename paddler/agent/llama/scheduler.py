@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -607,6 +608,32 @@ class LlamaEngine(Engine):
         return segments
 
     @staticmethod
+    def _paced(
+        slot: Slot, segments: list[tuple[int, str]], last: bool
+    ) -> list[tuple[int, str]] | None:
+        """The segments to send now under the request's ``text_interval_ms`` (the held
+        ones first, joined by kind), or ``None`` to hold them: the first text and the
+        end go at once, the rest at most once per interval."""
+        if not last:
+            if not segments and not slot.held:
+                return segments
+            now = time.monotonic()
+            if now < slot.flush_at:
+                slot.held += segments
+                return None
+            slot.flush_at = now + slot.interval_s
+        if not slot.held:
+            return segments
+        joined: list[tuple[int, str]] = []
+        for kind, part in slot.held + segments:
+            if joined and joined[-1][0] == kind:
+                joined[-1] = (kind, joined[-1][1] + part)
+            else:
+                joined.append((kind, part))
+        slot.held = []
+        return joined
+
+    @staticmethod
     def _keep_budget(loaded: LoadedModel, slot: Slot) -> None:
         """Close a reasoning block that used its request's ``reasoning_budget``: the
         next tokens are the closing marker (when the grammar, if any, allows them)."""
@@ -642,6 +669,11 @@ class LlamaEngine(Engine):
         (reasoning, tool calls and answer apart); ids whose text is all held back
         wait. A tool-call block that ended is parsed and its outcome sent after it."""
         segments = self._split(slot, text, last)
+        if slot.interval_s:
+            paced = self._paced(slot, segments, last)
+            if paced is None:
+                return  # held, with the ids and log-probabilities of their tokens
+            segments = paced
         if segments:
             token_ids, slot.unsent = slot.unsent, []
             if slot.unsent_logprobs:

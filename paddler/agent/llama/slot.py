@@ -89,6 +89,12 @@ class Slot:
     requests with tools, where the splitter must see them)."""
     tool_call_tokens: int = 0
     """Generated tokens that were the text of tool calls."""
+    held: list[tuple[int, str]] = field(default_factory=list)
+    """Text segments held back by the request's ``text_interval_ms``."""
+    interval_s: float = 0.0
+    """The request's ``text_interval_ms``, in seconds (0: text goes out every step)."""
+    flush_at: float = 0.0
+    """When held text may go out (``time.monotonic``)."""
     forced: list[int] = field(default_factory=list)
     """Tokens to write next instead of sampling (the closing marker of a reasoning
     block whose budget is spent), in reverse order."""
@@ -133,6 +139,9 @@ class Slot:
         self.uncounted = 0
         self.forced = []
         self.budget_spent = False
+        self.held = []
+        self.interval_s = request.get("text_interval_ms", 0) / 1000.0
+        self.flush_at = 0.0
         self.generated = len(generated) if generated else 0
         self.unsent = []
         self.max_tokens = request["max_tokens"]

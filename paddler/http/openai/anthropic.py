@@ -276,7 +276,7 @@ class Messages:
         body = check(MessagesBody, await read_json(req, self.deps.max_body_bytes), invalid_body)
         request = body.to_request()
         model = body.model or await served_model_id(self.deps)
-        opened = await open_generation(self.deps, req, request)
+        opened = await open_generation(self.deps, req, request, bool(body.stream))
         if opened is None:  # the client went away while its request waited
             resp.status = 499
             return

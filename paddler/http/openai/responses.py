@@ -491,7 +491,7 @@ class Responses:
         request = body.broker_request(history)
         model = body.model or await served_model_id(deps)
         turn = Turn(body, model, history, request, store=body.store is not False)
-        opened = await open_generation(deps, req, request)
+        opened = await open_generation(deps, req, request, bool(body.stream))
         if opened is None:  # the client went away while its request waited
             resp.status = 499
             return

@@ -171,13 +171,22 @@ async def _lead(events: AsyncGenerator[Event, None]) -> list[Event] | None:
     return None
 
 
+WHOLE_ANSWER_TEXT_INTERVAL_MS = 100
+"""The ``text_interval_ms`` of a request answered at its end (not streamed): its
+text comes in a frame per 100 ms rather than one per token."""
+
+
 async def open_generation(
-    deps: HttpDeps, req: falcon.asgi.Request, request: dict[str, Any]
+    deps: HttpDeps, req: falcon.asgi.Request, request: dict[str, Any], streamed: bool
 ) -> tuple[list[Event], AsyncGenerator[Event, None]] | None:
     """Submits ``request`` and waits for the event that decides the HTTP status: the
     events read so far (the deciding one last) and the stream of the rest, which the
     caller closes. ``None`` when the client went away first; ``failure`` raised when
-    the deciding event is an error (a full buffer, a timeout, a refusal)."""
+    the deciding event is an error (a full buffer, a timeout, a refusal). An answer
+    not ``streamed`` has its text sent in a few frames
+    (``WHOLE_ANSWER_TEXT_INTERVAL_MS``)."""
+    if not streamed:
+        request = {**request, "text_interval_ms": WHOLE_ANSWER_TEXT_INTERVAL_MS}
     stream = await broker_call(deps, lambda client: client.submit(request))
     events = guarded(deps, req, stream)
     try:
@@ -240,7 +249,7 @@ class Generation:
         request, options = self.parse(await read_json(req, self.deps.max_body_bytes))
         if options.model is None:
             options.model = await served_model_id(self.deps)
-        opened = await open_generation(self.deps, req, request)
+        opened = await open_generation(self.deps, req, request, options.stream)
         if opened is None:  # the client went away while its request waited
             resp.status = 499
             return

@@ -1,0 +1,53 @@
+"""``text_interval_ms``: a request whose client reads the whole answer at the end has
+its text sent in a few frames, not one per token. The first piece and the end go at
+once; the text, the token ids and the log-probabilities are those of an unpaced run,
+and a paced stream continues elsewhere like any other."""
+
+from __future__ import annotations
+
+from conftest import RecordingSink, run
+
+from paddler.protocol.codec import pack_token_ids
+from paddler.protocol.requests import CONTINUATION, validate_request
+
+REQUEST = {"raw_prompt": "Once upon a time", "max_tokens": 40, "logprobs": True}
+
+
+def _of(sink: RecordingSink, kind: str) -> list:
+    return [value for _, k, _, value in sink.events if k == kind]
+
+
+def test_a_paced_answer_is_the_same_in_two_frames(make_engine) -> None:
+    engine = make_engine()
+    plain = run(engine, {1: REQUEST})
+    paced = run(engine, {2: {**REQUEST, "text_interval_ms": 10_000}})
+    assert paced.text()[2] == plain.text()[1]
+    assert len(plain.frames[1]) > 10
+    # the first piece at once, then everything else at the end
+    assert len(paced.frames[2]) == 2
+    ids = [token for _, frame_ids in paced.frames[2] for token in frame_ids]
+    assert ids == [token for _, frame_ids in plain.frames[1] for token in frame_ids]
+    entries = [e for batch in _of(paced, "logprobs") for e in batch]
+    assert entries == [e for batch in _of(plain, "logprobs") for e in batch]
+    assert paced.ends()[2][1]["content_tokens"] == plain.ends()[1][1]["content_tokens"]
+
+
+def test_a_short_interval_sends_a_few_frames(make_engine) -> None:
+    engine = make_engine()
+    plain = run(engine, {1: {**REQUEST, "max_tokens": 200}})
+    paced = run(engine, {2: {**REQUEST, "max_tokens": 200, "text_interval_ms": 1}})
+    assert paced.text()[2] == plain.text()[1]
+    assert 2 <= len(paced.frames[2]) <= len(plain.frames[1])
+
+
+def test_a_paced_stream_continues_elsewhere(make_engine) -> None:
+    engine, other = make_engine(), make_engine()
+    paced = run(engine, {1: {**REQUEST, "text_interval_ms": 10_000}})
+    first_text, first_ids = paced.frames[1][0]
+    request = validate_request({**REQUEST, "text_interval_ms": 10_000})
+    request[CONTINUATION] = {"token_ids": pack_token_ids(first_ids)}
+    sink = RecordingSink(other)
+    other.admit(5, request)
+    while other.active_count():
+        other.step(sink)
+    assert first_text + sink.text()[5] == paced.text()[1]
