@@ -81,6 +81,8 @@ class Chaos:
         """Requests in progress (their ``agents`` and ``text`` say who streams what)."""
         self.continuations = 0.0
         """``paddler_continuations_total`` just before the balancer's restart."""
+        self.references: dict[tuple[str, int], str] = {}
+        """Each prompt's whole answer (known before the chaos starts)."""
 
     # --------------------------------------------------------------- cluster
 
@@ -121,11 +123,19 @@ class Chaos:
         invisible: the stream continues elsewhere)."""
 
         def pick() -> str | None:
+            # a stream its client read less than a quarter of, on an agent the
+            # balancer sees generating: the client may read far behind its agent
+            generating = {a["name"] for a in self.agents() if a["slots_processing"]}
             with self.lock:
                 streaming = [
                     o.agents[-1]
                     for o in self.live.values()
-                    if o.agents and o.text and not o.end and o.agents[-1] not in exclude
+                    if o.agents
+                    and o.text
+                    and not o.end
+                    and o.agents[-1] not in exclude
+                    and o.agents[-1] in generating
+                    and len(o.text) * 4 < len(self.references.get((o.prompt, o.max_tokens), ""))
                 ]
             return streaming[0] if streaming else None
 
@@ -333,6 +343,7 @@ def _references(chaos: Chaos) -> dict[tuple[str, int], str]:
             assert outcome.end == "done", outcome
             references[(prompt, max_tokens)] = outcome.text
     chaos.done = 0
+    chaos.references = references
     return references
 
 

@@ -727,7 +727,7 @@ class LlamaEngine(Engine):
             sink.done(slot.request_id, usage)
         else:
             sink.done(slot.request_id, usage, stop_sequence=stop)
-        self._finish(loaded, slot, answered=True)
+        self._finish(loaded, slot, answered=not slot.replay)
 
     def _fail_all(self, sink: EventSink, code: int, kind: str, message: str) -> None:
         while self._incoming:
@@ -789,6 +789,10 @@ class LlamaEngine(Engine):
     def _advance(self, sink: EventSink, loaded: LoadedModel, slot: Slot) -> None:
         """Sample a slot's next token from its logits, send its text, end it if done."""
         assert slot.sampler is not None
+        if slot.replay:  # a continued request: its next token is known and was sent
+            slot.next_token = slot.replay.pop()
+            slot.logits_index = -1
+            return
         if slot.splitter is not None and slot.splitter.inside and not slot.budget_spent:
             self._keep_budget(loaded, slot)
         try:

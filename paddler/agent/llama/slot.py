@@ -35,8 +35,12 @@ class Slot:
     seq_id: int
     request_id: int = -1
     prompt: list[int] = field(default_factory=list)
-    """What the slot prefills: the request's prompt, then (continued) the tokens
-    another agent already generated."""
+    """What the slot prefills: the request's prompt."""
+    replay: list[int] = field(default_factory=list)
+    """A continued request: the tokens another agent generated, not decoded here yet
+    (last first). They are decoded one a step, as they were generated, not prefilled
+    as a prompt: llama.cpp's results differ in the last bits with the shape of the
+    batch, and a greedy answer must come out the same as if nothing had happened."""
     prompt_tokens: int = 0
     """The request's own prompt tokens (its usage's ``prompt_tokens``)."""
     prefilled: int = 0
@@ -120,9 +124,10 @@ class Slot:
     ) -> None:
         """Serve a request from its first prompt token; the slot owns ``sampler`` now.
         ``generated``: the tokens another agent generated for it (a continuation),
-        prefilled after the prompt and counted as generated."""
+        decoded one a step after the prompt (``replay``) and counted as generated."""
         self.request_id = request_id
-        self.prompt = prompt + generated if generated else prompt
+        self.prompt = prompt
+        self.replay = generated[::-1] if generated else []
         self.prompt_tokens = len(prompt)
         self.prefilled = 0
         self.n_past = 0
@@ -165,6 +170,7 @@ class Slot:
         self.sampler = None
         self.text = None
         self.prompt = []
+        self.replay = []
         self.unsent = []
         self.request = None
         self.answer = []
