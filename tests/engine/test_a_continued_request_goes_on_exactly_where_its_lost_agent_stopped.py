@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 import pytest
-from conftest import RecordingSink, run
+from conftest import RecordingSink, local_resolver, run
 
 from paddler.agent.llama_engine import LlamaEngine
 from paddler.protocol.codec import pack_token_ids
@@ -178,3 +178,48 @@ def test_a_continuation_longer_than_a_slot_is_refused(make_engine) -> None:
     too_many = [5] * engine.n_ctx_seq
     sink = _serve(engine, _continued({"raw_prompt": "x", "max_tokens": 5000}, too_many))
     assert sink.ends()[5][1][:2] == (400, "PromptTooLong")
+
+
+def test_a_greedy_answer_continued_near_a_tie_is_the_same_to_the_character(
+    tiny_model,
+) -> None:
+    # this conversation's greedy answer has a near tie a little after character 200:
+    # the tokens before it prefilled as a batch (rather than decoded one a step, as
+    # they were generated) tipped it
+    request = {
+        "conversation_history": [{"role": "user", "content": "Once upon a time"}],
+        "max_tokens": 80,
+    }
+    # as a cluster serves it: the desired state's defaults, two threads, and a fresh
+    # agent for each continuation
+    state = {
+        "model": {"LocalToAgent": str(tiny_model)},
+        "inference_parameters": {"context_size": 1024, "temperature": 0.0},
+    }
+
+    def agent() -> LlamaEngine:
+        engine = LlamaEngine(2, n_threads=2, resolver=local_resolver)
+        engine.apply_state(state)
+        return engine
+
+    engine = agent()
+    try:
+        reference = run(engine, {1: request})
+    finally:
+        engine.close()
+    frames, whole = reference.frames[1], reference.text()[1]
+    assert len(frames) == 80
+    for cut in range(40, 60):
+        other = agent()
+        try:
+            continued = validate_request(request)
+            token_ids = [token for _, ids in frames[:cut] for token in ids]
+            continued[CONTINUATION] = {"token_ids": pack_token_ids(token_ids)}
+            sink = RecordingSink(other)
+            other.admit(7, continued)
+            while other.active_count():
+                other.step(sink)
+        finally:
+            other.close()
+        sent = "".join(text for text, _ in frames[:cut])
+        assert sent + sink.text().get(7, "") == whole, cut
