@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: tool-call text and outcomes (``TOOL_CALL``, ``TOOL_CALLS``), ``Done``'s
+``stop_sequence``, stored responses. Agents and clients of another version are
+refused at registration and at their first ping, with a message that says so."""
 
 CANCELLED_CODE = 499
 """The code of a request that ends because its client cancelled it (nginx's 499)."""
