@@ -28,6 +28,7 @@ in its format (``tool_choice`` required or named).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import secrets
@@ -97,19 +98,6 @@ LLAMA3 = ToolFormat(
 MISTRAL = ToolFormat(
     "mistral", ("[TOOL_CALLS]",), None, markers=("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"), id_length=9
 )
-DEEPSEEK_R1 = ToolFormat(
-    "deepseek",
-    (DEEPSEEK_CALLS_BEGIN,),
-    DEEPSEEK_CALLS_END,
-    markers=(
-        DEEPSEEK_CALLS_BEGIN,
-        DEEPSEEK_CALLS_END,
-        DEEPSEEK_CALL_BEGIN,
-        DEEPSEEK_CALL_END,
-        DEEPSEEK_SEP,
-    ),
-    fenced=True,
-)
 DEEPSEEK = ToolFormat(
     "deepseek",
     (DEEPSEEK_CALLS_BEGIN,),
@@ -122,6 +110,7 @@ DEEPSEEK = ToolFormat(
         DEEPSEEK_SEP,
     ),
 )
+DEEPSEEK_R1 = dataclasses.replace(DEEPSEEK, fenced=True)
 GRANITE = ToolFormat("granite", ("<|tool_call|>",), None, markers=("<|tool_call|>",))
 FORMATS = {f.name: f for f in (HERMES, LLAMA3, MISTRAL, DEEPSEEK, GRANITE)}
 

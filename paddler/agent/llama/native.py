@@ -107,6 +107,7 @@ class LlamaModel:
             self.n_embd = int(lc.llama_model_n_embd(self.ptr))
             self.has_encoder = bool(lc.llama_model_has_encoder(self.ptr))
             self._pieces: dict[int, bytes] = {}
+            self._markers: dict[tuple[str, ...], dict[int, bytes]] = {}
             self.metadata = self._read_metadata()
             self.bos_token = self.token_text(lc.llama_vocab_bos(self.vocab))
             self.eos_token = self.token_text(lc.llama_vocab_eos(self.vocab))
@@ -169,7 +170,7 @@ class LlamaModel:
         """The tokens that are each one of ``markers`` whole (control tokens such as
         Mistral's ``[TOOL_CALLS]``, which ``piece`` renders as nothing), with the
         marker's bytes. Cached per marker set."""
-        cache: dict[tuple[str, ...], dict[int, bytes]] = self.__dict__.setdefault("_markers", {})
+        cache = self._markers
         found = cache.get(markers)
         if found is None:
             found = {}

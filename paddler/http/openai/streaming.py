@@ -316,10 +316,10 @@ class Generation:
                                 yield chunk(choice)
                             calls += len(event.outcome.calls)
                         else:  # not a call: its text is the answer's
-                            pending = [] if asked else pending
+                            pending = []  # the block's tokens: not this content's
                             yield chunk(self.chunk_choice(event.outcome.text, None))
                     elif isinstance(event, ToolCallText):
-                        pending = [] if asked else pending  # their tokens are not content
+                        pending = []  # their tokens are not content
                     elif isinstance(event, Done):
                         reason = finish_reason(event.usage, request["max_tokens"], calls > 0)
                         yield chunk(self.chunk_choice(None, reason))
