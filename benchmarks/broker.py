@@ -33,7 +33,7 @@ import zmq
 from benchmarks.common import machine, summary_ms, write_result
 from paddler.client import Client, Done, Failed, Tokens
 from paddler.curve import PrivateKeys
-from paddler.protocol.codec import HEADER, encode, pack_body
+from paddler.protocol.codec import HEADER, encode, pack_body, unbatch
 from paddler.protocol.kinds import Kind
 from paddler.protocol.requests import validate_request
 from paddler.testing.cluster import LocalCluster, free_port, wait_until
@@ -151,12 +151,15 @@ def ttft_direct(
                 router.send_multipart([identity, HEADER.pack(Kind.DISPATCH, request_id), request])
             while wave:
                 assert router.poll(10_000)
-                _, header, *_body = router.recv_multipart()  # tokens carry their ids too
-                kind, rid = HEADER.unpack(header)
-                if kind == Kind.TOKENS and rid in wave:
-                    times.append(time.perf_counter() - started)
-                elif kind in (Kind.DONE, Kind.ERROR):
-                    wave.discard(rid)
+                _, *frames = router.recv_multipart()  # tokens carry their ids too
+                arrived = time.perf_counter()
+                batch = unbatch(frames) if frames[0][0] == Kind.BATCH else [frames]
+                for message in batch:  # a step's frames come as one
+                    kind, rid = HEADER.unpack(message[0])
+                    if kind == Kind.TOKENS and rid in wave:
+                        times.append(arrived - started)
+                    elif kind in (Kind.DONE, Kind.ERROR):
+                        wave.discard(rid)
     finally:
         agent.send_signal(signal.SIGTERM)
         try:

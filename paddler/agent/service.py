@@ -2,7 +2,8 @@
 
 It registers with an identity of its own (a new one for each connection: see
 ``_register``), forwards dispatched requests and cancels to
-the engine worker, forwards the worker's token frames to the broker untouched,
+the engine worker, forwards the worker's token frames to the broker with only
+their request ids rewritten (a step's frames in one ``BATCH``),
 re-registers by itself when the broker goes silent (a restart), and on SIGTERM
 stops taking work, lets running requests finish (or cancels them after
 ``--shutdown-timeout``) and deregisters.
@@ -27,7 +28,14 @@ from paddler.agent.settings import AgentSettings
 from paddler.agent.worker import EngineWorker
 from paddler.curve import client_keys, secure_client
 from paddler.errors import ProtocolError
-from paddler.protocol.codec import HEADER, MAX_BODY_BYTES, encode, unpack_body
+from paddler.protocol.codec import (
+    HEADER,
+    MAX_BODY_BYTES,
+    batched,
+    encode,
+    unbatch,
+    unpack_body,
+)
 from paddler.protocol.kinds import PROTOCOL_VERSION, Kind
 from paddler.protocol.messages import AgentStatus, ErrorBody, body_value
 
@@ -38,6 +46,7 @@ LIVENESS_INTERVALS = 3.5
 REGISTER_RETRY_S = 1.0
 GIL_SWITCH_INTERVAL_S = 0.0005
 _TERMINAL = (int(Kind.DONE), int(Kind.ERROR))
+_BATCH = int(Kind.BATCH)
 
 
 class RegistrationRejected(Exception):
@@ -208,18 +217,33 @@ class AgentService:
             log.warning("dropped a frame from the broker: %s", exc)
 
     def _from_engine(self, frames: list[bytes]) -> None:
+        """One message from the engine (a ``BATCH`` for a step's events): mapped to the
+        broker's ids and sent on as one message again."""
+        if frames[0][0] == _BATCH:
+            out: list[list[bytes]] = []
+            for message in unbatch(frames):
+                self._engine_message(message, out)
+            for message in batched(out):
+                self._send(message)
+        else:
+            out = []
+            self._engine_message(frames, out)
+            if out:
+                self._send(out[0])
+
+    def _engine_message(self, frames: list[bytes], out: list[list[bytes]]) -> None:
         kind, request_id = HEADER.unpack(frames[0])
         if kind == Kind.AGENT_STATUS:
             self.status = AgentStatus.from_body(unpack_body(frames[1]))
-            self._send(encode(Kind.AGENT_STATUS, 0, self._status_body()))
+            out.append(encode(Kind.AGENT_STATUS, 0, self._status_body()))
             return
         if kind == Kind.AGENT_ANSWER:
-            self._send(frames)
+            out.append(frames)
             return
         if kind == Kind.SLOT_PREFIXES:
             for slot, packed in unpack_body(frames[1])["held"]:
                 self.held[slot] = packed
-            self._send(frames)
+            out.append(frames)
             return
         broker_id = self._broker_ids.get(request_id)
         if broker_id is None:
@@ -228,7 +252,7 @@ class AgentService:
             del self._broker_ids[request_id]
             del self.active[broker_id]
         frames[0] = HEADER.pack(kind, broker_id)
-        self._send(frames)
+        out.append(frames)
 
     # -------------------------------------------------------------------- loop
 

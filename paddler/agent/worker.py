@@ -2,7 +2,8 @@
 
 It talks to the I/O side over an inproc PAIR socket with protocol frames:
 commands in (DISPATCH, CANCEL, DESIRED_STATE, DEREGISTER = stop), events out
-(TOKENS with their token ids, DONE, ERROR ready to forward verbatim, and AGENT_STATUS).
+(TOKENS with their token ids, DONE, ERROR ready to forward verbatim, and AGENT_STATUS),
+a pass of the engine loop's events in one ``BATCH``.
 
 It also supervises the engine. The engine isolates a fault of one request itself;
 an exception that escapes ``Engine.step`` (or any other engine call of the loop)
@@ -29,7 +30,14 @@ import zmq
 
 from paddler.agent.engine import Engine
 from paddler.errors import ProtocolError
-from paddler.protocol.codec import HEADER, encode, pack_body, pack_token_ids, unpack_body
+from paddler.protocol.codec import (
+    HEADER,
+    batched,
+    encode,
+    pack_body,
+    pack_token_ids,
+    unpack_body,
+)
 from paddler.protocol.kinds import Kind
 from paddler.protocol.messages import AgentStatus, ErrorBody
 from paddler.protocol.prefixes import pack_fingerprints
@@ -52,45 +60,60 @@ RESTART_WINDOW_S = 60.0
 
 
 class _SocketSink:
-    """Encodes engine events as frames on the PAIR socket, and keeps the ids of the
-    requests admitted and not yet ended (the worker ends them if the engine dies)."""
+    """Encodes engine events as frames for the PAIR socket, and keeps the ids of the
+    requests admitted and not yet ended (the worker ends them if the engine dies).
+
+    Events wait in ``pending`` until ``flush`` (after each pass of the engine loop),
+    which sends them as one ``BATCH``: a step's tokens of every slot cost the I/O
+    thread one wakeup, not one each. ``send_now`` keeps the order (pending first)."""
 
     def __init__(self, socket: zmq.Socket[bytes]) -> None:
         self.socket = socket
         self.open: set[int] = set()
+        self.pending: list[list[bytes]] = []
+
+    def flush(self) -> None:
+        if self.pending:
+            pending = self.pending
+            self.pending = []
+            for frames in batched(pending):
+                self.socket.send_multipart(frames)
+
+    def send_now(self, frames: list[bytes]) -> None:
+        self.flush()
+        self.socket.send_multipart(frames)
+
+    def _text(
+        self, header: int, request_id: int, pieces: list[str], token_ids: Sequence[int] | None
+    ) -> None:
+        frames = [HEADER.pack(header, request_id), pack_body(pieces)]
+        if token_ids is not None:
+            frames.append(pack_token_ids(token_ids))
+        self.pending.append(frames)
 
     def tokens(
         self, request_id: int, pieces: list[str], token_ids: Sequence[int] | None = None
     ) -> None:
-        frames = [HEADER.pack(_TOKENS_HEADER, request_id), pack_body(pieces)]
-        if token_ids is not None:
-            frames.append(pack_token_ids(token_ids))
-        self.socket.send_multipart(frames)
+        self._text(_TOKENS_HEADER, request_id, pieces, token_ids)
 
     def reasoning(
         self, request_id: int, pieces: list[str], token_ids: Sequence[int] | None = None
     ) -> None:
-        frames = [HEADER.pack(_REASONING_HEADER, request_id), pack_body(pieces)]
-        if token_ids is not None:
-            frames.append(pack_token_ids(token_ids))
-        self.socket.send_multipart(frames)
+        self._text(_REASONING_HEADER, request_id, pieces, token_ids)
 
     def tool_call(
         self, request_id: int, pieces: list[str], token_ids: Sequence[int] | None = None
     ) -> None:
-        frames = [HEADER.pack(_TOOL_CALL_HEADER, request_id), pack_body(pieces)]
-        if token_ids is not None:
-            frames.append(pack_token_ids(token_ids))
-        self.socket.send_multipart(frames)
+        self._text(_TOOL_CALL_HEADER, request_id, pieces, token_ids)
 
     def tool_calls(self, request_id: int, outcome: dict[str, Any]) -> None:
-        self.socket.send_multipart(encode(Kind.TOOL_CALLS, request_id, outcome))
+        self.pending.append(encode(Kind.TOOL_CALLS, request_id, outcome))
 
     def logprobs(self, request_id: int, entries: list[dict[str, Any]]) -> None:
-        self.socket.send_multipart(encode(Kind.LOGPROBS, request_id, entries))
+        self.pending.append(encode(Kind.LOGPROBS, request_id, entries))
 
     def embedding(self, request_id: int, result: dict[str, Any]) -> None:
-        self.socket.send_multipart(encode(Kind.EMBEDDING, request_id, result))
+        self.pending.append(encode(Kind.EMBEDDING, request_id, result))
 
     def done(
         self, request_id: int, usage: dict[str, int], stop_sequence: str | None = None
@@ -99,11 +122,11 @@ class _SocketSink:
         body: dict[str, Any] = {"usage": usage}
         if stop_sequence is not None:
             body["stop_sequence"] = stop_sequence
-        self.socket.send_multipart(encode(Kind.DONE, request_id, body))
+        self.pending.append(encode(Kind.DONE, request_id, body))
 
     def error(self, request_id: int, code: int, kind: str, description: str) -> None:
         self.open.discard(request_id)
-        self.socket.send_multipart(
+        self.pending.append(
             encode(Kind.ERROR, request_id, ErrorBody(code, kind, description).to_body())
         )
 
@@ -149,7 +172,7 @@ class EngineWorker(threading.Thread):
         finally:
             threading.stack_size(previous)
 
-    def _send_status(self, socket: zmq.Socket[bytes]) -> None:
+    def _send_status(self, sink: _SocketSink) -> None:
         try:
             status = self.engine.status()
         except Exception:  # a broken engine still has an agent that reports
@@ -158,15 +181,15 @@ class EngineWorker(threading.Thread):
         if self._issue is not None:
             status.ready = False
             status.issues = [*status.issues, self._issue]
-        socket.send_multipart(encode(Kind.AGENT_STATUS, 0, status.to_body()))
+        sink.send_now(encode(Kind.AGENT_STATUS, 0, status.to_body()))
 
     @staticmethod
-    def _send_held(socket: zmq.Socket[bytes], held: dict[int, list[int]]) -> None:
+    def _send_held(sink: _SocketSink, held: dict[int, list[int]]) -> None:
         """What the slots whose kept cells changed hold now (``SLOT_PREFIXES``)."""
         body = {"held": [[slot, pack_fingerprints(chain)] for slot, chain in sorted(held.items())]}
-        socket.send_multipart(encode(Kind.SLOT_PREFIXES, 0, body))
+        sink.send_now(encode(Kind.SLOT_PREFIXES, 0, body))
 
-    def _command(self, socket: zmq.Socket[bytes], sink: _SocketSink, frames: list[bytes]) -> bool:
+    def _command(self, sink: _SocketSink, frames: list[bytes]) -> bool:
         """Handle one command; ``False`` to stop."""
         kind, request_id = HEADER.unpack(frames[0])
         engine = self.engine
@@ -186,7 +209,7 @@ class EngineWorker(threading.Thread):
             # the engine reports a model it cannot get or load as an issue in its
             # status; an exception here is a fault of the engine: restart it
             engine.apply_state(state)
-            self._send_status(socket)
+            self._send_status(sink)
         elif kind == Kind.AGENT_QUERY:
             what = unpack_body(frames[1]).get("what")
             try:
@@ -194,7 +217,7 @@ class EngineWorker(threading.Thread):
             except Exception:  # a question must never take the engine down
                 log.exception("answering %r failed", what)
                 value = None
-            socket.send_multipart(encode(Kind.AGENT_ANSWER, request_id, {"value": value}))
+            sink.send_now(encode(Kind.AGENT_ANSWER, request_id, {"value": value}))
         elif kind == Kind.DEREGISTER:
             self._stopping = True
             return False
@@ -206,7 +229,7 @@ class EngineWorker(threading.Thread):
         socket.connect(self.endpoint)
         sink = _SocketSink(socket)
         engine = self.engine
-        engine.status_listener = lambda: self._send_status(socket)
+        engine.status_listener = lambda: self._send_status(sink)
         self.ready.set()
         try:
             self._supervise(socket, sink)
@@ -243,7 +266,8 @@ class EngineWorker(threading.Thread):
             timeout = 0 if engine.active_count() else IDLE_POLL_MS
             while socket.poll(timeout):
                 try:
-                    if not self._command(socket, sink, socket.recv_multipart()):
+                    if not self._command(sink, socket.recv_multipart()):
+                        sink.flush()
                         return
                 except ProtocolError as exc:  # a bad command, not a broken engine
                     log.warning("dropped a command to the engine: %s", exc)
@@ -251,10 +275,11 @@ class EngineWorker(threading.Thread):
             if engine.active_count():
                 engine.step(sink)
             if engine.take_status_change():
-                self._send_status(socket)
+                self._send_status(sink)
             held = engine.take_held()
             if held:
-                self._send_held(socket, held)
+                self._send_held(sink, held)
+            sink.flush()
 
     def _recover(self, socket: zmq.Socket[bytes], sink: _SocketSink, failure: Exception) -> None:
         """End every open request, then rebuild the engine from the last desired state
@@ -268,11 +293,11 @@ class EngineWorker(threading.Thread):
                 self._failures.popleft()
             restarting = len(self._failures) <= self.max_restarts
             self._issue = {"EngineFailed": {"error": error, "restarting": restarting}}
-            self._send_status(socket)
+            self._send_status(sink)
             self._end_open(sink, error)
             if not restarting:
                 self._give_up(error)
-                self._send_status(socket)
+                self._send_status(sink)
                 return
             log.warning(
                 "restarting the engine (%d failures in the last %.0f s): "
@@ -289,7 +314,7 @@ class EngineWorker(threading.Thread):
                 continue
             self.restarts += 1
             self._issue = None
-            self._send_status(socket)
+            self._send_status(sink)
             log.info("the engine restarted (%d restarts so far)", self.restarts)
             return
 
@@ -302,6 +327,7 @@ class EngineWorker(threading.Thread):
                 f"the agent's engine failed ({error}) and restarts; this request ended",
             )
         sink.open.clear()
+        sink.flush()
 
     def _give_up(self, error: str) -> None:
         log.error(
@@ -336,7 +362,7 @@ class EngineWorker(threading.Thread):
                 self._issue = None
                 self.engine.reset(state)  # a failure here is a new one
                 self.restarts += 1
-                self._send_status(socket)
+                self._send_status(sink)
                 return
             if kind == Kind.DISPATCH:
                 sink.error(
@@ -345,8 +371,9 @@ class EngineWorker(threading.Thread):
                     "AgentUnavailable",
                     f"the agent's engine is down after repeated failures ({self._down})",
                 )
+                sink.flush()
             elif kind == Kind.AGENT_QUERY:
-                socket.send_multipart(encode(Kind.AGENT_ANSWER, request_id, {"value": None}))
+                sink.send_now(encode(Kind.AGENT_ANSWER, request_id, {"value": None}))
             elif kind == Kind.DEREGISTER:
                 self._stopping = True
                 return

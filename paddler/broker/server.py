@@ -27,12 +27,13 @@ from paddler.curve import (
     load_keypair,
 )
 from paddler.errors import ConfigurationError
-from paddler.protocol.codec import MAX_BODY_BYTES
+from paddler.protocol.codec import MAX_BODY_BYTES, batched
 from paddler.protocol.kinds import Kind
 
 log = logging.getLogger("paddler.broker")
 
 REGISTER_KIND = bytes([Kind.REGISTER])
+BATCH_KIND = bytes([Kind.BATCH])
 
 MAX_MESSAGE_BYTES = MAX_BODY_BYTES + 4096
 SEND_HWM = 100_000
@@ -194,61 +195,95 @@ class BrokerServer:
             if len(frames) < 2:
                 broker._drop("peer", b"", "message without identity or content", now)
                 continue
-            try:
-                if agents_side:
-                    broker.on_agent_message(frames[0], frames[1:], now, key)
-                else:
-                    broker.on_client_message(frames[0], frames[1:], now)
-            except Exception:  # a bug must not take the cluster down: log it, end its request
-                side = "an agent" if agents_side else "a client"
-                self._fault(f"a message from {side}", frames[0].hex()[:16], now)
-                self._guard(
-                    "ending the request of a failed message",
-                    frames[0].hex()[:16],
-                    now,
-                    broker.handler_failed,
-                    agents_side,
-                    frames[0],
-                    frames[1:],
-                    now,
-                )
+            if agents_side and frames[1][:1] == BATCH_KIND:
+                for message in broker.agent_batch(frames[0], frames[1:], now):
+                    self._handle(True, frames[0], message, None, now)
+            else:
+                self._handle(agents_side, frames[0], frames[1:], key, now)
             if len(broker.outbox) > BURST:
                 self._flush()
 
+    def _handle(
+        self, agents_side: bool, identity: bytes, frames: list[bytes], key: Any, now: float
+    ) -> None:
+        """One message (identity removed); a bug in its handler ends only its request."""
+        broker = self.broker
+        try:
+            if agents_side:
+                broker.on_agent_message(identity, frames, now, key)
+            else:
+                broker.on_client_message(identity, frames, now)
+        except Exception:  # a bug must not take the cluster down: log it, end its request
+            side = "an agent" if agents_side else "a client"
+            self._fault(f"a message from {side}", identity.hex()[:16], now)
+            self._guard(
+                "ending the request of a failed message",
+                identity.hex()[:16],
+                now,
+                broker.handler_failed,
+                agents_side,
+                identity,
+                frames,
+                now,
+            )
+
     def _flush(self) -> None:
+        """Send what the handlers queued; each client's messages as few ``BATCH``
+        messages as its bytes allow (a step of an agent's streams is often several
+        requests of one HTTP worker), in order."""
         broker = self.broker
         while broker.outbox:
             outbox = broker.outbox
             broker.outbox = []
+            to_clients: dict[bytes, list[list[bytes]]] = {}
             for target, identity, frames in outbox:
-                socket = self.agents if target is Target.AGENTS else self.clients
-                try:
-                    socket.send_multipart([identity, *frames], zmq.NOBLOCK)
-                except zmq.ZMQError as exc:
-                    now = time.monotonic()
-                    if exc.errno not in (errno.EHOSTUNREACH, zmq.EAGAIN):
-                        raise
-                    if target is Target.AGENTS:
-                        if identity in broker.agents:
-                            self._guard(
-                                "removing an unreachable agent",
-                                identity.hex()[:16],
-                                now,
-                                broker.remove_agent,
-                                identity,
-                                now,
-                                "became unreachable",
-                            )
+                if target is Target.CLIENTS:
+                    queued = to_clients.get(identity)
+                    if queued is None:
+                        to_clients[identity] = [frames]
                     else:
-                        log.info("client %s unreachable; cancelling its requests", identity.hex())
-                        self._guard(
-                            "cancelling the requests of an unreachable client",
-                            identity.hex()[:16],
-                            now,
-                            broker.client_lost,
-                            identity,
-                            now,
-                        )
+                        queued.append(frames)
+                else:
+                    self._send(self.agents, target, identity, frames)
+            for identity, messages in to_clients.items():
+                for frames in batched(messages):
+                    if not self._send(self.clients, Target.CLIENTS, identity, frames):
+                        break
+
+    def _send(
+        self, socket: zmq.Socket[bytes], target: Target, identity: bytes, frames: list[bytes]
+    ) -> bool:
+        """Send one message; ``False`` if its peer is gone (then forgotten)."""
+        broker = self.broker
+        try:
+            socket.send_multipart([identity, *frames], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:
+            now = time.monotonic()
+            if exc.errno not in (errno.EHOSTUNREACH, zmq.EAGAIN):
+                raise
+            if target is Target.AGENTS:
+                if identity in broker.agents:
+                    self._guard(
+                        "removing an unreachable agent",
+                        identity.hex()[:16],
+                        now,
+                        broker.remove_agent,
+                        identity,
+                        now,
+                        "became unreachable",
+                    )
+            else:
+                log.info("client %s unreachable; cancelling its requests", identity.hex())
+                self._guard(
+                    "cancelling the requests of an unreachable client",
+                    identity.hex()[:16],
+                    now,
+                    broker.client_lost,
+                    identity,
+                    now,
+                )
+            return False
 
     def _fault(self, what: str, peer: str, now: float) -> None:
         """Log the exception being handled, with its traceback, unless ``what`` (one

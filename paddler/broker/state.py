@@ -34,6 +34,7 @@ from paddler.protocol.codec import (
     encode,
     make_header,
     pack_body,
+    unbatch,
     unpack_body,
 )
 from paddler.protocol.desired_state import validate_desired_state
@@ -66,6 +67,7 @@ DROP_LOG_PEERS = 256
 """Peers with a drop log window of their own; past that they share one."""
 
 _TOKENS = int(Kind.TOKENS)
+_REGISTER = int(Kind.REGISTER)
 _EMBEDDING = int(Kind.EMBEDDING)
 _LOGPROBS = int(Kind.LOGPROBS)
 _STREAMED = (_TOKENS, int(Kind.REASONING), int(Kind.TOOL_CALL), _EMBEDDING)
@@ -331,6 +333,20 @@ class Broker:
             self._forget(record)
 
     # ------------------------------------------------------------ from agents
+
+    def agent_batch(self, identity: bytes, frames: list[bytes], now: float) -> list[list[bytes]]:
+        """The messages of a ``BATCH`` from an agent, to handle one by one; none (the
+        batch dropped) if it is malformed. A registration in a batch is dropped: it
+        needs the connection's key, which is the batch's."""
+        try:
+            messages = unbatch(frames)
+        except ProtocolError as exc:
+            self._drop("agent", identity, str(exc), now)
+            return []
+        kept = [message for message in messages if message[0][0] != _REGISTER]
+        if len(kept) != len(messages):
+            self._drop("agent", identity, "a registration inside a batch", now)
+        return kept
 
     def on_agent_message(
         self, identity: bytes, frames: list[bytes], now: float, peer_key: bytes | None = None

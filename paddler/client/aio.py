@@ -136,8 +136,7 @@ class AsyncClient(CoreDriver):
         while True:
             frames = await socket.recv_multipart()
             self.heard_at_s = now = time.monotonic()
-            request_id = core.receive(frames, now)
-            if request_id is not None:
+            for request_id in core.receive_all(frames, now):
                 self._wake(request_id)
 
     async def _watch(self) -> None:

@@ -23,9 +23,11 @@ from typing import Any
 
 from paddler.client.events import TERMINAL, Event, Failed, Tokens, decode_event
 from paddler.client.queries import Query
-from paddler.errors import BrokerUnreachable, RequestFailed
-from paddler.protocol.codec import HEADER, HEADER_SIZE, encode, pack_body
+from paddler.errors import BrokerUnreachable, ProtocolError, RequestFailed
+from paddler.protocol.codec import HEADER, HEADER_SIZE, encode, pack_body, unbatch
 from paddler.protocol.kinds import CANCELLED_CODE, PROTOCOL_VERSION, Kind
+
+_BATCH_KIND = bytes([Kind.BATCH])
 
 DEFAULT_TIMEOUT_S = 5.0
 PING_AFTER_S = 1.0
@@ -112,6 +114,24 @@ class ClientCore:
             return None
         queue.append((kind, bytes(frames[1])))
         return request_id
+
+    def receive_all(self, frames: Sequence[bytes], now: float) -> list[int]:
+        """``receive`` for a message that may be a ``BATCH`` of several: the ids of the
+        requests that got one (a malformed batch is dropped whole)."""
+        if len(frames) != 2 or frames[0][:1] != _BATCH_KIND:
+            request_id = self.receive(frames, now)
+            return [] if request_id is None else [request_id]
+        self._last_heard = now
+        try:
+            messages = unbatch(frames)
+        except ProtocolError:
+            return []
+        woken: list[int] = []
+        for message in messages:
+            request_id = self.receive(message, now)
+            if request_id is not None:
+                woken.append(request_id)
+        return woken
 
     def next_message(self, request_id: int) -> Message | None:
         """The oldest message kept for ``request_id``, None if there is none yet;

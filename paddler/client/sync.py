@@ -126,7 +126,7 @@ class Client(CoreDriver):
                 frames = socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._core.receive(frames, time.monotonic())
+            self._core.receive_all(frames, time.monotonic())
 
     def _wait(self, request_id: int) -> Message:
         """The next message of ``request_id``; ``BrokerUnreachable`` if the broker is silent."""

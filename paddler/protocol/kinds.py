@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-PROTOCOL_VERSION = 2
-"""2: tool-call text and outcomes (``TOOL_CALL``, ``TOOL_CALLS``), ``Done``'s
+PROTOCOL_VERSION = 3
+"""3: ``BATCH`` messages (several messages in one, ``paddler.protocol.codec.batched``).
+2: tool-call text and outcomes (``TOOL_CALL``, ``TOOL_CALLS``), ``Done``'s
 ``stop_sequence``, stored responses. Agents and clients of another version are
 refused at registration and at their first ping, with a message that says so."""
 
@@ -16,6 +17,8 @@ CANCELLED_CODE = 499
 class Kind(IntEnum):
     """The first byte of every header frame."""
 
+    # any direction: several messages in one (paddler.protocol.codec.batched)
+    BATCH = 9
     # agent -> broker
     REGISTER = 1
     AGENT_STATUS = 2

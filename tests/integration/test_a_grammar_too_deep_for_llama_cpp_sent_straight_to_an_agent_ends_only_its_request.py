@@ -15,7 +15,7 @@ import msgpack
 import pytest
 import zmq
 
-from paddler.protocol.codec import HEADER, encode, pack_body
+from paddler.protocol.codec import HEADER, encode, pack_body, unbatch
 from paddler.protocol.kinds import Kind
 from paddler.protocol.requests import validate_request
 from paddler.testing.tiny_model import write_tiny_llama
@@ -29,20 +29,25 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny.gguf")
 
 
-def _receive(router: zmq.Socket[bytes], timeout_s: float) -> tuple[int, int, Any]:
+def _receive(router: zmq.Socket[bytes], timeout_s: float) -> list[tuple[int, int, Any]]:
+    """The messages of what the agent sends next (a step's come as one ``BATCH``)."""
     assert router.poll(int(timeout_s * 1000)), "the agent said nothing"
-    _, header, body, *_token_ids = router.recv_multipart()  # tokens: their ids too
-    kind, request_id = HEADER.unpack(header)
-    return kind, request_id, msgpack.unpackb(body)
+    _, *frames = router.recv_multipart()
+    messages = unbatch(frames) if frames[0][0] == Kind.BATCH else [frames]
+    out = []
+    for header, body, *_token_ids in messages:  # tokens: their ids too
+        kind, request_id = HEADER.unpack(header)
+        out.append((kind, request_id, msgpack.unpackb(body)))
+    return out
 
 
 def _until(router: zmq.Socket[bytes], wanted: Any, timeout_s: float = 30.0) -> tuple[int, Any]:
     """The first message ``wanted(kind, request_id, body)`` accepts; others are skipped."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        kind, request_id, body = _receive(router, deadline - time.monotonic())
-        if wanted(kind, request_id, body):
-            return kind, body
+        for kind, request_id, body in _receive(router, deadline - time.monotonic()):
+            if wanted(kind, request_id, body):
+                return kind, body
     raise AssertionError("the agent did not answer in time")
 
 
