@@ -119,6 +119,9 @@ def engine(
         def error(self, request_id: int, code: int, kind: str, description: str) -> None:
             raise RuntimeError(description)
 
+        def flush(self) -> None:
+            pass
+
     llama = LlamaEngine(n, n_threads=threads(), resolver=lambda source, progress: path)
     try:
         llama.apply_state(

@@ -82,6 +82,11 @@ class EventSink(Protocol):
 
     def error(self, request_id: int, code: int, kind: str, description: str) -> None: ...
 
+    def flush(self) -> None:
+        """Everything reported so far may go out now: an engine calls it before a
+        decode, so a step's text does not wait for the next one (the agent's sink
+        sends what it gathered as one message)."""
+
 
 """Code of the error an engine reports for a request it ended on cancel."""
 

@@ -137,6 +137,7 @@ class FakeEngine(Engine):
         for request_id in [rid for rid, r in self.requests.items() if r.cancelled]:
             sink.error(request_id, CANCELLED_CODE, "Cancelled", "cancelled by the client")
             del self.requests[request_id]
+        sink.flush()
         if self.step_s > 0:
             time.sleep(self.step_s)
         finished = []

@@ -29,6 +29,8 @@ class RecordingSink:
         self.engine = engine
         self.events: list[tuple[int, str, int, Any]] = []
         self.stops: dict[int, str] = {}
+        self.flushes: list[tuple[int, int]] = []
+        """``(decode steps so far, events so far)`` at each ``flush``."""
         self.frames: dict[int, list[tuple[str, list[int]]]] = defaultdict(list)
         """Each request's token frames: their text and the token ids they carried."""
 
@@ -58,6 +60,9 @@ class RecordingSink:
 
     def embedding(self, request_id: int, result: dict[str, Any]) -> None:
         self.events.append((self.engine.decode_steps, "embedding", request_id, result))
+
+    def flush(self) -> None:
+        self.flushes.append((self.engine.decode_steps, len(self.events)))
 
     def done(
         self, request_id: int, usage: dict[str, int], stop_sequence: str | None = None

@@ -773,6 +773,7 @@ class LlamaEngine(Engine):
                 self._fault(sink, loaded, slot, exc)
         # 3. one document of one embedding request
         self._embed_step(sink, loaded)
+        sink.flush()  # the text of this step goes out before the decode
         # 4. assemble (decode tokens first, then prompt chunks) and 5. decode once
         if not self._decode(sink, loaded):
             if self._has_pending_state and not self._by_request and not self._embedding:
