@@ -4,7 +4,6 @@ responses by type, ``/health``, CORS, and the broker link in the request context
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -91,26 +90,45 @@ def disconnected(req: falcon.asgi.Request) -> asyncio.Event:
 async def until_disconnect(
     req: falcon.asgi.Request, events: AsyncIterator[Any], on_disconnect: Callable[[], None]
 ) -> AsyncGenerator[Any, None]:
-    """Items of ``events`` until the client goes away; then ``on_disconnect()``."""
+    """Items of ``events`` until the client goes away; then ``on_disconnect()``.
+
+    One watcher per response, not a race per item (a task and an ``asyncio.wait``
+    per token cost a streaming worker more than the token itself): when the client
+    leaves while the responder waits for its next event, that wait is cancelled;
+    when it leaves while an item is being written, the loop stops before the next."""
     gone = disconnected(req)
-    waiter = asyncio.ensure_future(gone.wait())
+    task = asyncio.current_task()
+    waiting = False
+    cancelled = False
+
+    def on_gone(_: object) -> None:
+        nonlocal cancelled
+        if waiting and not cancelled and task is not None:
+            cancelled = True
+            task.cancel()
+
+    watcher = asyncio.ensure_future(gone.wait())
+    watcher.add_done_callback(on_gone)
+    iterator = events.__aiter__()
     try:
-        iterator = events.__aiter__()
-        while True:
-            step = asyncio.ensure_future(iterator.__anext__())
-            done, _ = await asyncio.wait({step, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            if step not in done:
-                step.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
-                    await step  # the generator must stop before anyone closes it
-                on_disconnect()
-                return
+        while not gone.is_set():
+            waiting = True
             try:
-                yield step.result()
+                item = await iterator.__anext__()
             except StopAsyncIteration:
                 return
+            except asyncio.CancelledError:
+                if not cancelled or task is None:
+                    raise  # cancelled by someone else: not ours to swallow
+                task.uncancel()
+                break
+            finally:
+                waiting = False
+            yield item
+        on_disconnect()
     finally:
-        waiter.cancel()
+        watcher.remove_done_callback(on_gone)
+        watcher.cancel()
 
 
 class ClosingStream:

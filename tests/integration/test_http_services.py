@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
-from paddler.testing.cluster import LocalCluster, wait_until
+from paddler.testing.cluster import LocalCluster, free_port, wait_until
 from paddler.testing.processes import descends_from, live_processes
 
 
@@ -158,6 +158,39 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(make_cluster) -> No
     # the connection closed with the block: the agent's slot frees
     assert freed.wait(10), seen
     watcher.join(5)
+
+
+@pytest.mark.parametrize("service", ["ndjson", "openai_sse"])
+def test_a_client_that_leaves_while_buffered_leaves_the_buffer(make_cluster, service) -> None:
+    """Nothing is written to a buffered request's connection, so only the watch on
+    the connection can notice the client leaving: its request leaves the buffer."""
+    cluster = _cluster(
+        make_cluster,
+        compat_openai_addr=f"127.0.0.1:{free_port()}",
+        buffered_request_timeout=60_000,
+    )
+    cluster.start_agent("a1", slots=1, step_ms=10)
+    client = cluster.client()
+    cluster.wait_for_agents(client, 1)
+    busy = client.continue_from_raw_prompt("hold the slot", max_tokens=100_000)
+    wait_until(lambda: client.agents()[0]["slots_processing"] == 1, what="the slot busy")
+    if service == "ndjson":
+        url = f"{cluster.inference_url}/api/v1/continue_from_raw_prompt"
+        body: dict = {"raw_prompt": "wait", "max_tokens": 4}
+    else:
+        url = f"{cluster.openai_url}/v1/completions"
+        body = {"model": "m", "prompt": "wait", "max_tokens": 4, "stream": True}
+    timeout = httpx.Timeout(10, read=1.0)
+    with (
+        pytest.raises(httpx.ReadTimeout),
+        httpx.stream("POST", url, json=body, timeout=timeout) as r,
+    ):
+        wait_until(lambda: client.buffered_requests() == 1, what="buffered")
+        r.read()
+    # the connection closed with the block: the request leaves the buffer
+    wait_until(lambda: client.buffered_requests() == 0, timeout_s=1.5, what="the buffer empty")
+    assert client.agents()[0]["slots_processing"] == 1  # the slot never freed: not that
+    busy.cancel()
 
 
 def test_the_websocket_multiplexes_requests_and_stops_one_on_request(make_cluster) -> None:
