@@ -3,8 +3,10 @@
 Runs a real balancer process and fake-engine agent processes (no model), once
 with the compiled ``_core`` and once with the pure-Python twin, side by side:
 
-- throughput: tokens/s and frames/s the ZMQ client library receives through the
-  broker, at 1, 10 and 100 concurrent streams, for 1 and 16 tokens per step frame;
+- throughput: tokens/s and token frames/s the ZMQ client library receives through
+  the broker, at 1, 10 and 100 concurrent streams, for 1 and 16 tokens per stream
+  and step (an agent sends each step's frames, one per stream, as one ``BATCH``
+  message, as real agents do);
 - added latency: time to first token through the broker versus talking to an
   agent directly (this process plays a minimal broker: ROUTER, register, dispatch),
   same agent, same fake engine; the difference of the medians is what the broker adds;
@@ -340,10 +342,10 @@ def curve_report(runs: list[dict[str, Any]]) -> list[str]:
     off, on = (next(r for r in runs if r["curve"] is flag) for flag in (False, True))
     lines = [
         "",
-        "CurveZMQ off and on (compiled `_core`, 10 streams; time to first token through "
-        "the broker, 1 at a time):",
+        "CurveZMQ off and on (compiled `_core`, 10 streams on 2 agents; time to first token "
+        "through the broker, 1 at a time):",
         "",
-        "| tokens/frame | tokens/s curve off | tokens/s curve on | cost | target |",
+        "| tokens/step | tokens/s curve off | tokens/s curve on | cost | target |",
         "|---:|---:|---:|---:|---|",
     ]
     for per_frame, rate_off, rate_on, cost in _costs(off, on):
@@ -370,7 +372,7 @@ def ids_report(runs: list[dict[str, Any]]) -> list[str]:
         "Token ids off and on (each token frame carries its tokens' ids so the stream "
         "can continue on another agent; compiled `_core`, curve off, 10 streams):",
         "",
-        "| tokens/frame | tokens/s text only | tokens/s with ids | cost |",
+        "| tokens/step | tokens/s text only | tokens/s with ids | cost |",
         "|---:|---:|---:|---:|",
     ]
     for per_frame, rate_off, rate_on, cost in _costs(off, on):
@@ -382,7 +384,7 @@ def ids_report(runs: list[dict[str, Any]]) -> list[str]:
 
 def report(result: dict[str, Any]) -> str:
     lines = ["## Broker", ""]
-    lines.append("| impl | streams | tokens/frame | tokens/s | frames/s |")
+    lines.append("| impl | streams | tokens/step | tokens/s | token frames/s |")
     lines.append("|---|---:|---:|---:|---:|")
     for impl in result["impls"]:
         for row in impl["throughput"]:
