@@ -67,8 +67,9 @@ def unpack_token_ids(data: bytes) -> list[int]:
 
 
 BATCH_RECORD = struct.Struct(">BQII")
-"""A message inside a ``BATCH``: its header (kind, request id), then the lengths of
-its body and of its token ids (0 when it has none); the bytes follow."""
+"""A message inside a ``BATCH``: its header (kind, request id), then the length of
+its body and its ids frame's length plus one (0: no ids frame; 1: an empty one,
+which a text frame without new tokens has); the bytes follow."""
 BATCH_BYTES = 1024 * 1024
 """A batch is closed past this many bytes; the messages after it go in the next."""
 _BATCH = int(Kind.BATCH)
@@ -87,8 +88,13 @@ def batched(messages: Sequence[list[bytes]]) -> list[list[bytes]]:
     size = 0
     for frames in messages:
         body = frames[1]
-        ids = frames[2] if len(frames) == 3 else b""
-        parts += (frames[0], _RECORD_LENGTHS.pack(len(body), len(ids)), body, ids)
+        if len(frames) == 3:
+            ids = frames[2]
+            ids_field = len(ids) + 1
+        else:
+            ids = b""
+            ids_field = 0
+        parts += (frames[0], _RECORD_LENGTHS.pack(len(body), ids_field), body, ids)
         count += 1
         size += BATCH_RECORD.size + len(body) + len(ids)
         if size >= BATCH_BYTES:
@@ -101,8 +107,8 @@ def batched(messages: Sequence[list[bytes]]) -> list[list[bytes]]:
 
 def _batch(parts: list[bytes], count: int) -> list[bytes]:
     if count == 1:  # headers are 9 bytes: the record's own
-        header, _, body, ids = parts
-        return [header, body, ids] if ids else [header, body]
+        header, lengths, body, ids = parts
+        return [header, body, ids] if _RECORD_LENGTHS.unpack(lengths)[1] else [header, body]
     return [HEADER.pack(_BATCH, count), b"".join(parts)]
 
 
@@ -127,14 +133,14 @@ def unbatch(frames: Sequence[bytes]) -> list[list[bytes]]:
         header = payload[offset : offset + HEADER_SIZE]
         if header[0] == _BATCH:
             raise ProtocolError("a batch inside a batch")
-        body_len, ids_len = unpack_from(payload, offset + HEADER_SIZE)
+        body_len, ids_field = unpack_from(payload, offset + HEADER_SIZE)
         start = offset + record
-        offset = start + body_len + ids_len
+        offset = start + body_len + max(ids_field - 1, 0)
         if offset > end:
             raise ProtocolError("a batch ends inside a message body")
         body = payload[start : start + body_len]
         out.append(
-            [header, body, payload[start + body_len : offset]] if ids_len else [header, body]
+            [header, body, payload[start + body_len : offset]] if ids_field else [header, body]
         )
     if offset != end:
         raise ProtocolError(f"{end - offset} bytes after the last message of a batch")

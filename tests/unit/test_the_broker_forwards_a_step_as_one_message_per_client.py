@@ -106,6 +106,8 @@ def test_a_step_reaches_each_client_as_one_message_in_order(served) -> None:
             _tokens(b, "b1", 7),
             encode(Kind.DONE, a, {"usage": {"content_tokens": 1}}),
             _tokens(b, "b2", 8),
+            # text whose tokens went out with the frame before: an empty ids frame
+            [HEADER.pack(Kind.TOKENS, b), pack_body(["b3"]), b""],
         ]
     )
     agent.send_multipart(step)
@@ -115,11 +117,13 @@ def test_a_step_reaches_each_client_as_one_message_in_order(served) -> None:
         (Kind.TOKENS, 2, ["b1"]),
         (Kind.DONE, 1, {"usage": {"content_tokens": 1}}),
         (Kind.TOKENS, 2, ["b2"]),
+        (Kind.TOKENS, 2, ["b3"]),
     ]
     assert _messages(second) == [(Kind.TOKENS, 1, ["c1"])]  # one message: sent as it is
     # the token ids stayed with the balancer: the requests can continue elsewhere
     broker = server.broker
-    assert bytes(broker.requests[b].token_ids or b"") == pack_token_ids([7, 8])
+    assert broker.requests[b].token_ids is not None
+    assert bytes(broker.requests[b].token_ids) == pack_token_ids([7, 8])
 
 
 def test_a_bug_on_one_message_of_a_batch_ends_only_its_request(served, monkeypatch) -> None:
