@@ -59,8 +59,11 @@ class Faults:
 
 
 class Agent:
-    def __init__(self, client: Client, service: AgentService, faults: Faults) -> None:
+    def __init__(
+        self, client: Client, clients_addr: str, service: AgentService, faults: Faults
+    ) -> None:
         self.client = client
+        self.clients_addr = clients_addr
         self.service = service
         self.faults = faults
         self.reset_gate = threading.Event()
@@ -78,11 +81,13 @@ class Agent:
             what="the agent ready with no issue",
         )
 
-    def generate(self, max_tokens: int = 16) -> tuple[str, Any]:
-        """The text of a request and how it ended."""
+    def generate(self, max_tokens: int = 16, client: Client | None = None) -> tuple[str, Any]:
+        """The text of a request and how it ended (``client``: for another thread, as a
+        ``Client`` is not thread-safe)."""
         text = ""
         end: Any = None
-        for event in self.client.continue_from_raw_prompt(PROMPT, max_tokens=max_tokens):
+        client = client or self.client
+        for event in client.continue_from_raw_prompt(PROMPT, max_tokens=max_tokens):
             if isinstance(event, Tokens):
                 text += "".join(event.pieces)
             elif isinstance(event, Done | Failed):
@@ -131,7 +136,7 @@ def agent(
     agent_thread = threading.Thread(target=service.run, name="agent", daemon=True)
     agent_thread.start()
     client = Client(clients_addr, timeout_s=10)
-    harness = Agent(client, service, faults)
+    harness = Agent(client, clients_addr, service, faults)
     try:
         wait_until(lambda: len(client.agents()) == 1, timeout_s=10, what="the agent registered")
         client.put_desired_state(state_for(tiny_model))
@@ -156,7 +161,12 @@ def test_the_agent_reports_the_failure_reloads_and_continues_the_stream(agent: A
     agent.reset_gate.clear()  # hold the reload to see the agent while it recovers
     agent.faults.arm(at=3)  # prefill, first token, then the bug
     outcome: list[tuple[str, Any]] = []
-    streaming = threading.Thread(target=lambda: outcome.append(agent.generate(max_tokens=200)))
+
+    def stream() -> None:  # a client of its own: the main thread queries with the other
+        with Client(agent.clients_addr, timeout_s=10) as client:
+            outcome.append(agent.generate(max_tokens=200, client=client))
+
+    streaming = threading.Thread(target=stream)
     streaming.start()
     recovering = wait_until(
         lambda: (a := agent.one())["issues"] and a, timeout_s=10, what="an issue shown"
