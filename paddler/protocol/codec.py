@@ -71,15 +71,17 @@ BATCH_RECORD = struct.Struct(">BQII")
 its body and its ids frame's length plus one (0: no ids frame; 1: an empty one,
 which a text frame without new tokens has); the bytes follow."""
 BATCH_BYTES = 1024 * 1024
-"""A batch is closed past this many bytes; the messages after it go in the next."""
+"""A batch holds at most this many bytes: a message that would take it past goes in
+the next one, and a larger message goes alone, as it is (so no batch is larger than
+the largest message a socket accepts)."""
 _BATCH = int(Kind.BATCH)
 _RECORD_LENGTHS = struct.Struct(">II")
 
 
 def batched(messages: Sequence[list[bytes]]) -> list[list[bytes]]:
     """The messages (each ``[header, body]`` or ``[header, body, ids]``) as few as
-    possible: runs of them packed into ``BATCH`` messages of about ``BATCH_BYTES``
-    at most, in order; a message alone stays as it is."""
+    possible: runs of them packed into ``BATCH`` messages of at most ``BATCH_BYTES``,
+    in order; a message alone stays as it is."""
     if len(messages) < 2:
         return list(messages)
     out: list[list[bytes]] = []
@@ -94,12 +96,13 @@ def batched(messages: Sequence[list[bytes]]) -> list[list[bytes]]:
         else:
             ids = b""
             ids_field = 0
-        parts += (frames[0], _RECORD_LENGTHS.pack(len(body), ids_field), body, ids)
-        count += 1
-        size += BATCH_RECORD.size + len(body) + len(ids)
-        if size >= BATCH_BYTES:
+        record_size = BATCH_RECORD.size + len(body) + len(ids)
+        if count and size + record_size > BATCH_BYTES:
             out.append(_batch(parts, count))
             parts, count, size = [], 0, 0
+        parts += (frames[0], _RECORD_LENGTHS.pack(len(body), ids_field), body, ids)
+        count += 1
+        size += record_size
     if count:
         out.append(_batch(parts, count))
     return out

@@ -53,14 +53,21 @@ def test_a_batch_gives_back_every_message_whole_and_in_order() -> None:
     assert [len(m) for m in unbatch(batch)] == [3, 2, 3, 2, 3]
 
 
-def test_batches_close_past_their_size_and_a_lone_remainder_stays_plain() -> None:
+def test_no_batch_outgrows_its_size_and_a_message_too_large_goes_alone() -> None:
     big = [HEADER.pack(Kind.EMBEDDING, 1), b"\x90" * (BATCH_BYTES * 6 // 10)]
-    small = _tokens(2, "x", 1)
-    out = batched([big, big, big, small, small])
-    assert [HEADER.unpack(m[0]) for m in out] == [(Kind.BATCH, 2), (Kind.BATCH, 3)]
-    assert [message for m in out for message in unbatch(m)] == [big, big, big, small, small]
-    # a message alone after a closed batch goes as it is
-    assert batched([big, big, small]) == [batched([big, big])[0], small]
+    huge = [HEADER.pack(Kind.EMBEDDING, 2), b"\x90" * (BATCH_BYTES * 2)]
+    small = _tokens(3, "x", 1)
+    messages = [small, big, big, small, small, huge, small, small]
+    out = batched(messages)
+    assert [HEADER.unpack(m[0]) for m in out] == [
+        (Kind.BATCH, 2),  # small, big: a second big would pass the size
+        (Kind.BATCH, 3),  # big, small, small
+        (Kind.EMBEDDING, 2),  # too large for any batch: alone, as it is
+        (Kind.BATCH, 2),
+    ]
+    assert all(len(m[1]) <= BATCH_BYTES for m in out if m[0][0] == Kind.BATCH)
+    unpacked = [msg for m in out for msg in (unbatch(m) if m[0][0] == Kind.BATCH else [m])]
+    assert unpacked == messages
 
 
 def _record(kind: int, request_id: int, body: bytes, ids: bytes = b"") -> bytes:
