@@ -35,7 +35,7 @@ import zmq
 from benchmarks.common import machine, summary_ms, write_result
 from paddler.client import Client, Done, Failed, Tokens
 from paddler.curve import PrivateKeys
-from paddler.protocol.codec import HEADER, encode, pack_body, unbatch
+from paddler.protocol.codec import HEADER, encode, messages_of, pack_body
 from paddler.protocol.kinds import Kind
 from paddler.protocol.requests import validate_request
 from paddler.testing.cluster import LocalCluster, free_port, wait_until
@@ -155,8 +155,7 @@ def ttft_direct(
                 assert router.poll(10_000)
                 _, *frames = router.recv_multipart()  # tokens carry their ids too
                 arrived = time.perf_counter()
-                batch = unbatch(frames) if frames[0][0] == Kind.BATCH else [frames]
-                for message in batch:  # a step's frames come as one
+                for message in messages_of(frames):  # a step's frames come as one
                     kind, rid = HEADER.unpack(message[0])
                     if kind == Kind.TOKENS and rid in wave:
                         times.append(arrived - started)

@@ -33,7 +33,7 @@ from paddler.protocol.codec import (
     MAX_BODY_BYTES,
     batched,
     encode,
-    unbatch,
+    messages_of,
     unpack_body,
 )
 from paddler.protocol.kinds import PROTOCOL_VERSION, Kind
@@ -46,7 +46,6 @@ LIVENESS_INTERVALS = 3.5
 REGISTER_RETRY_S = 1.0
 GIL_SWITCH_INTERVAL_S = 0.0005
 _TERMINAL = (int(Kind.DONE), int(Kind.ERROR))
-_BATCH = int(Kind.BATCH)
 
 
 class RegistrationRejected(Exception):
@@ -219,17 +218,11 @@ class AgentService:
     def _from_engine(self, frames: list[bytes]) -> None:
         """One message from the engine (a ``BATCH`` for a step's events): mapped to the
         broker's ids and sent on as one message again."""
-        if frames[0][0] == _BATCH:
-            out: list[list[bytes]] = []
-            for message in unbatch(frames):
-                self._engine_message(message, out)
-            for message in batched(out):
-                self._send(message)
-        else:
-            out = []
-            self._engine_message(frames, out)
-            if out:
-                self._send(out[0])
+        out: list[list[bytes]] = []
+        for message in messages_of(frames):
+            self._engine_message(message, out)
+        for message in batched(out):
+            self._send(message)
 
     def _engine_message(self, frames: list[bytes], out: list[list[bytes]]) -> None:
         kind, request_id = HEADER.unpack(frames[0])

@@ -63,9 +63,10 @@ class _SocketSink:
     """Encodes engine events as frames for the PAIR socket, and keeps the ids of the
     requests admitted and not yet ended (the worker ends them if the engine dies).
 
-    Events wait in ``pending`` until ``flush`` (after each pass of the engine loop),
-    which sends them as one ``BATCH``: a step's tokens of every slot cost the I/O
-    thread one wakeup, not one each. ``send_now`` keeps the order (pending first)."""
+    Events wait in ``pending`` until ``flush`` (the engine calls it before each
+    decode, the loop after each pass), which sends them as one ``BATCH``: a step's
+    tokens of every slot cost the I/O thread one wakeup, not one each. ``send_now``
+    keeps the order (pending first)."""
 
     def __init__(self, socket: zmq.Socket[bytes]) -> None:
         self.socket = socket

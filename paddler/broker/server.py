@@ -27,13 +27,12 @@ from paddler.curve import (
     load_keypair,
 )
 from paddler.errors import ConfigurationError
-from paddler.protocol.codec import MAX_BODY_BYTES, batched
+from paddler.protocol.codec import MAX_BODY_BYTES, batched, is_batch
 from paddler.protocol.kinds import Kind
 
 log = logging.getLogger("paddler.broker")
 
 REGISTER_KIND = bytes([Kind.REGISTER])
-BATCH_KIND = bytes([Kind.BATCH])
 
 MAX_MESSAGE_BYTES = MAX_BODY_BYTES + 4096
 SEND_HWM = 100_000
@@ -195,11 +194,12 @@ class BrokerServer:
             if len(frames) < 2:
                 broker._drop("peer", b"", "message without identity or content", now)
                 continue
-            if agents_side and frames[1][:1] == BATCH_KIND:
-                for message in broker.agent_batch(frames[0], frames[1:], now):
-                    self._handle(True, frames[0], message, None, now)
+            identity, message = frames[0], frames[1:]
+            if agents_side and is_batch(message):
+                for each in broker.agent_batch(identity, message, now):
+                    self._handle(True, identity, each, None, now)
             else:
-                self._handle(agents_side, frames[0], frames[1:], key, now)
+                self._handle(agents_side, identity, message, key, now)
             if len(broker.outbox) > BURST:
                 self._flush()
 

@@ -24,10 +24,8 @@ from typing import Any
 from paddler.client.events import TERMINAL, Event, Failed, Tokens, decode_event
 from paddler.client.queries import Query
 from paddler.errors import BrokerUnreachable, ProtocolError, RequestFailed
-from paddler.protocol.codec import HEADER, HEADER_SIZE, encode, pack_body, unbatch
+from paddler.protocol.codec import HEADER, HEADER_SIZE, encode, is_batch, pack_body, unbatch
 from paddler.protocol.kinds import CANCELLED_CODE, PROTOCOL_VERSION, Kind
-
-_BATCH_KIND = bytes([Kind.BATCH])
 
 DEFAULT_TIMEOUT_S = 5.0
 PING_AFTER_S = 1.0
@@ -118,7 +116,7 @@ class ClientCore:
     def receive_all(self, frames: Sequence[bytes], now: float) -> list[int]:
         """``receive`` for a message that may be a ``BATCH`` of several: the ids of the
         requests that got one (a malformed batch is dropped whole)."""
-        if len(frames) != 2 or frames[0][:1] != _BATCH_KIND:
+        if not is_batch(frames):
             request_id = self.receive(frames, now)
             return [] if request_id is None else [request_id]
         self._last_heard = now

@@ -75,7 +75,19 @@ BATCH_BYTES = 1024 * 1024
 the next one, and a larger message goes alone, as it is (so no batch is larger than
 the largest message a socket accepts)."""
 _BATCH = int(Kind.BATCH)
+_BATCH_PREFIX = bytes([_BATCH])
 _RECORD_LENGTHS = struct.Struct(">II")
+
+
+def is_batch(frames: Sequence[bytes]) -> bool:
+    """Whether a message (identity removed) is a ``BATCH``."""
+    return bool(frames) and frames[0][:1] == _BATCH_PREFIX
+
+
+def messages_of(frames: Sequence[bytes]) -> list[list[bytes]]:
+    """The messages one message carries: a ``BATCH``'s (``ProtocolError`` if it is
+    malformed), or itself."""
+    return unbatch(frames) if is_batch(frames) else [list(frames)]
 
 
 def batched(messages: Sequence[list[bytes]]) -> list[list[bytes]]:

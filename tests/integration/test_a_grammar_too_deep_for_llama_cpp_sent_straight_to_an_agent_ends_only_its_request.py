@@ -15,7 +15,7 @@ import msgpack
 import pytest
 import zmq
 
-from paddler.protocol.codec import HEADER, encode, pack_body, unbatch
+from paddler.protocol.codec import HEADER, encode, messages_of, pack_body
 from paddler.protocol.kinds import Kind
 from paddler.protocol.requests import validate_request
 from paddler.testing.tiny_model import write_tiny_llama
@@ -33,9 +33,8 @@ def _receive(router: zmq.Socket[bytes], timeout_s: float) -> list[tuple[int, int
     """The messages of what the agent sends next (a step's come as one ``BATCH``)."""
     assert router.poll(int(timeout_s * 1000)), "the agent said nothing"
     _, *frames = router.recv_multipart()
-    messages = unbatch(frames) if frames[0][0] == Kind.BATCH else [frames]
     out = []
-    for header, body, *_token_ids in messages:  # tokens: their ids too
+    for header, body, *_token_ids in messages_of(frames):  # tokens: their ids too
         kind, request_id = HEADER.unpack(header)
         out.append((kind, request_id, msgpack.unpackb(body)))
     return out

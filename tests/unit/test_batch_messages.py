@@ -20,6 +20,8 @@ from paddler.protocol.codec import (
     HEADER,
     batched,
     encode,
+    is_batch,
+    messages_of,
     pack_body,
     pack_token_ids,
     unbatch,
@@ -65,9 +67,8 @@ def test_no_batch_outgrows_its_size_and_a_message_too_large_goes_alone() -> None
         (Kind.EMBEDDING, 2),  # too large for any batch: alone, as it is
         (Kind.BATCH, 2),
     ]
-    assert all(len(m[1]) <= BATCH_BYTES for m in out if m[0][0] == Kind.BATCH)
-    unpacked = [msg for m in out for msg in (unbatch(m) if m[0][0] == Kind.BATCH else [m])]
-    assert unpacked == messages
+    assert all(len(m[1]) <= BATCH_BYTES for m in out if is_batch(m))
+    assert [message for m in out for message in messages_of(m)] == messages
 
 
 def _record(kind: int, request_id: int, body: bytes, ids: bytes = b"") -> bytes:

@@ -19,9 +19,9 @@ from paddler.protocol.codec import (
     batched,
     decode,
     encode,
+    messages_of,
     pack_body,
     pack_token_ids,
-    unbatch,
 )
 from paddler.protocol.kinds import PROTOCOL_VERSION, Kind
 
@@ -65,9 +65,7 @@ def _socket(context: zmq.Context[Any], endpoint: str, identity: bytes) -> zmq.So
 
 
 def _messages(socket: zmq.Socket[bytes]) -> list[tuple[int, int, Any]]:
-    frames = socket.recv_multipart()
-    batch = unbatch(frames) if frames[0][0] == Kind.BATCH else [frames]
-    return [decode(message) for message in batch]
+    return [decode(message) for message in messages_of(socket.recv_multipart())]
 
 
 def _tokens(request_id: int, text: str, token: int) -> list[bytes]:
