@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -72,8 +72,13 @@ class _SocketSink:
         self.socket = socket
         self.open: set[int] = set()
         self.pending: list[list[bytes]] = []
+        self.before_flush: Callable[[], None] | None = None
+        """Adds what must go out with the events (the slots' new prefixes: see
+        ``EngineWorker._queue_held``)."""
 
     def flush(self) -> None:
+        if self.before_flush is not None:
+            self.before_flush()
         if self.pending:
             pending = self.pending
             self.pending = []
@@ -184,11 +189,18 @@ class EngineWorker(threading.Thread):
             status.issues = [*status.issues, self._issue]
         sink.send_now(encode(Kind.AGENT_STATUS, 0, status.to_body()))
 
-    @staticmethod
-    def _send_held(sink: _SocketSink, held: dict[int, list[int]]) -> None:
-        """What the slots whose kept cells changed hold now (``SLOT_PREFIXES``)."""
-        body = {"held": [[slot, pack_fingerprints(chain)] for slot, chain in sorted(held.items())]}
-        sink.send_now(encode(Kind.SLOT_PREFIXES, 0, body))
+    def _queue_held(self, sink: _SocketSink) -> None:
+        """What the slots whose kept cells changed hold now (``SLOT_PREFIXES``), in
+        the batch of the ends that changed them: the balancer knows where a
+        conversation's prefix is before its client hears the turn ended and sends
+        the next one."""
+        if self._down is not None:
+            return  # no engine to ask
+        held = self.engine.take_held()
+        if held:
+            chains = sorted(held.items())
+            body = {"held": [[slot, pack_fingerprints(chain)] for slot, chain in chains]}
+            sink.pending.append(encode(Kind.SLOT_PREFIXES, 0, body))
 
     def _command(self, sink: _SocketSink, frames: list[bytes]) -> bool:
         """Handle one command; ``False`` to stop."""
@@ -231,6 +243,7 @@ class EngineWorker(threading.Thread):
         sink = _SocketSink(socket)
         engine = self.engine
         engine.status_listener = lambda: self._send_status(sink)
+        sink.before_flush = lambda: self._queue_held(sink)
         self.ready.set()
         try:
             self._supervise(socket, sink)
@@ -277,9 +290,6 @@ class EngineWorker(threading.Thread):
                 engine.step(sink)
             if engine.take_status_change():
                 self._send_status(sink)
-            held = engine.take_held()
-            if held:
-                self._send_held(sink, held)
             sink.flush()
 
     def _recover(self, socket: zmq.Socket[bytes], sink: _SocketSink, failure: Exception) -> None:
