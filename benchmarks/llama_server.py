@@ -738,6 +738,7 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ordered = sorted(runs, key=lambda r: r["tokens_per_s"])
     out = dict(ordered[len(ordered) // 2])
     out["runs_tokens_per_s"] = [r["tokens_per_s"] for r in runs]
+    out["runs_first_p50_ms"] = [r["first_p50_ms"] for r in runs]
     out["first_p50_ms"] = round(statistics.median(r["first_p50_ms"] for r in runs), 2)
     out["first_p99_ms"] = round(statistics.median(r["first_p99_ms"] for r in runs), 2)
     out["noisy_runs"] = sum(1 for r in runs if r.get("noisy"))
@@ -915,6 +916,18 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a and b else "n/a"
 
 
+def paired(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str = "tokens_per_s") -> str:
+    """``a`` / ``b`` as the median of the ratios of their runs repeat by repeat (each
+    pair measured a few seconds apart, so a slow minute of the machine cancels out);
+    the ratio of the medians when the runs are not paired."""
+    if not a or not b:
+        return "n/a"
+    runs_a, runs_b = a.get(f"runs_{key}"), b.get(f"runs_{key}")
+    if runs_a and runs_b and len(runs_a) == len(runs_b) and all(runs_b):
+        return f"{statistics.median(x / y for x, y in zip(runs_a, runs_b, strict=True)):.2f}"
+    return _ratio(a.get(key), b.get(key))
+
+
 def report(result: dict[str, Any]) -> str:
     build = result["build"]
     served_rows = result["served"]
@@ -933,13 +946,18 @@ def report(result: dict[str, Any]) -> str:
         f"{result['plan']['repeats']}; client: `http.client` in threads, one keep-alive "
         "connection each.",
         "",
-        "Aggregate tokens/s (ratio paddler / llama-server):",
+        "Aggregate tokens/s, median of the runs (ratio paddler / llama-server: the median "
+        "of the repeats' ratios, each pair measured seconds apart):",
         "",
         "| concurrent | llama-server /completion | paddler OpenAI | ratio "
         "| llama-server SSE | paddler NDJSON | ratio | paddler OpenAI SSE | ratio "
         "| engine in process | bare llama_decode |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def row_of(table: dict[str, Any], mode: str, n: str) -> dict[str, Any] | None:
+        row: dict[str, Any] | None = table.get(mode, {}).get(n)
+        return row
 
     def tps(table: dict[str, Any], mode: str, n: str) -> float | None:
         row = table.get(mode, {}).get(n)
@@ -968,10 +986,13 @@ def report(result: dict[str, Any]) -> str:
         bare_tps = inproc["bare"][n]["tokens_per_s"]
         lines.append(
             f"| {n} | {show(ls)}{mark(llama, 'completion', n)} "
-            f"| {show(po)}{mark(paddler, 'openai', n)} | {_ratio(po, ls)} "
+            f"| {show(po)}{mark(paddler, 'openai', n)} "
+            f"| {paired(row_of(paddler, 'openai', n), row_of(llama, 'completion', n))} "
             f"| {show(lsse)}{mark(llama, 'completion_sse', n)} "
-            f"| {show(pn)}{mark(paddler, 'ndjson', n)} | {_ratio(pn, lsse)} "
-            f"| {show(ps)}{mark(paddler, 'openai_sse', n)} | {_ratio(ps, lsse)} "
+            f"| {show(pn)}{mark(paddler, 'ndjson', n)} "
+            f"| {paired(row_of(paddler, 'ndjson', n), row_of(llama, 'completion_sse', n))} "
+            f"| {show(ps)}{mark(paddler, 'openai_sse', n)} "
+            f"| {paired(row_of(paddler, 'openai_sse', n), row_of(llama, 'completion_sse', n))} "
             f"| {show(engine_tps)} | {show(bare_tps)} |"
         )
     lines += [
@@ -994,11 +1015,16 @@ def report(result: dict[str, Any]) -> str:
             (paddler, "openai"),
         ):
             p50, p99 = ms(table, mode, n, "first_p50_ms"), ms(table, mode, n, "first_p99_ms")
-            cells.append((p50, f"{show(p50, 1)} / {show(p99, 1)}{mark(table, mode, n)}"))
+            cells.append(f"{show(p50, 1)} / {show(p99, 1)}{mark(table, mode, n)}")
+        sse, completion = row_of(llama, "completion_sse", n), row_of(llama, "completion", n)
+
+        def first(row: dict[str, Any] | None, base: dict[str, Any] | None) -> str:
+            return paired(row, base, "first_p50_ms")
+
         lines.append(
-            f"| {n} | {cells[0][1]} | {cells[1][1]} | {_ratio(cells[1][0], cells[0][0])} | "
-            f"{cells[2][1]} | {_ratio(cells[2][0], cells[0][0])} | {cells[3][1]} | {cells[4][1]} | "
-            f"{_ratio(cells[4][0], cells[3][0])} |"
+            f"| {n} | {cells[0]} | {cells[1]} | {first(row_of(paddler, 'ndjson', n), sse)} | "
+            f"{cells[2]} | {first(row_of(paddler, 'openai_sse', n), sse)} | {cells[3]} | "
+            f"{cells[4]} | {first(row_of(paddler, 'openai', n), completion)} |"
         )
     eight = "8" if "8" in levels else levels[-1]
     row = paddler.get("openai", {}).get(eight)
@@ -1039,12 +1065,12 @@ def report(result: dict[str, Any]) -> str:
         ]
         default = split["rows"][0]  # what paddler cluster picks for one agent here
         for r in split["rows"]:
-            ratio = _ratio(r["tokens_per_s"], base["tokens_per_s"] if base else None)
+            ratio = paired(r, base)
             noisy = "*" if r.get("noisy_runs") else ""
             runs = ", ".join(f"{v:,.0f}" for v in r.get("runs_tokens_per_s", []))
             lines.append(
                 f"| {r['label']} | {r['tokens_per_s']:,.0f}{noisy} ({runs}) | "
-                f"{_ratio(r['tokens_per_s'], default['tokens_per_s'])} | {ratio} | "
+                f"{paired(r, default)} | {ratio} | "
                 f"{r['first_p50_ms']:.1f} / {r['first_p99_ms']:.1f} |"
             )
     short = sum(
@@ -1077,7 +1103,7 @@ def main() -> None:
     if args.quick:
         plan = Plan((1, 8), duration_s=1.5, repeats=1, warmup_s=0.5, split=False, settle_s=0.5)
     else:
-        plan = Plan(CONCURRENCY, duration_s=4.0, repeats=3, warmup_s=1.0)
+        plan = Plan(CONCURRENCY, duration_s=3.0, repeats=5, warmup_s=1.0)
     model_path()
     build = build_llama_server()
     print(f"llama-server: {build.note} {build.version}", flush=True)

@@ -256,8 +256,10 @@ class GenerationParameters(Shape):
     text_interval_ms: Annotated[
         int, Field(ge=0, le=MAX_TEXT_INTERVAL_MS), Says(TEXT_INTERVAL_MESSAGE)
     ] = 0
-    """At most one text frame per this many milliseconds: the text of the steps in
-    between comes together (the first piece and the end are never held). For clients
+    """One text frame about every this many milliseconds: the text of the steps in
+    between comes together (the first piece and the end are never held; the other
+    frames fall on a grid of the interval, so an agent's paced requests flush in
+    the same step). For clients
     that read the whole answer at the end: a frame per token costs the agent, the
     balancer and the HTTP worker a wakeup each, which on a small machine takes CPU
     from llama.cpp. 0: each step's text as soon as it is made."""

@@ -5,6 +5,8 @@ and a paced stream continues elsewhere like any other."""
 
 from __future__ import annotations
 
+import time
+
 from conftest import RecordingSink, run
 
 from paddler.protocol.codec import pack_token_ids
@@ -51,3 +53,30 @@ def test_a_paced_stream_continues_elsewhere(make_engine) -> None:
     while other.active_count():
         other.step(sink)
     assert first_text + sink.text()[5] == paced.text()[1]
+
+
+def test_paced_requests_flush_in_the_same_steps(make_engine) -> None:
+    """Two paced requests started half an interval apart send their text in the
+    same steps (a grid of the interval, not an interval after each one's last
+    frame): one wakeup per interval for the agent, the balancer and the HTTP
+    workers, whatever the number of paced slots."""
+    engine = make_engine()
+    request = {**REQUEST, "max_tokens": 400, "logprobs": False, "text_interval_ms": 4}
+    sink = RecordingSink(engine)
+    engine.admit(1, validate_request(request))
+    engine.step(sink)
+    started = time.monotonic()
+    while time.monotonic() - started < 0.002:  # half an interval out of phase
+        engine.step(sink)
+    engine.admit(2, validate_request(request))
+    while engine.active_count():
+        engine.step(sink)
+    steps = {
+        wanted: [step for step, kind, rid, _ in sink.events if kind == "tokens" and rid == wanted]
+        for wanted in (1, 2)
+    }
+    end_of_first = max(step for step, kind, rid, _ in sink.events if kind == "done" and rid == 1)
+    # request 2's frames while request 1 runs: its first piece (at once), then on the grid
+    middle = [step for step in steps[2][1:] if step < end_of_first]
+    assert len(middle) >= 3, (steps, end_of_first)
+    assert set(middle) <= set(steps[1]), (middle, steps[1])

@@ -613,7 +613,14 @@ class LlamaEngine(Engine):
     ) -> list[tuple[int, str]] | None:
         """The segments to send now under the request's ``text_interval_ms`` (the held
         ones first, joined by kind), or ``None`` to hold them: the first text and the
-        end go at once, the rest at most once per interval."""
+        end go at once, the rest about once per interval.
+
+        The flushes fall on a grid of the interval on the monotonic clock, not an
+        interval after each slot's last: the paced slots with one interval flush in
+        the same step, so their text costs the agent, the balancer and the HTTP
+        workers one wakeup per interval, not one per step (16 slots flushing 100 ms
+        apart each, out of phase, had text in nearly every step). A grid point less
+        than half an interval away is skipped: frames are 0.5 to 1.5 intervals apart."""
         if not last:
             if not segments and not slot.held:
                 return segments
@@ -621,7 +628,9 @@ class LlamaEngine(Engine):
             if now < slot.flush_at:
                 slot.held += segments
                 return None
-            slot.flush_at = now + slot.interval_s
+            interval = slot.interval_s
+            due = (now // interval + 1) * interval
+            slot.flush_at = due if due - now >= interval / 2 else due + interval
         if not slot.held:
             return segments
         joined: list[tuple[int, str]] = []
