@@ -909,6 +909,66 @@ def thread_split(build: Build, plan: Plan, log_dir: Path) -> dict[str, Any]:
     return {"clients": clients, "rows": rows}
 
 
+def _bare_in_processes(shape: list[tuple[int, int]]) -> list[float]:
+    """The bare loop in one process per ``(sequences, threads)`` of ``shape``, all
+    started at the same moment: tokens/s of each."""
+    start = time.time() + 3.0  # every process has loaded the model by then
+    code = (
+        "import json, sys, time\n"
+        "from benchmarks import engine\n"
+        "n, t, at = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])\n"
+        "engine.threads = lambda: t\n"
+        "path = engine.model_path()\n"
+        "time.sleep(max(0.0, at - time.time()))\n"
+        f"print(json.dumps(engine.bare(path, n, {TOKENS * 2})))\n"
+    )
+    root = str(Path(__file__).resolve().parent.parent)
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(n), str(t), str(start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            cwd=root,
+            text=True,
+        )
+        for n, t in shape
+    ]
+    out = []
+    for child in children:
+        answer, _ = child.communicate(timeout=300)
+        if child.returncode != 0:
+            raise RuntimeError(f"a bare loop process failed ({child.returncode})")
+        out.append(float(json.loads(answer.strip().splitlines()[-1])["tokens_per_s"]))
+    return out
+
+
+def bare_split(plan: Plan) -> dict[str, Any]:
+    """Item 4's yardstick: what splitting the box costs llama.cpp itself. The bare
+    loop with 8 sequences and every thread in one process, against two processes of
+    4 sequences with half the threads each running at once; they take turns,
+    ``plan.repeats`` times."""
+    n = threads()
+    half = max(1, n // 2)
+    one: list[float] = []
+    two: list[float] = []
+    for _ in range(plan.repeats):
+        wait_quiet()
+        one.append(_bare_in_processes([(SLOTS, n)])[0])
+        wait_quiet()
+        two.append(sum(_bare_in_processes([(SLOTS // 2, half), (SLOTS // 2, half)])))
+    ratios = [b / a for a, b in zip(one, two, strict=True)]
+    print(f"  bare loop split: 1x{SLOTS} {one}, 2x{SLOTS // 2} {two}", flush=True)
+    return {
+        "one": {"label": f"1 process x {SLOTS} sequences, {_threads(n)}", "runs": one},
+        "two": {
+            "label": f"2 processes x {SLOTS // 2} sequences, {_threads(half)} each",
+            "runs": two,
+        },
+        "ratio": round(statistics.median(ratios), 2),
+        "ratios": [round(r, 2) for r in ratios],
+    }
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -1073,6 +1133,20 @@ def report(result: dict[str, Any]) -> str:
                 f"{paired(r, default)} | {ratio} | "
                 f"{r['first_p50_ms']:.1f} / {r['first_p99_ms']:.1f} |"
             )
+    bare_rows = split.get("bare") if split else None
+    if bare_rows:
+        one, two = bare_rows["one"], bare_rows["two"]
+        lines += [
+            "",
+            f"What the split costs llama.cpp itself: the bare `llama_decode` loop "
+            f"({2 * TOKENS} tokens per sequence), {one['label']}: "
+            + ", ".join(f"{v:,.0f}" for v in one["runs"])
+            + f" tok/s; {two['label']}, at once: "
+            + ", ".join(f"{v:,.0f}" for v in two["runs"])
+            + f" tok/s together; ratio {bare_rows['ratio']:.2f} (runs "
+            + ", ".join(f"{v:.2f}" for v in bare_rows["ratios"])
+            + ").",
+        ]
     short = sum(
         row["short_answers"]
         for table in (paddler, llama)
@@ -1111,6 +1185,8 @@ def main() -> None:
         log_dir = Path(tmp)
         served_rows = served(build, plan, log_dir)
         split = thread_split(build, plan, log_dir) if plan.split else None
+    if split is not None:
+        split["bare"] = bare_split(plan)
     print("in process", flush=True)
     inproc = in_process_rows(plan)
     result: dict[str, Any] = {
