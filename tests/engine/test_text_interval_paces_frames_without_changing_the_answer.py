@@ -79,4 +79,7 @@ def test_paced_requests_flush_in_the_same_steps(make_engine) -> None:
     # request 2's frames while request 1 runs: its first piece (at once), then on the grid
     middle = [step for step in steps[2][1:] if step < end_of_first]
     assert len(middle) >= 3, (steps, end_of_first)
-    assert set(middle) <= set(steps[1]), (middle, steps[1])
+    # all of them, but one: request 2's first grid point may be one request 1 missed
+    # (a step more than half an interval late makes a slot skip a grid point)
+    apart = [step for step in middle if step not in set(steps[1])]
+    assert len(apart) <= 1, (middle, steps[1])

@@ -148,6 +148,9 @@ class LlamaEngine(Engine):
         self._board = StatusBoard(slots_total)
         self._downloads = Downloads(self._board, resolver, takes_cancel(resolver))
         self.decode_steps = 0
+        self._step_clock = 0.0
+        """``time.monotonic()`` when the current step began sampling: paced text
+        (``text_interval_ms``) is timed by it."""
         self.embedding_decodes = 0
         """Decodes on the embedding context (one document each) so far."""
 
@@ -609,7 +612,7 @@ class LlamaEngine(Engine):
 
     @staticmethod
     def _paced(
-        slot: Slot, segments: list[tuple[int, str]], last: bool
+        slot: Slot, segments: list[tuple[int, str]], last: bool, now: float
     ) -> list[tuple[int, str]] | None:
         """The segments to send now under the request's ``text_interval_ms`` (the held
         ones first, joined by kind), or ``None`` to hold them: the first text and the
@@ -620,11 +623,12 @@ class LlamaEngine(Engine):
         the same step, so their text costs the agent, the balancer and the HTTP
         workers one wakeup per interval, not one per step (16 slots flushing 100 ms
         apart each, out of phase, had text in nearly every step). A grid point less
-        than half an interval away is skipped: frames are 0.5 to 1.5 intervals apart."""
+        than half an interval away is skipped: frames are 0.5 to 1.5 intervals apart.
+        ``now`` is the step's clock, one reading for every slot: a grid point that
+        passed while the slots were sampled counts for all of them in the next step."""
         if not last:
             if not segments and not slot.held:
                 return segments
-            now = time.monotonic()
             if now < slot.flush_at:
                 slot.held += segments
                 return None
@@ -679,7 +683,7 @@ class LlamaEngine(Engine):
         wait. A tool-call block that ended is parsed and its outcome sent after it."""
         segments = self._split(slot, text, last)
         if slot.interval_s:
-            paced = self._paced(slot, segments, last)
+            paced = self._paced(slot, segments, last, self._step_clock)
             if paced is None:
                 return  # held, with the ids and log-probabilities of their tokens
             segments = paced
@@ -773,6 +777,7 @@ class LlamaEngine(Engine):
         if not self._has_pending_state:
             self._start(sink, loaded)
         # 2. sample every slot that has logits from the last decode
+        self._step_clock = time.monotonic()  # one reading for the step's paced text
         for slot in list(self._by_request.values()):
             if slot.logits_index < 0 or slot.sampler is None:
                 continue
