@@ -765,13 +765,15 @@ Rows = dict[str, dict[str, dict[str, dict[str, Any]]]]
 
 def measure(pairs: list[tuple[Server, str]], plan: Plan, levels: tuple[int, ...]) -> Rows:
     """Every (server, mode) at every level, ``plan.repeats`` times; they take turns
-    within each repeat, so a slow moment of the machine is shared between them."""
+    within each repeat, so a slow moment of the machine is shared between them, in
+    the reverse order every other repeat, so that neither is always the first after
+    a change of level or the one measured as the machine drifts one way."""
     for server, mode in pairs:
         closed_loop(server, mode, max(levels), plan.warmup_s)
     runs: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
-    for _ in range(plan.repeats):
+    for repeat in range(plan.repeats):
         for n in levels:
-            for server, mode in pairs:
+            for server, mode in pairs if repeat % 2 == 0 else pairs[::-1]:
                 closed_loop(server, mode, n, plan.settle_s)
                 row = guarded(server, mode, n, plan.duration_s)
                 runs.setdefault(server.name, {}).setdefault(mode, {}).setdefault(str(n), [])
@@ -815,7 +817,7 @@ def served(build: Build, plan: Plan, log_dir: Path) -> Rows:
             )
             cluster = PaddlerCluster(1, slots, n_threads, log_dir)
             servers.append(cluster)
-            pairs[1:1] = [(cluster, "openai")]  # each paddler mode after its llama twin
+            pairs[1:1] = [(cluster, "openai")]  # each paddler mode next to its llama twin
             pairs += [(cluster, "ndjson"), (cluster, "openai_sse")]
             for name, modes in measure(pairs, plan, levels).items():
                 for mode, rows in modes.items():
