@@ -263,6 +263,11 @@ class GenerationParameters(Shape):
     that read the whole answer at the end: a frame per token costs the agent, the
     balancer and the HTTP worker a wakeup each, which on a small machine takes CPU
     from llama.cpp. 0: each step's text as soon as it is made."""
+    count_only: Flag = False
+    """Count the prompt's tokens and end at once: ``Done`` with ``prompt_tokens`` (the
+    chat template rendered with the tools, as a generation would see it) and
+    ``content_tokens`` 0; nothing is prefilled or generated. A prompt longer than a
+    slot is counted too. Anthropic's ``/v1/messages/count_tokens`` is served with it."""
     logprobs: Flag = False
     """Send the log-probability of each generated token (a ``Logprobs`` event)."""
     top_logprobs: TopLogprobs = 0

@@ -66,6 +66,8 @@ class FakeEngine(Engine):
         """Send each piece's token id, as the real engine does (``False``: text only)."""
         self.requests: dict[int, _Request] = {}
         self.embeddings: dict[int, dict[str, Any]] = {}
+        self.counted: dict[int, int] = {}
+        """Requests with ``count_only``: their prompt's word count, ended next step."""
         self.state: dict[str, Any] | None = None
 
     def apply_state(self, state: dict[str, Any] | None) -> None:
@@ -98,6 +100,9 @@ class FakeEngine(Engine):
         prompt = request.get("raw_prompt")
         if prompt is None:
             prompt = " ".join(str(m.get("content", "")) for m in request["conversation_history"])
+        if request.get("count_only"):
+            self.counted[request_id] = len(prompt.split())
+            return
         generated = continued_tokens(request)
         self.requests[request_id] = _Request(
             request["max_tokens"],
@@ -113,7 +118,7 @@ class FakeEngine(Engine):
             request.cancelled = True
 
     def active_count(self) -> int:
-        return len(self.requests) + len(self.embeddings)
+        return len(self.requests) + len(self.embeddings) + len(self.counted)
 
     def step(self, sink: EventSink) -> None:
         for request_id, embedding in self.embeddings.items():
@@ -133,6 +138,9 @@ class FakeEngine(Engine):
                 )
             sink.done(request_id, {"prompt_tokens": len(embedding["input_batch"])})
         self.embeddings.clear()
+        for request_id, count in self.counted.items():
+            sink.done(request_id, {"prompt_tokens": count, "content_tokens": 0})
+        self.counted.clear()
         # cancellations end at once, queued or running
         for request_id in [rid for rid, r in self.requests.items() if r.cancelled]:
             sink.error(request_id, CANCELLED_CODE, "Cancelled", "cancelled by the client")

@@ -190,3 +190,26 @@ def test_a_bad_request_names_the_field_in_anthropic_s_envelope(sdk) -> None:
     assert body["type"] == "error"
     assert body["error"]["type"] == "invalid_request_error"
     assert body["error"]["message"].startswith("temperature: ")
+
+
+def test_count_tokens_counts_what_a_message_prefills(sdk) -> None:
+    """``messages.count_tokens``: the agent renders and tokenizes the conversation as
+    ``messages.create`` would, tools included, and prefills nothing."""
+    plain = sdk.messages.count_tokens(model="tiny", messages=QUESTION)
+    message = sdk.messages.create(model="tiny", max_tokens=4, messages=QUESTION)
+    assert plain.input_tokens == _input_tokens(message) > 0
+    with_tools = sdk.messages.count_tokens(model="tiny", messages=QUESTION, tools=[WEATHER])
+    called = sdk.messages.create(
+        model="tiny", max_tokens=4, messages=QUESTION, tools=[WEATHER], tool_choice=FORCED
+    )
+    assert with_tools.input_tokens == _input_tokens(called) > plain.input_tokens
+    longer = QUESTION + [
+        {"role": "assistant", "content": "It is cold."},
+        {"role": "user", "content": "And tomorrow in Lima?"},
+    ]
+    assert sdk.messages.count_tokens(model="tiny", messages=longer).input_tokens > (
+        plain.input_tokens
+    )
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        sdk.messages.count_tokens(model="tiny", messages=QUESTION, extra_body={"max_tokens": 4})
+    assert "max_tokens" in str(refused.value)

@@ -601,7 +601,7 @@ def test_an_unreachable_broker_is_an_overloaded_503(app, fake, link) -> None:
 
 
 def test_unknown_paths_and_methods_under_messages_answer_in_anthropic_s_envelope(app) -> None:
-    missing = app.simulate_post("/v1/messages/count_tokens", json=BODY)
+    missing = app.simulate_post("/v1/messages/batches", json=BODY)
     assert missing.status_code == 404
     assert missing.json["error"]["type"] == "not_found_error"
     wrong = app.simulate_get("/v1/messages")
@@ -667,3 +667,52 @@ def test_the_openapi_document_describes_the_route_and_its_errors(keyed) -> None:
     assert {"system", "tools", "tool_choice", "stop_sequences", "thinking"} <= set(
         body["properties"]
     )
+
+
+# ---------------------------------------------------------------------- count_tokens
+
+
+def test_count_tokens_asks_an_agent_to_count_the_conversation(app, fake) -> None:
+    fake.script.append(_answer(usage=Usage(prompt_tokens=37)))
+    body = {key: value for key, value in BODY.items() if key != "max_tokens"}
+    body.update(system="Be brief.", tools=[WEATHER])
+    result = app.simulate_post("/v1/messages/count_tokens", json=body)
+    assert result.status_code == 200, result.text
+    assert result.json == {"input_tokens": 37}
+    request = fake.submitted[-1]
+    assert request["count_only"] is True
+    assert request["conversation_history"][0] == {"role": "system", "content": "Be brief."}
+    assert request["tools"][0]["function"]["name"] == "get_weather"
+
+
+@pytest.mark.parametrize(
+    "field", ["max_tokens", "stream", "temperature", "top_p", "top_k", "stop_sequences"]
+)
+def test_count_tokens_refuses_what_only_generation_uses(app, fake, field) -> None:
+    values = {"max_tokens": 8, "stream": False, "temperature": 0.5, "top_p": 0.5, "top_k": 4}
+    body = {
+        "messages": BODY["messages"],
+        field: values.get(field, ["x"]),
+    }
+    result = app.simulate_post("/v1/messages/count_tokens", json=body)
+    assert result.status_code == 400, result.text
+    assert result.json["type"] == "error"
+    assert result.json["error"]["message"].startswith(f"{field}: "), result.json
+    assert fake.submitted == []
+
+
+def test_count_tokens_without_messages_is_a_400_in_anthropic_s_envelope(app, fake) -> None:
+    result = app.simulate_post("/v1/messages/count_tokens", json={"model": "m"})
+    assert result.status_code == 400, result.text
+    assert result.json["error"]["type"] == "invalid_request_error"
+    assert result.json["error"]["message"].startswith("messages"), result.json
+    assert fake.submitted == []
+
+
+def test_count_tokens_wants_the_key(keyed, fake) -> None:
+    body = {"messages": BODY["messages"]}
+    assert keyed.simulate_post("/v1/messages/count_tokens", json=body).status_code == 401
+    fake.script.append(_answer(usage=Usage(prompt_tokens=5)))
+    result = keyed.simulate_post("/v1/messages/count_tokens", json=body, headers={"x-api-key": KEY})
+    assert result.status_code == 200, result.text
+    assert result.json == {"input_tokens": 5}

@@ -575,6 +575,7 @@ DEFAULTS = {
     "presence_penalty": None,
     "logit_bias": None,
     "text_interval_ms": 0,
+    "count_only": False,
     "logprobs": False,
     "top_logprobs": 0,
 }

@@ -320,6 +320,9 @@ class LlamaEngine(Engine):
         if not prompt:
             sink.error(request_id, 400, "InvalidRequest", "the prompt is empty")
             return
+        if request.get("count_only"):
+            sink.done(request_id, {"prompt_tokens": len(prompt), "content_tokens": 0})
+            return
         try:
             generated = continued_tokens(request)
         except ProtocolError as exc:

@@ -32,7 +32,7 @@ from paddler.client import Done, Event, Failed, Reasoning, Tokens, ToolCalls
 from paddler.http import sse
 from paddler.http.api_keys import bearer_key
 from paddler.http.common import ClosingStream, HttpDeps, dumps, read_json
-from paddler.http.openai.anthropic_body import MessagesBody
+from paddler.http.openai.anthropic_body import GENERATION_ONLY, CountTokensBody, MessagesBody
 from paddler.http.openai.errors import ENVELOPE, OpenAIError, failure, invalid_body
 from paddler.http.openai.models import served_model_id
 from paddler.http.openai.streaming import (
@@ -363,7 +363,65 @@ class Messages:
             await events.aclose()  # cancels the broker request, wherever it is
 
 
+class CountTokens:
+    """``POST /v1/messages/count_tokens``: the prompt's tokens as the model would see
+    them (the chat template rendered with the system prompt and the tools), counted
+    by an agent that has the model: ``{"input_tokens": n}``. It takes a free slot for
+    one step of the agent's loop and prefills nothing."""
+
+    API_KEY_HEADER = KEY_HEADER
+    OPERATIONS = {
+        "post": Operation(
+            "Count the tokens of a message (Anthropic's Messages API)",
+            CountTokensBody,
+            {200: Reply("The prompt's token count", JSON, {"type": "object"})},
+            description=(
+                "A Messages body without the fields that only generation uses "
+                "(max_tokens, stream, temperature, top_p, top_k, stop_sequences, "
+                "metadata: refused with a 400 that names them)."
+            ),
+            error=ERROR_REPLY,
+        )
+    }
+
+    def __init__(self, deps: HttpDeps) -> None:
+        self.deps = deps
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        raw = await read_json(req, self.deps.max_body_bytes)
+        if isinstance(raw, dict):
+            for name in GENERATION_ONLY:
+                if name in raw:
+                    raise invalid_body(
+                        name, "is not a field of count_tokens: it counts, it does not generate"
+                    )
+        body = check(CountTokensBody, raw, invalid_body)
+        opened = await open_generation(self.deps, req, body.to_count_request(), False)
+        if opened is None:  # the client went away while its request waited
+            resp.status = 499
+            return
+        lead, events = opened
+        done: Done | None = None
+        try:
+            async with contextlib.aclosing(chain(lead, events)) as everything:
+                async for event in everything:
+                    if isinstance(event, Failed):
+                        raise failure(event)
+                    if isinstance(event, Done):
+                        done = event
+                        break
+        finally:
+            await events.aclose()
+        if done is None:  # the client went away
+            resp.status = 499
+            return
+        resp.content_type = falcon.MEDIA_JSON
+        resp.text = dumps({"input_tokens": done.usage.prompt_tokens})
+
+
 def add_messages_api(app: falcon.asgi.App[Any, Any], deps: HttpDeps) -> None:
-    """Serve ``/v1/messages`` on ``app`` (the OpenAI-compatible service's)."""
+    """Serve ``/v1/messages`` and ``/v1/messages/count_tokens`` on ``app`` (the
+    OpenAI-compatible service's)."""
     app.add_middleware(AnthropicEnvelope())
     app.add_route(ROUTE, Messages(deps))
+    app.add_route(f"{ROUTE}/count_tokens", CountTokens(deps))

@@ -492,6 +492,33 @@ class MessagesBody(Shape):
         return display != "omitted"
 
 
+GENERATION_ONLY = (
+    "max_tokens",
+    "stream",
+    "temperature",
+    "top_p",
+    "top_k",
+    "stop_sequences",
+    "metadata",
+)
+"""Fields of a Messages body that ``count_tokens`` refuses, as Anthropic does: they
+shape an answer, and counting makes none."""
+
+
+class CountTokensBody(MessagesBody):
+    """``POST /v1/messages/count_tokens``: a Messages body without the fields that
+    only generation uses (``GENERATION_ONLY``, refused with a 400 that names them)."""
+
+    max_tokens: MaxTokens = 1
+    """Not sent (refused): the default only satisfies the shared conversion."""
+
+    def to_count_request(self) -> dict[str, Any]:
+        """The conversation request that counts the prompt (``count_only``)."""
+        request = self.to_request()
+        request["count_only"] = True
+        return request
+
+
 def _joined(content: str | list[TextBlock]) -> str:
     if isinstance(content, str):
         return content
