@@ -203,7 +203,8 @@ def test_count_tokens_counts_what_a_message_prefills(sdk) -> None:
         model="tiny", max_tokens=4, messages=QUESTION, tools=[WEATHER], tool_choice=FORCED
     )
     assert with_tools.input_tokens == _input_tokens(called) > plain.input_tokens
-    longer = QUESTION + [
+    longer = [
+        *QUESTION,
         {"role": "assistant", "content": "It is cold."},
         {"role": "user", "content": "And tomorrow in Lima?"},
     ]
