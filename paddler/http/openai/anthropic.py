@@ -37,6 +37,7 @@ from paddler.http.openai.errors import ENVELOPE, OpenAIError, failure, invalid_b
 from paddler.http.openai.models import served_model_id
 from paddler.http.openai.streaming import (
     chain,
+    collect_opened,
     finish_reason,
     open_generation,
     tool_call_error,
@@ -400,23 +401,12 @@ class CountTokens:
         if opened is None:  # the client went away while its request waited
             resp.status = 499
             return
-        lead, events = opened
-        done: Done | None = None
-        try:
-            async with contextlib.aclosing(chain(lead, events)) as everything:
-                async for event in everything:
-                    if isinstance(event, Failed):
-                        raise failure(event)
-                    if isinstance(event, Done):
-                        done = event
-                        break
-        finally:
-            await events.aclose()
-        if done is None:  # the client went away
+        usage = (await collect_opened(*opened)).usage
+        if usage is None:  # the client went away
             resp.status = 499
             return
         resp.content_type = falcon.MEDIA_JSON
-        resp.text = dumps({"input_tokens": done.usage.prompt_tokens})
+        resp.text = dumps({"input_tokens": usage.prompt_tokens})
 
 
 def add_messages_api(app: falcon.asgi.App[Any, Any], deps: HttpDeps) -> None:
