@@ -111,6 +111,21 @@ class Shape(BaseModel):
     ROOT: ClassVar[str] = "body"
 
 
+def schema_without(*names: str) -> ConfigDict:
+    """The ``model_config`` of a ``Shape`` subclass whose JSON schema leaves out
+    ``names``: fields of its base that it refuses before validating (with a 400 that
+    names them), so its OpenAPI schema does not offer them."""
+
+    def drop(schema: dict[str, Any]) -> None:
+        properties = schema.get("properties", {})
+        for name in names:
+            properties.pop(name, None)
+        if "required" in schema:
+            schema["required"] = [name for name in schema["required"] if name not in names]
+
+    return ConfigDict(**Shape.model_config, json_schema_extra=drop)
+
+
 def member_tag(name: str) -> Tag:
     """A ``Tag`` of a discriminated union member; it starts with ``~`` so that it
     never shows in an error path."""

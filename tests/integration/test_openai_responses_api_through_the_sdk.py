@@ -4,7 +4,8 @@ shows tools and renders calls and their results (``tools_cluster``).
 ``client.responses.create`` and ``client.responses.stream`` (text, a JSON schema
 parsed by the SDK, a function call forced with ``tool_choice`` so the random model
 makes it), the call's output sent back with ``previous_response_id``, and the stored
-responses read and deleted."""
+responses read and deleted; their input items listed, a body's input tokens counted,
+and a cancel refused."""
 
 from __future__ import annotations
 
@@ -145,6 +146,46 @@ def test_previous_response_id_continues_the_conversation(sdk) -> None:
     unkept = sdk.responses.create(model="tiny", input="Hi", max_output_tokens=2, store=False)
     with pytest.raises(openai.NotFoundError):
         sdk.responses.retrieve(unkept.id)
+
+
+def test_input_items_input_tokens_and_cancel(sdk) -> None:
+    """``input_items.list`` pages through what a response was made from (the earlier
+    turn's input and output first), ``input_tokens.count`` is the ``input_tokens`` a
+    response with the same body reports, and ``cancel`` says why it cannot."""
+    first = sdk.responses.create(
+        model="tiny", input="My name is Ada.", instructions="Be brief.", max_output_tokens=4
+    )
+    second = sdk.responses.create(
+        model="tiny", previous_response_id=first.id, input="What is my name?", max_output_tokens=4
+    )
+    listed = list(sdk.responses.input_items.list(second.id, order="asc", limit=1))
+    assert [item.type for item in listed] == ["message", "message", "message"]
+    assert [item.role for item in listed] == ["user", "assistant", "user"]  # type: ignore[union-attr]
+    assert listed[1].id == first.output[0].id
+    assert listed[2].content[0].text == "What is my name?"  # type: ignore[union-attr]
+    newest = sdk.responses.input_items.list(second.id, limit=2)
+    assert [item.id for item in newest.data] == [listed[2].id, listed[1].id]
+    assert newest.has_more is True
+
+    counted = sdk.responses.input_tokens.count(
+        model="tiny", previous_response_id=first.id, input="What is my name?"
+    )
+    assert counted.object == "response.input_tokens"
+    assert second.usage is not None and counted.input_tokens == second.usage.input_tokens
+    with_tools = sdk.responses.input_tokens.count(
+        model="tiny", input="What is the weather in Paris?", tools=[WEATHER]
+    )
+    without = sdk.responses.input_tokens.count(model="tiny", input="What is the weather in Paris?")
+    assert with_tools.input_tokens > without.input_tokens > 0
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.responses.input_tokens.count(
+            model="tiny", input="Hi", extra_body={"max_output_tokens": 4}
+        )
+    assert refused.value.body["param"] == "max_output_tokens"  # type: ignore[index]
+
+    with pytest.raises(openai.BadRequestError) as synchronous:
+        sdk.responses.cancel(second.id)
+    assert "synchronous" in str(synchronous.value)
 
 
 def test_what_this_server_does_not_do_is_a_400_naming_it(sdk) -> None:

@@ -561,6 +561,160 @@ def test_what_this_server_does_not_honour_is_a_400_naming_it(app, fake, body, pa
 
 
 def test_the_routes_are_in_the_openapi_document(app) -> None:
-    paths = app.simulate_get("/openapi.json").json["paths"]
+    document = app.simulate_get("/openapi.json").json
+    paths = document["paths"]
     assert set(paths["/v1/responses"]) == {"post"}
     assert set(paths["/v1/responses/{response_id}"]) == {"get", "delete"}
+    assert set(paths["/v1/responses/{response_id}/input_items"]) == {"get"}
+    assert set(paths["/v1/responses/{response_id}/cancel"]) == {"post"}
+    assert set(paths["/v1/responses/input_tokens"]) == {"post"}
+    counted = document["components"]["schemas"]["InputTokensBody"]["properties"]
+    assert {"input", "instructions", "tools", "previous_response_id"} <= set(counted)
+    assert not set(counted) & {"max_output_tokens", "temperature", "stream", "store"}
+
+
+# ---------------------------------------------------- input_items, input_tokens, cancel
+
+
+def test_input_items_list_the_conversation_a_response_was_made_from(app, fake) -> None:
+    fake.script += [_called(CALL), _answer(Tokens(["12 C in Oslo."]))]
+    first = _post(app, input="Weather?", instructions="Be brief.", tools=[TOOL]).json
+    output = {"type": "function_call_output", "call_id": "call_abc", "output": "12 C"}
+    note = {
+        "type": "message",
+        "role": "developer",
+        "content": [{"type": "input_text", "text": "Celsius."}],
+    }
+    second = _post(app, previous_response_id=first["id"], input=[output, note], tools=[TOOL]).json
+    listed = app.simulate_get(f"/v1/responses/{second['id']}/input_items", params={"order": "asc"})
+    assert listed.status_code == 200, listed.text
+    page = listed.json
+    items = page["data"]
+    assert [item["type"] for item in items] == [
+        "message",
+        "function_call",
+        "function_call_output",
+        "message",
+    ]
+    asked, call, result, developer = items
+    assert asked["role"] == "user" and asked["content"] == [
+        {"type": "input_text", "text": "Weather?"}
+    ]
+    assert call == first["output"][0]  # the earlier response's output, as it was answered
+    assert result["call_id"] == "call_abc" and result["output"] == "12 C"
+    assert result["id"].startswith("fco_") and result["status"] == "completed"
+    assert developer["role"] == "developer" and developer["content"][0]["text"] == "Celsius."
+    assert (page["object"], page["has_more"]) == ("list", False)
+    assert (page["first_id"], page["last_id"]) == (asked["id"], developer["id"])
+    assert len({item["id"] for item in items}) == 4
+    # newest first by default, paged with limit and after
+    newest = app.simulate_get(f"/v1/responses/{second['id']}/input_items", params={"limit": "3"})
+    assert [item["id"] for item in newest.json["data"]] == [i["id"] for i in items[::-1][:3]]
+    assert newest.json["has_more"] is True
+    rest = app.simulate_get(
+        f"/v1/responses/{second['id']}/input_items",
+        params={"limit": "3", "after": newest.json["last_id"]},
+    ).json
+    assert [item["id"] for item in rest["data"]] == [asked["id"]] and rest["has_more"] is False
+    # the first response's own input is one user message
+    (only,) = app.simulate_get(f"/v1/responses/{first['id']}/input_items").json["data"]
+    assert only["id"] == asked["id"]
+
+
+def test_input_items_keep_log_probabilities_only_when_included(app, fake) -> None:
+    fake.script += [_answer(Tokens(["Hi"])), _answer(Tokens(["x"]))]
+    entry = {"token": "Hi", "logprob": -0.5, "bytes": [72, 105], "top_logprobs": []}
+    sent_back = {
+        "type": "message",
+        "role": "assistant",
+        "id": "msg_1",
+        "content": [{"type": "output_text", "text": "Hi", "logprobs": [entry]}],
+    }
+    response = _post(app, input=[{"role": "user", "content": "Hello"}, sent_back]).json
+    path = f"/v1/responses/{response['id']}/input_items"
+    plain = app.simulate_get(path).json["data"][0]
+    assert plain["id"] == "msg_1" and plain["content"][0]["logprobs"] == []
+    for name in ("include", "include[]"):
+        params = {name: "message.output_text.logprobs"}
+        included = app.simulate_get(path, params=params).json["data"][0]
+        assert included["content"][0]["logprobs"] == [entry]
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        ({"limit": "0"}, "limit"),
+        ({"limit": "101"}, "limit"),
+        ({"limit": "x"}, "limit"),
+        ({"order": "newest"}, "order"),
+        ({"after": "msg_nope"}, "after"),
+        ({"include": "reasoning.encrypted_content"}, "include"),
+        ({"before": "msg_1"}, "before"),
+    ],
+)
+def test_input_items_refuse_what_they_cannot_do(app, fake, params, param) -> None:
+    fake.script.append(_answer(Tokens(["x"])))
+    ident = _post(app, input="Hi").json["id"]
+    result = app.simulate_get(f"/v1/responses/{ident}/input_items", params=params)
+    assert result.status_code == 400, result.text
+    assert result.json["error"]["param"] == param
+
+
+def test_input_items_and_cancel_of_unknown_responses_are_404(app, fake) -> None:
+    for ident in ("resp_" + "0" * 32, "resp_nope"):
+        assert app.simulate_get(f"/v1/responses/{ident}/input_items").status_code == 404
+        assert app.simulate_post(f"/v1/responses/{ident}/cancel").status_code == 404
+
+
+def test_a_response_is_complete_when_it_is_stored_so_cancel_is_a_400(app, fake) -> None:
+    fake.script.append(_answer(Tokens(["x"])))
+    ident = _post(app, input="Hi").json["id"]
+    result = app.simulate_post(f"/v1/responses/{ident}/cancel")
+    assert result.status_code == 400, result.text
+    assert result.json["error"]["message"].startswith("Cannot cancel a synchronous response")
+    assert app.simulate_get(f"/v1/responses/{ident}").json["status"] == "completed"
+
+
+def test_input_tokens_asks_an_agent_to_count_what_a_response_would_prefill(app, fake) -> None:
+    fake.script += [_answer(Tokens(["x"])), _answer(usage=Usage(prompt_tokens=41))]
+    first = _post(app, input="Hi").json
+    body = {
+        "model": "m",
+        "input": "And now?",
+        "instructions": "Be brief.",
+        "previous_response_id": first["id"],
+        "tools": [TOOL],
+        "tool_choice": "none",
+    }
+    result = app.simulate_post("/v1/responses/input_tokens", json=body)
+    assert result.status_code == 200, result.text
+    assert result.json == {"object": "response.input_tokens", "input_tokens": 41}
+    request = fake.submitted[-1]
+    assert request["count_only"] is True
+    assert request["conversation_history"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "x"},
+        {"role": "user", "content": "And now?"},
+    ]
+    assert fake.submitted[-1]["tools"] == []  # tool_choice none hides them, as it would
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"max_output_tokens": 8}, "max_output_tokens"),
+        ({"temperature": 0.5}, "temperature"),
+        ({"stream": True}, "stream"),
+        ({"store": False}, "store"),
+        ({"include": []}, "include"),
+        ({"seed": 1}, "seed"),
+        ({"input": []}, "input"),
+        ({"previous_response_id": "resp_nope"}, "previous_response_id"),
+    ],
+)
+def test_input_tokens_refuses_what_only_generation_uses(app, fake, body, param) -> None:
+    result = app.simulate_post("/v1/responses/input_tokens", json={"input": "Hi", **body})
+    assert result.status_code in (400, 404), result.text
+    assert result.json["error"]["param"] == param
+    assert fake.submitted == []

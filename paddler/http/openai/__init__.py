@@ -24,7 +24,13 @@ from paddler.http.openai.completions import Completions
 from paddler.http.openai.embeddings import Embeddings
 from paddler.http.openai.errors import ERROR_REPLY, OpenAIError, add_openai_error_handlers
 from paddler.http.openai.models import Model, Models, model_id
-from paddler.http.openai.responses import Responses, StoredResponse
+from paddler.http.openai.responses import (
+    CancelResponse,
+    InputItems,
+    InputTokens,
+    Responses,
+    StoredResponse,
+)
 from paddler.http.openapi import OpenApiDocument
 
 
@@ -35,7 +41,10 @@ def create_app(deps: HttpDeps) -> falcon.asgi.App[Any, Any]:
     app.add_route("/v1/chat/completions", ChatCompletions(deps))
     app.add_route("/v1/completions", Completions(deps))
     app.add_route("/v1/responses", Responses(deps))
+    app.add_route("/v1/responses/input_tokens", InputTokens(deps))
     app.add_route("/v1/responses/{response_id}", StoredResponse(deps))
+    app.add_route("/v1/responses/{response_id}/input_items", InputItems(deps))
+    app.add_route("/v1/responses/{response_id}/cancel", CancelResponse(deps))
     app.add_route("/v1/embeddings", Embeddings(deps))
     app.add_route("/v1/models", Models(deps, created))
     app.add_route("/v1/models/{model:path}", Model(deps, created))

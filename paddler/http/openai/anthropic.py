@@ -33,11 +33,17 @@ from paddler.http import sse
 from paddler.http.api_keys import bearer_key
 from paddler.http.common import ClosingStream, HttpDeps, dumps, read_json
 from paddler.http.openai.anthropic_body import GENERATION_ONLY, CountTokensBody, MessagesBody
-from paddler.http.openai.errors import ENVELOPE, OpenAIError, failure, invalid_body
+from paddler.http.openai.errors import (
+    ENVELOPE,
+    OpenAIError,
+    failure,
+    invalid_body,
+    refuse_fields,
+)
 from paddler.http.openai.models import served_model_id
 from paddler.http.openai.streaming import (
     chain,
-    collect_opened,
+    count_prompt,
     finish_reason,
     open_generation,
     tool_call_error,
@@ -390,23 +396,16 @@ class CountTokens:
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         raw = await read_json(req, self.deps.max_body_bytes)
-        if isinstance(raw, dict):
-            for name in GENERATION_ONLY:
-                if name in raw:
-                    raise invalid_body(
-                        name, "is not a field of count_tokens: it counts, it does not generate"
-                    )
+        refuse_fields(
+            raw, GENERATION_ONLY, "is not a field of count_tokens: it counts, it does not generate"
+        )
         body = check(CountTokensBody, raw, invalid_body)
-        opened = await open_generation(self.deps, req, body.to_count_request(), False)
-        if opened is None:  # the client went away while its request waited
-            resp.status = 499
-            return
-        usage = (await collect_opened(*opened)).usage
-        if usage is None:  # the client went away
+        tokens = await count_prompt(self.deps, req, body.to_request())
+        if tokens is None:  # the client went away
             resp.status = 499
             return
         resp.content_type = falcon.MEDIA_JSON
-        resp.text = dumps({"input_tokens": usage.prompt_tokens})
+        resp.text = dumps({"input_tokens": tokens})
 
 
 def add_messages_api(app: falcon.asgi.App[Any, Any], deps: HttpDeps) -> None:

@@ -32,7 +32,7 @@ from paddler.protocol.requests import (
     TopK,
     trusted_wire,
 )
-from paddler.protocol.shapes import Says, Shape, member_tag
+from paddler.protocol.shapes import Says, Shape, member_tag, schema_without
 from paddler.protocol.tool_calls import (
     MAX_DESCRIPTION,
     MAX_TOOLS,
@@ -507,16 +507,13 @@ shape an answer, and counting makes none."""
 
 class CountTokensBody(MessagesBody):
     """``POST /v1/messages/count_tokens``: a Messages body without the fields that
-    only generation uses (``GENERATION_ONLY``, refused with a 400 that names them)."""
+    only generation uses (``GENERATION_ONLY``, refused with a 400 that names them
+    before this shape is checked, and left out of its schema)."""
+
+    model_config = schema_without(*GENERATION_ONLY)
 
     max_tokens: MaxTokens = 1
     """Not sent (refused): the default only satisfies the shared conversion."""
-
-    def to_count_request(self) -> dict[str, Any]:
-        """The conversation request that counts the prompt (``count_only``)."""
-        request = self.to_request()
-        request["count_only"] = True
-        return request
 
 
 def _joined(content: str | list[TextBlock]) -> str:

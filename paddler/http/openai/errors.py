@@ -80,6 +80,14 @@ def invalid_body(field: str, message: str) -> OpenAIError:
     return invalid(None if field == "body" else field, message)
 
 
+def refuse_fields(raw: Any, names: tuple[str, ...], message: str) -> None:
+    """A 400 naming the first of ``names`` that the body ``raw`` has."""
+    if isinstance(raw, dict):
+        for name in names:
+            if name in raw:
+                raise invalid_body(name, message)
+
+
 def unauthorized(ex: Unauthorized) -> OpenAIError:
     """A missing or wrong API key as OpenAI answers it: 401, ``invalid_api_key``."""
     if ex.presented:

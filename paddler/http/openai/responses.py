@@ -1,5 +1,7 @@
 """OpenAI's Responses API: ``POST /v1/responses``, ``GET`` and ``DELETE
-/v1/responses/{response_id}``.
+/v1/responses/{response_id}``, ``GET /v1/responses/{response_id}/input_items``,
+``POST /v1/responses/{response_id}/cancel`` (always refused: there are no background
+responses) and ``POST /v1/responses/input_tokens`` (an agent counts the prompt).
 
 A response is one turn of a conversation: its input (``responses_body``) continues
 the conversation of ``previous_response_id`` when given, and its output is a list of
@@ -39,14 +41,26 @@ from paddler.client import Done, Event, Failed, Logprobs, Reasoning, Tokens, Too
 from paddler.errors import BrokerUnreachable, RequestFailed
 from paddler.http import sse
 from paddler.http.common import ClosingStream, HttpDeps, dumps, read_json
-from paddler.http.openai.errors import OpenAIError, failure, invalid, invalid_body
+from paddler.http.openai.errors import OpenAIError, failure, invalid, invalid_body, refuse_fields
 from paddler.http.openai.models import served_model_id
-from paddler.http.openai.responses_body import FunctionChoice, FunctionTool, ResponsesBody
+from paddler.http.openai.responses_body import (
+    COUNT_REFUSED,
+    LOGPROBS_INCLUDE,
+    FunctionCallItem,
+    FunctionCallOutputItem,
+    FunctionChoice,
+    FunctionTool,
+    InputTokensBody,
+    MessageItem,
+    ResponsesBody,
+    UnsupportedItem,
+)
 from paddler.http.openai.streaming import (
     Answer,
     broker_call,
     chain,
     collect_opened,
+    count_prompt,
     finish_reason,
     open_generation,
     tool_call_error,
@@ -129,6 +143,58 @@ def output_of(answer: Answer, status: str, logprobs: bool) -> list[dict[str, Any
     return output
 
 
+def input_items_of(body: ResponsesBody) -> list[dict[str, Any]]:
+    """The body's input as ``GET /v1/responses/{id}/input_items`` lists it: items as
+    OpenAI answers them, each with its own ``id`` when it came with one (else a new
+    one) and a ``status``; a string is one user message."""
+    if body.input is None:
+        return []
+    if isinstance(body.input, str):
+        return [_message_input(new_id("msg"), "user", body.input, "completed")]
+    items: list[dict[str, Any]] = []
+    for item in body.input:
+        if isinstance(item, UnsupportedItem):
+            continue  # refused when the body was checked
+        status = item.status or "completed"
+        if isinstance(item, MessageItem):
+            items.append(_message_input(item.id or new_id("msg"), item.role, item.content, status))
+        elif isinstance(item, FunctionCallItem):
+            fields = item.model_dump(include={"call_id", "name", "arguments"})
+            items.append(
+                {"type": "function_call", "id": item.id or new_id("fc"), "status": status, **fields}
+            )
+        elif isinstance(item, FunctionCallOutputItem):
+            output = item.output if isinstance(item.output, str) else _parts(item.output)
+            items.append(
+                {
+                    "type": "function_call_output",
+                    "id": item.id or new_id("fco"),
+                    "status": status,
+                    "call_id": item.call_id,
+                    "output": output,
+                }
+            )
+        else:
+            reasoning = item.model_dump(include={"summary", "content"}, exclude_none=True)
+            items.append({"type": "reasoning", "id": item.id or new_id("rs"), **reasoning})
+    return items
+
+
+def _parts(parts: list[Any]) -> list[dict[str, Any]]:
+    return [part.model_dump(exclude_none=True) for part in parts]
+
+
+def _message_input(ident: str, role: str, content: Any, status: str) -> dict[str, Any]:
+    if isinstance(content, str):
+        kind = "output_text" if role == "assistant" else "input_text"
+        parts = [
+            {"type": kind, "text": content, **({"annotations": []} if role == "assistant" else {})}
+        ]
+    else:
+        parts = _parts(content)
+    return {"type": "message", "id": ident, "status": status, "role": role, "content": parts}
+
+
 def assistant_message(output: list[dict[str, Any]]) -> dict[str, Any]:
     """The output as the chat template sees it again: one assistant message with its
     text, its calls and its reasoning."""
@@ -165,6 +231,8 @@ class Turn:
     history: list[dict[str, Any]]
     """The conversation up to this response, its instructions left out."""
     request: dict[str, Any]
+    items: list[dict[str, Any]] = field(default_factory=list)
+    """Its input items, those of the responses it continues (and their output) first."""
     ident: str = field(default_factory=lambda: new_id("resp"))
     created_at: int = field(default_factory=lambda: int(time.time()))
     store: bool = True
@@ -243,6 +311,7 @@ class Turn:
         record = {
             "response": response,
             "conversation": [*self.history, assistant_message(response["output"])],
+            "input_items": self.items,
         }
         data = dumps(record).encode()
         try:
@@ -267,6 +336,19 @@ async def stored_record(deps: HttpDeps, response_id: str, param: str | None) -> 
         raise
     record: dict[str, Any] = json.loads(data)
     return record
+
+
+async def continued(
+    deps: HttpDeps, body: ResponsesBody
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The conversation ``body`` continues (``previous_response_id``) as messages, and
+    as the items ``input_items`` lists before this body's own: the earlier response's
+    input items, then its output."""
+    if body.previous_response_id is None:
+        return [], []
+    record = await stored_record(deps, body.previous_response_id, "previous_response_id")
+    earlier = [*record.get("input_items", ()), *record["response"]["output"]]
+    return record["conversation"], earlier
 
 
 # ------------------------------------------------------------------------ streaming
@@ -483,14 +565,12 @@ class Responses:
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         deps = self.deps
         body = check(ResponsesBody, await read_json(req, deps.max_body_bytes), invalid_body)
-        history: list[dict[str, Any]] = []
-        if body.previous_response_id is not None:
-            record = await stored_record(deps, body.previous_response_id, "previous_response_id")
-            history = record["conversation"]
+        history, earlier = await continued(deps, body)
         history = body.input_messages(history)
         request = body.broker_request(history)
         model = body.model or await served_model_id(deps)
-        turn = Turn(body, model, history, request, store=body.store is not False)
+        items = [*earlier, *input_items_of(body)]
+        turn = Turn(body, model, history, request, items, store=body.store is not False)
         opened = await open_generation(deps, req, request, bool(body.stream))
         if opened is None:  # the client went away while its request waited
             resp.status = 499
@@ -558,3 +638,175 @@ class StoredResponse:
             raise
         resp.content_type = falcon.MEDIA_JSON
         resp.text = dumps({"id": response_id, "object": "response", "deleted": True})
+
+
+class InputTokens:
+    """``POST /v1/responses/input_tokens``: the prompt's tokens as the model would see
+    them (the conversation of ``previous_response_id``, the instructions, the input and
+    the tools rendered by the chat template), counted by an agent that has the model."""
+
+    OPERATIONS = {
+        "post": Operation(
+            "Count the input tokens of a response",
+            InputTokensBody,
+            {200: Reply("{object: response.input_tokens, input_tokens}", JSON, {"type": "object"})},
+            description=(
+                "A Responses body without the fields that only generation uses ("
+                + ", ".join(COUNT_REFUSED)
+                + ": refused with a 400 that names them)."
+            ),
+        )
+    }
+
+    def __init__(self, deps: HttpDeps) -> None:
+        self.deps = deps
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        deps = self.deps
+        raw = await read_json(req, deps.max_body_bytes)
+        refuse_fields(
+            raw, COUNT_REFUSED, "is not a field of input_tokens: it counts, it does not generate"
+        )
+        body = check(InputTokensBody, raw, invalid_body)
+        history, _ = await continued(deps, body)
+        tokens = await count_prompt(deps, req, body.broker_request(body.input_messages(history)))
+        if tokens is None:  # the client went away
+            resp.status = 499
+            return
+        resp.content_type = falcon.MEDIA_JSON
+        resp.text = dumps({"object": "response.input_tokens", "input_tokens": tokens})
+
+
+MAX_ITEMS_LIMIT = 100
+DEFAULT_ITEMS_LIMIT = 20
+ITEMS_PARAMS = ("after", "include", "include[]", "limit", "order")
+
+
+class InputItems:
+    """``GET /v1/responses/{response_id}/input_items``: the items a stored response
+    was made from, those of the responses it continued first, paged as OpenAI's
+    lists are (``limit``, ``order``, ``after``)."""
+
+    OPERATIONS = {
+        "get": Operation(
+            "The input items of a stored response",
+            replies={
+                200: Reply(
+                    "{object: list, data, first_id, last_id, has_more}", JSON, {"type": "object"}
+                )
+            },
+            description=(
+                "Query parameters: limit (1 to 100, default 20), order (asc or desc, "
+                "default desc), after (an item id: the items after it in that order), "
+                f"include ({LOGPROBS_INCLUDE}: output text keeps its log-probabilities)."
+            ),
+        )
+    }
+
+    def __init__(self, deps: HttpDeps) -> None:
+        self.deps = deps
+
+    async def on_get(
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, response_id: str
+    ) -> None:
+        params = req.params
+        for name in params:
+            if name not in ITEMS_PARAMS:
+                raise invalid(
+                    name, "is not a parameter of input_items (after, include, limit, order)"
+                )
+        limit = _items_limit(params.get("limit"))
+        order = params.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise invalid("order", "must be 'asc' or 'desc'")
+        include = [
+            *(req.get_param_as_list("include") or ()),
+            *(req.get_param_as_list("include[]") or ()),
+        ]
+        for value in include:
+            if value != LOGPROBS_INCLUDE:
+                raise invalid("include", f"may only hold {LOGPROBS_INCLUDE!r}, not {value!r}")
+        record = await stored_record(self.deps, response_id, None)
+        if "input_items" not in record:
+            raise OpenAIError(
+                404,
+                f"Response with id '{response_id}' was kept without its input items "
+                "(by an earlier version of paddler).",
+                code="not_found",
+            )
+        items: list[dict[str, Any]] = record["input_items"]
+        if order == "desc":
+            items = items[::-1]
+        start = 0
+        after = params.get("after")
+        if after is not None:
+            ids = [item.get("id") for item in items]
+            if after not in ids:
+                raise invalid("after", f"no input item of this response has the id {after!r}")
+            start = ids.index(after) + 1
+        page = items[start : start + limit]
+        if not include:
+            page = [_without_logprobs(item) for item in page]
+        resp.content_type = falcon.MEDIA_JSON
+        resp.text = dumps(
+            {
+                "object": "list",
+                "data": page,
+                "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None,
+                "has_more": start + limit < len(items),
+            }
+        )
+
+
+def _items_limit(value: Any) -> int:
+    if value is None:
+        return DEFAULT_ITEMS_LIMIT
+    says = f"must be an integer from 1 to {MAX_ITEMS_LIMIT}"
+    if not isinstance(value, str) or not value.isdigit():
+        raise invalid("limit", says)
+    limit = int(value)
+    if not 1 <= limit <= MAX_ITEMS_LIMIT:
+        raise invalid("limit", says)
+    return limit
+
+
+def _without_logprobs(item: dict[str, Any]) -> dict[str, Any]:
+    """``item`` with its output text's log-probabilities emptied (not included)."""
+    if item.get("type") != "message":
+        return item
+    content = [
+        {**part, "logprobs": []}
+        if part.get("type") == "output_text" and part.get("logprobs")
+        else part
+        for part in item["content"]
+    ]
+    return {**item, "content": content}
+
+
+class CancelResponse:
+    """``POST /v1/responses/{response_id}/cancel``: OpenAI cancels only background
+    responses, and this server makes none (``background: true`` is refused), so a
+    stored response is complete and the answer is OpenAI's 400 for it; a response
+    still being made is cancelled by closing its connection."""
+
+    OPERATIONS = {
+        "post": Operation(
+            "Cancel a background response (there are none: always a 400 or a 404)",
+            replies={400: Reply("The response is not a background one", JSON, {"type": "object"})},
+        )
+    }
+
+    def __init__(self, deps: HttpDeps) -> None:
+        self.deps = deps
+
+    async def on_post(
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, response_id: str
+    ) -> None:
+        await stored_record(self.deps, response_id, None)
+        raise OpenAIError(
+            400,
+            "Cannot cancel a synchronous response: only responses made with background: "
+            "true can be cancelled, and this server answers every response at once (close "
+            "the connection of a response being made to cancel it).",
+        )

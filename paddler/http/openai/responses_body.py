@@ -35,7 +35,7 @@ from paddler.http.openai.schemas import (
     _refuse,
 )
 from paddler.protocol.requests import MaxTokens, Probability, TopLogprobs
-from paddler.protocol.shapes import Says, Shape, member_tag
+from paddler.protocol.shapes import Says, Shape, member_tag, schema_without
 from paddler.protocol.tool_calls import (
     MAX_TOOLS,
     FunctionSpec,
@@ -585,3 +585,34 @@ class ResponsesBody(Shape):
         system = [{"role": "system", "content": self.instructions}] if self.instructions else []
         request["conversation_history"] = [*system, *history]
         return request
+
+
+COUNT_REFUSED = (
+    "max_output_tokens",
+    "temperature",
+    "top_p",
+    "top_logprobs",
+    "include",
+    "stream",
+    "stream_options",
+    "store",
+    "metadata",
+    "background",
+    "max_tool_calls",
+    "user",
+    "safety_identifier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "service_tier",
+)
+"""Fields of a Responses body that ``POST /v1/responses/input_tokens`` refuses (as
+OpenAI's, which takes only what shapes the prompt): they shape an answer, and
+counting makes none."""
+
+
+class InputTokensBody(ResponsesBody):
+    """``POST /v1/responses/input_tokens``: a Responses body without the fields that
+    only generation uses (``COUNT_REFUSED``, refused with a 400 that names them before
+    this shape is checked, and left out of its schema)."""
+
+    model_config = schema_without(*COUNT_REFUSED)

@@ -160,6 +160,19 @@ async def collect_opened(lead: list[Event], events: AsyncGenerator[Event, None])
         await events.aclose()
 
 
+async def count_prompt(
+    deps: HttpDeps, req: falcon.asgi.Request, request: dict[str, Any]
+) -> int | None:
+    """The prompt tokens of ``request`` (a conversation request) as an agent that has
+    the model counts them (``count_only``: it takes a free slot for one step of the
+    agent's loop and prefills nothing); ``None`` if the client went away first."""
+    opened = await open_generation(deps, req, {**request, "count_only": True}, False)
+    if opened is None:
+        return None
+    usage = (await collect_opened(*opened)).usage
+    return None if usage is None else usage.prompt_tokens
+
+
 async def _lead(events: AsyncGenerator[Event, None]) -> list[Event] | None:
     """The events up to the first that decides the status (not ``Dispatched``);
     ``None`` if the client went away first."""
