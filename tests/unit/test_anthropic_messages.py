@@ -667,6 +667,12 @@ def test_the_openapi_document_describes_the_route_and_its_errors(keyed) -> None:
     assert {"system", "tools", "tool_choice", "stop_sequences", "thinking"} <= set(
         body["properties"]
     )
+    count = document["paths"]["/v1/messages/count_tokens"]["post"]
+    count_ref = count["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    counted = document["components"]["schemas"][count_ref.rsplit("/", 1)[-1]]
+    assert counted["required"] == ["messages"]
+    assert {"system", "tools", "tool_choice", "thinking"} <= set(counted["properties"])
+    assert not set(counted["properties"]) & {"max_tokens", "stream", "temperature", "metadata"}
 
 
 # ---------------------------------------------------------------------- count_tokens
