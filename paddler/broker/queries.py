@@ -10,7 +10,7 @@ import sqlite3
 from typing import TYPE_CHECKING, Any
 
 from paddler.broker.records import error_frames
-from paddler.broker.store import MAX_RESPONSE_ID, ResponseTooLarge
+from paddler.broker.store import MAX_RESPONSE_ID, ResponseTooLarge, StoredChanged
 from paddler.errors import ConfigurationError, ProtocolError
 from paddler.protocol.codec import HEADER, encode, unpack_body
 from paddler.protocol.desired_state import validate_desired_state
@@ -109,7 +109,8 @@ class ClientQueries:
     def _stored_response(self, identity: bytes, kind: int, request_id: int, body: Any) -> None:
         """Put, get or delete a stored response (``paddler.broker.store.ResponseStore``):
         one short statement on the broker's loop. A response too large is a 413, an
-        unknown id a 404, a failing database a 503; none of them stops the broker."""
+        unknown id a 404, a put whose ``expected`` body is no longer the kept one a 409,
+        a failing database a 503; none of them stops the broker."""
         where = Kind(kind).name
         response_id = body_value(body, "id", (str,), where)
         if not 0 < len(response_id) <= MAX_RESPONSE_ID:
@@ -120,7 +121,10 @@ class ClientQueries:
         )
         try:
             if kind == Kind.PUT_RESPONSE:
-                store.put(response_id, body_value(body, "body", (bytes,), where))
+                expected = body.get("expected")
+                if expected is not None and not isinstance(expected, bytes):
+                    raise ProtocolError(f"{where}: expected must be bytes")
+                store.put(response_id, body_value(body, "body", (bytes,), where), expected)
                 reply = encode(Kind.ACK, request_id, {})
             elif kind == Kind.GET_RESPONSE:
                 found = store.get(response_id)
@@ -132,6 +136,10 @@ class ClientQueries:
                 reply = encode(Kind.ACK, request_id, {}) if store.delete(response_id) else unknown
         except ResponseTooLarge as exc:
             reply = error_frames(request_id, 413, "ResponseTooLarge", str(exc))
+        except KeyError:
+            reply = unknown
+        except StoredChanged as exc:
+            reply = error_frames(request_id, 409, "StoredChanged", str(exc))
         except sqlite3.Error as exc:
             log.warning("the stored responses' database failed: %s", exc)
             reply = error_frames(

@@ -89,6 +89,10 @@ class ResponseTooLarge(Exception):
     """A response larger than a stored response may be."""
 
 
+class StoredChanged(Exception):
+    """A conditional put found another body than the one it was to replace."""
+
+
 class ResponseStore:
     """Responses of the OpenAI Responses API kept for ``previous_response_id`` and
     ``GET /v1/responses/{id}``: opaque bodies by id, in the state database (a
@@ -142,10 +146,18 @@ class ResponseStore:
     def enabled(self) -> bool:
         return self.max_count > 0
 
-    def put(self, response_id: str, body: bytes) -> int:
+    def put(self, response_id: str, body: bytes, expected: bytes | None = None) -> int:
         """Keep ``body`` as ``response_id`` (replacing one of that id); how many older
         responses were evicted to make room. ``ResponseTooLarge`` past ``max_bytes``
-        or ``max_total_bytes`` (nothing is evicted then)."""
+        or ``max_total_bytes`` (nothing is evicted then). With ``expected``, only if
+        the body kept as ``response_id`` is that one: ``KeyError`` when there is none,
+        ``StoredChanged`` when it is another (a read-modify-write that lost a race)."""
+        if expected is not None:
+            current = self.get(response_id)
+            if current is None:
+                raise KeyError(response_id)
+            if current != expected:
+                raise StoredChanged(f"{response_id!r} changed since it was read")
         size = len(body)
         limit = min(self.max_bytes, self.max_total_bytes)
         if not self.enabled:

@@ -72,9 +72,13 @@ def put_desired_state(state: dict[str, Any]) -> Query[Any]:
     return Query(Kind.PUT_DESIRED_STATE, {"state": state}, Kind.ACK)
 
 
-def put_response(response_id: str, body: bytes) -> Query[Any]:
-    """Keep ``body`` as the stored response ``response_id`` (OpenAI's Responses API)."""
-    return Query(Kind.PUT_RESPONSE, {"id": response_id, "body": body}, Kind.ACK)
+def put_response(response_id: str, body: bytes, expected: bytes | None = None) -> Query[Any]:
+    """Keep ``body`` as the stored response ``response_id`` (OpenAI's Responses API);
+    with ``expected``, only in place of that body (404 if none is kept, 409 if another)."""
+    fields: dict[str, Any] = {"id": response_id, "body": body}
+    if expected is not None:
+        fields["expected"] = expected
+    return Query(Kind.PUT_RESPONSE, fields, Kind.ACK)
 
 
 def get_response(response_id: str) -> Query[bytes]:

@@ -217,10 +217,12 @@ class Client(CoreDriver):
         """Store and apply a desired state; ``ConfigurationError`` names a bad field."""
         self._query(queries.put_desired_state(state))
 
-    def put_response(self, response_id: str, body: bytes) -> None:
-        """Keep a response of the OpenAI Responses API in the balancer's state database;
-        ``RequestFailed`` 413 if it is larger than a stored response may be."""
-        self._query(queries.put_response(response_id, body))
+    def put_response(self, response_id: str, body: bytes, expected: bytes | None = None) -> None:
+        """Keep a response of the OpenAI Responses API (or a conversation) in the
+        balancer's state database; ``RequestFailed`` 413 if it is larger than a stored
+        response may be. With ``expected``, only in place of that body: 404 if none is
+        kept, 409 if another is (someone else changed it since it was read)."""
+        self._query(queries.put_response(response_id, body, expected))
 
     def get_response(self, response_id: str) -> bytes:
         """A kept response; ``RequestFailed`` 404 if there is none of that id."""

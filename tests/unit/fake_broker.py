@@ -117,8 +117,15 @@ class FakeClient:
                         "tokens_by_agent": {"a1": 10}, "requests_by_agent": {"a1": 2}},
         }  # fmt: skip
 
-    async def put_response(self, response_id: str, body: bytes) -> None:
+    async def put_response(
+        self, response_id: str, body: bytes, expected: bytes | None = None
+    ) -> None:
         self._check()
+        if expected is not None:
+            if response_id not in self.responses:
+                raise RequestFailed(404, "UnknownResponse", f"no stored response {response_id!r}")
+            if self.responses[response_id] != expected:
+                raise RequestFailed(409, "StoredChanged", "changed since it was read")
         if len(body) > self.max_response_bytes:
             raise RequestFailed(413, "ResponseTooLarge", "too large")
         self.responses[response_id] = body

@@ -455,6 +455,8 @@ def test_stored_responses_are_put_got_and_deleted(api: Api, broker: ScriptedBrok
     kept: dict[str, bytes] = {}
 
     def put(rid: int, body: Any) -> list[list[bytes]]:
+        if "expected" in body and kept.get(body["id"]) != body["expected"]:
+            return [error(rid, 409, "StoredChanged", "changed")]
         kept[body["id"]] = body["body"]
         return [encode(Kind.ACK, rid, {})]
 
@@ -476,6 +478,11 @@ def test_stored_responses_are_put_got_and_deleted(api: Api, broker: ScriptedBrok
     client = api.connect(broker.address)
     assert api.call(client, "put_response", "resp_a", b"\x00{}") is None
     assert api.call(client, "get_response", "resp_a") == b"\x00{}"
+    assert api.call(client, "put_response", "resp_a", b"[]", b"\x00{}") is None
+    with pytest.raises(RequestFailed) as changed:
+        api.call(client, "put_response", "resp_a", b"()", b"\x00{}")
+    assert changed.value.code == 409
+    assert api.call(client, "get_response", "resp_a") == b"[]"
     assert api.call(client, "delete_response", "resp_a") is None
     for method in ("get_response", "delete_response"):
         with pytest.raises(RequestFailed) as unknown:

@@ -26,6 +26,7 @@ from paddler.broker.store import (
     MAX_STORED_RESPONSE_BYTES,
     ResponseStore,
     ResponseTooLarge,
+    StoredChanged,
 )
 from paddler.client import Client
 from paddler.errors import ConfigurationError, RequestFailed
@@ -54,6 +55,20 @@ def test_a_response_is_kept_read_replaced_and_forgotten() -> None:
     assert (store.count, store.total_bytes) == (2, 8)
     assert store.delete("resp_a") is True and store.delete("resp_a") is False
     assert store.get("resp_a") is None and (store.count, store.total_bytes) == (1, 3)
+
+
+def test_a_conditional_put_replaces_only_the_body_it_read() -> None:
+    """What a read-modify-write (a conversation's items) relies on: two writers that
+    read the same body cannot both replace it."""
+    store = ResponseStore()
+    with pytest.raises(KeyError):
+        store.put("conv_a", b"new", expected=b"old")
+    assert store.get("conv_a") is None
+    store.put("conv_a", b"one")
+    store.put("conv_a", b"two", expected=b"one")
+    with pytest.raises(StoredChanged):
+        store.put("conv_a", b"three", expected=b"one")  # it was read before "two"
+    assert store.get("conv_a") == b"two" and (store.count, store.total_bytes) == (1, 3)
 
 
 def test_past_the_count_the_oldest_are_forgotten_first() -> None:
@@ -141,6 +156,13 @@ def test_the_broker_puts_gets_and_deletes_stored_responses(broker: Broker) -> No
         assert (answered, error["code"], error["kind"]) == (Kind.ERROR, 404, "UnknownResponse")
     answered, error = _ask(broker, Kind.PUT_RESPONSE, {"id": "resp_b", "body": bytes(1025)})
     assert (answered, error["code"], error["kind"]) == (Kind.ERROR, 413, "ResponseTooLarge")
+    conditional = {"id": "resp_c", "body": b"2", "expected": b"1"}
+    answered, error = _ask(broker, Kind.PUT_RESPONSE, conditional)
+    assert (answered, error["code"], error["kind"]) == (Kind.ERROR, 404, "UnknownResponse")
+    assert _ask(broker, Kind.PUT_RESPONSE, {"id": "resp_c", "body": b"1"}) == (Kind.ACK, {})
+    assert _ask(broker, Kind.PUT_RESPONSE, conditional) == (Kind.ACK, {})
+    answered, error = _ask(broker, Kind.PUT_RESPONSE, conditional)  # "1" is gone
+    assert (answered, error["code"], error["kind"]) == (Kind.ERROR, 409, "StoredChanged")
 
 
 @pytest.mark.parametrize(
@@ -154,6 +176,7 @@ def test_the_broker_puts_gets_and_deletes_stored_responses(broker: Broker) -> No
         {"id": "r" * (MAX_RESPONSE_ID + 1)},
         {"id": "resp_a"},  # a put without its body
         {"id": "resp_a", "body": "text, not bytes"},
+        {"id": "resp_a", "body": b"x", "expected": "text, not bytes"},
     ],
 )
 def test_a_malformed_frame_is_answered_with_a_400(broker: Broker, body: Any) -> None:
@@ -168,7 +191,7 @@ def test_a_malformed_frame_is_answered_with_a_400(broker: Broker, body: Any) -> 
     body=st.one_of(
         st.binary(max_size=64),
         st.dictionaries(
-            st.sampled_from(["id", "body", "x"]),
+            st.sampled_from(["id", "body", "expected", "x"]),
             st.one_of(
                 st.none(),
                 st.integers(min_value=-(2**63), max_value=2**64 - 1),  # what msgpack packs
@@ -183,7 +206,7 @@ def test_any_frame_of_these_kinds_gets_one_answer_and_never_raises(kind: Kind, b
     answered, value = _ask(broker, kind, body)
     assert answered in (Kind.ACK, Kind.STORED_RESPONSE, Kind.ERROR)
     if answered == Kind.ERROR:
-        assert value["code"] in (400, 404, 413)
+        assert value["code"] in (400, 404, 409, 413)
     assert broker.responses.count <= 2 and broker.responses.total_bytes <= 2048
 
 
@@ -222,6 +245,10 @@ def test_a_client_keeps_reads_and_forgets_responses_at_a_real_broker() -> None:
                 with pytest.raises(RequestFailed) as too_large:
                     client.put_response("resp_9", bytes(4096))
                 assert too_large.value.code == 413
+                client.put_response("resp_2", b"body 2b", expected=b"body 2")
+                with pytest.raises(RequestFailed) as changed:
+                    client.put_response("resp_2", b"body 2c", expected=b"body 2")
+                assert (changed.value.code, changed.value.kind) == (409, "StoredChanged")
                 client.delete_response("resp_2")
                 with pytest.raises(RequestFailed) as deleted:
                     client.delete_response("resp_2")
