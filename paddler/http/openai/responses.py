@@ -29,7 +29,6 @@ import contextlib
 import json
 import re
 import time
-import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,18 +41,15 @@ from paddler.errors import BrokerUnreachable, RequestFailed
 from paddler.http import sse
 from paddler.http.common import ClosingStream, HttpDeps, dumps, read_json
 from paddler.http.openai.errors import OpenAIError, failure, invalid, invalid_body, refuse_fields
+from paddler.http.openai.items import items_of, new_id, page
 from paddler.http.openai.models import served_model_id
 from paddler.http.openai.responses_body import (
     COUNT_REFUSED,
     LOGPROBS_INCLUDE,
-    FunctionCallItem,
-    FunctionCallOutputItem,
     FunctionChoice,
     FunctionTool,
     InputTokensBody,
-    MessageItem,
     ResponsesBody,
-    UnsupportedItem,
 )
 from paddler.http.openai.streaming import (
     Answer,
@@ -73,10 +69,6 @@ from paddler.protocol.tool_calls import ToolCall
 
 RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")
 """The ids this server gives; any other is unknown without asking the balancer."""
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
 
 
 def responses_usage(usage: Usage) -> dict[str, Any]:
@@ -141,58 +133,6 @@ def output_of(answer: Answer, status: str, logprobs: bool) -> list[dict[str, Any
         for call in answer.tool_calls
     )
     return output
-
-
-def input_items_of(body: ResponsesBody) -> list[dict[str, Any]]:
-    """The body's input as ``GET /v1/responses/{id}/input_items`` lists it: items as
-    OpenAI answers them, each with its own ``id`` when it came with one (else a new
-    one) and a ``status``; a string is one user message."""
-    if body.input is None:
-        return []
-    if isinstance(body.input, str):
-        return [_message_input(new_id("msg"), "user", body.input, "completed")]
-    items: list[dict[str, Any]] = []
-    for item in body.input:
-        if isinstance(item, UnsupportedItem):
-            continue  # refused when the body was checked
-        status = item.status or "completed"
-        if isinstance(item, MessageItem):
-            items.append(_message_input(item.id or new_id("msg"), item.role, item.content, status))
-        elif isinstance(item, FunctionCallItem):
-            fields = item.model_dump(include={"call_id", "name", "arguments"})
-            items.append(
-                {"type": "function_call", "id": item.id or new_id("fc"), "status": status, **fields}
-            )
-        elif isinstance(item, FunctionCallOutputItem):
-            output = item.output if isinstance(item.output, str) else _parts(item.output)
-            items.append(
-                {
-                    "type": "function_call_output",
-                    "id": item.id or new_id("fco"),
-                    "status": status,
-                    "call_id": item.call_id,
-                    "output": output,
-                }
-            )
-        else:
-            reasoning = item.model_dump(include={"summary", "content"}, exclude_none=True)
-            items.append({"type": "reasoning", "id": item.id or new_id("rs"), **reasoning})
-    return items
-
-
-def _parts(parts: list[Any]) -> list[dict[str, Any]]:
-    return [part.model_dump(exclude_none=True) for part in parts]
-
-
-def _message_input(ident: str, role: str, content: Any, status: str) -> dict[str, Any]:
-    if isinstance(content, str):
-        kind = "output_text" if role == "assistant" else "input_text"
-        parts = [
-            {"type": kind, "text": content, **({"annotations": []} if role == "assistant" else {})}
-        ]
-    else:
-        parts = _parts(content)
-    return {"type": "message", "id": ident, "status": status, "role": role, "content": parts}
 
 
 def assistant_message(output: list[dict[str, Any]]) -> dict[str, Any]:
@@ -569,7 +509,7 @@ class Responses:
         history = body.input_messages(history)
         request = body.broker_request(history)
         model = body.model or await served_model_id(deps)
-        items = [*earlier, *input_items_of(body)]
+        items = [*earlier, *items_of(body.input)]
         turn = Turn(body, model, history, request, items, store=body.store is not False)
         opened = await open_generation(deps, req, request, bool(body.stream))
         if opened is None:  # the client went away while its request waited
@@ -677,11 +617,6 @@ class InputTokens:
         resp.text = dumps({"object": "response.input_tokens", "input_tokens": tokens})
 
 
-MAX_ITEMS_LIMIT = 100
-DEFAULT_ITEMS_LIMIT = 20
-ITEMS_PARAMS = ("after", "include", "include[]", "limit", "order")
-
-
 class InputItems:
     """``GET /v1/responses/{response_id}/input_items``: the items a stored response
     was made from, those of the responses it continued first, paged as OpenAI's
@@ -709,23 +644,6 @@ class InputItems:
     async def on_get(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, response_id: str
     ) -> None:
-        params = req.params
-        for name in params:
-            if name not in ITEMS_PARAMS:
-                raise invalid(
-                    name, "is not a parameter of input_items (after, include, limit, order)"
-                )
-        limit = _items_limit(params.get("limit"))
-        order = params.get("order", "desc")
-        if order not in ("asc", "desc"):
-            raise invalid("order", "must be 'asc' or 'desc'")
-        include = [
-            *(req.get_param_as_list("include") or ()),
-            *(req.get_param_as_list("include[]") or ()),
-        ]
-        for value in include:
-            if value != LOGPROBS_INCLUDE:
-                raise invalid("include", f"may only hold {LOGPROBS_INCLUDE!r}, not {value!r}")
         record = await stored_record(self.deps, response_id, None)
         if "input_items" not in record:
             raise OpenAIError(
@@ -734,54 +652,9 @@ class InputItems:
                 "(by an earlier version of paddler).",
                 code="not_found",
             )
-        items: list[dict[str, Any]] = record["input_items"]
-        if order == "desc":
-            items = items[::-1]
-        start = 0
-        after = params.get("after")
-        if after is not None:
-            ids = [item.get("id") for item in items]
-            if after not in ids:
-                raise invalid("after", f"no input item of this response has the id {after!r}")
-            start = ids.index(after) + 1
-        page = items[start : start + limit]
-        if not include:
-            page = [_without_logprobs(item) for item in page]
+        listed = page(req, record["input_items"], "input_items")
         resp.content_type = falcon.MEDIA_JSON
-        resp.text = dumps(
-            {
-                "object": "list",
-                "data": page,
-                "first_id": page[0]["id"] if page else None,
-                "last_id": page[-1]["id"] if page else None,
-                "has_more": start + limit < len(items),
-            }
-        )
-
-
-def _items_limit(value: Any) -> int:
-    if value is None:
-        return DEFAULT_ITEMS_LIMIT
-    says = f"must be an integer from 1 to {MAX_ITEMS_LIMIT}"
-    if not isinstance(value, str) or not value.isdigit():
-        raise invalid("limit", says)
-    limit = int(value)
-    if not 1 <= limit <= MAX_ITEMS_LIMIT:
-        raise invalid("limit", says)
-    return limit
-
-
-def _without_logprobs(item: dict[str, Any]) -> dict[str, Any]:
-    """``item`` with its output text's log-probabilities emptied (not included)."""
-    if item.get("type") != "message":
-        return item
-    content = [
-        {**part, "logprobs": []}
-        if part.get("type") == "output_text" and part.get("logprobs")
-        else part
-        for part in item["content"]
-    ]
-    return {**item, "content": content}
+        resp.text = dumps(listed)
 
 
 class CancelResponse:
