@@ -5,7 +5,7 @@ shows tools and renders calls and their results (``tools_cluster``).
 parsed by the SDK, a function call forced with ``tool_choice`` so the random model
 makes it), the call's output sent back with ``previous_response_id``, and the stored
 responses read and deleted; their input items listed, a body's input tokens counted,
-and a cancel refused."""
+a cancel refused, and a conversation."""
 
 from __future__ import annotations
 
@@ -186,6 +186,47 @@ def test_input_items_input_tokens_and_cancel(sdk) -> None:
     with pytest.raises(openai.BadRequestError) as synchronous:
         sdk.responses.cancel(second.id)
     assert "synchronous" in str(synchronous.value)
+
+
+def test_a_conversation_through_the_sdk(sdk) -> None:
+    """``client.conversations``: created with an item, a response made in it sees the
+    item (the prompt is longer) and adds its input and output, the items listed,
+    added, read and removed, the conversation updated and deleted."""
+    alone = sdk.responses.create(model="tiny", input="What is my name?", max_output_tokens=4)
+    conversation = sdk.conversations.create(
+        items=[{"type": "message", "role": "user", "content": "My name is Ada."}],
+        metadata={"topic": "names"},
+    )
+    assert conversation.id.startswith("conv_") and conversation.metadata == {"topic": "names"}
+    answered = sdk.responses.create(
+        model="tiny", conversation=conversation.id, input="What is my name?", max_output_tokens=4
+    )
+    assert answered.conversation is not None and answered.conversation.id == conversation.id
+    assert answered.usage is not None and alone.usage is not None
+    assert answered.usage.input_tokens > alone.usage.input_tokens
+    items = list(sdk.conversations.items.list(conversation.id, order="asc"))
+    assert [item.type for item in items] == ["message", "message", "message"]
+    assert items[2].id == answered.output[0].id
+    counted = sdk.responses.input_tokens.count(
+        model="tiny", conversation=conversation.id, input="And now?"
+    )
+    assert counted.input_tokens > answered.usage.input_tokens
+
+    added = sdk.conversations.items.create(
+        conversation.id, items=[{"type": "message", "role": "user", "content": "Thanks."}]
+    )
+    (thanks,) = added.data
+    assert sdk.conversations.items.retrieve(thanks.id, conversation_id=conversation.id).id == (
+        thanks.id
+    )
+    sdk.conversations.items.delete(thanks.id, conversation_id=conversation.id)
+    assert len(list(sdk.conversations.items.list(conversation.id))) == 3
+    updated = sdk.conversations.update(conversation.id, metadata={"topic": "other"})
+    assert updated.metadata == {"topic": "other"}
+    assert sdk.conversations.retrieve(conversation.id).metadata == {"topic": "other"}
+    assert sdk.conversations.delete(conversation.id).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        sdk.conversations.retrieve(conversation.id)
 
 
 def test_what_this_server_does_not_do_is_a_400_naming_it(sdk) -> None:

@@ -6,8 +6,9 @@
 - ``schemas``: the request bodies as shapes, and their broker requests;
 - ``streaming``: the status-deciding wait, usage and SSE chunks of generations;
 - ``chat``, ``completions``, ``embeddings``, ``models``: one endpoint each;
-- ``responses`` (with ``responses_body``): OpenAI's Responses API, its responses
-  kept by the balancer.
+- ``responses`` (with ``responses_body`` and ``items``): OpenAI's Responses API, its
+  responses kept by the balancer; ``conversations``: its Conversations API;
+- ``anthropic`` (with ``anthropic_body``): Anthropic's Messages API.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from paddler.http.common import HttpDeps, make_app
 from paddler.http.openai.anthropic import add_messages_api
 from paddler.http.openai.chat import ChatCompletions
 from paddler.http.openai.completions import Completions
+from paddler.http.openai.conversations import add_conversations_api
 from paddler.http.openai.embeddings import Embeddings
 from paddler.http.openai.errors import ERROR_REPLY, OpenAIError, add_openai_error_handlers
 from paddler.http.openai.models import Model, Models, model_id
@@ -48,6 +50,7 @@ def create_app(deps: HttpDeps) -> falcon.asgi.App[Any, Any]:
     app.add_route("/v1/embeddings", Embeddings(deps))
     app.add_route("/v1/models", Models(deps, created))
     app.add_route("/v1/models/{model:path}", Model(deps, created))
+    add_conversations_api(app, deps)
     add_messages_api(app, deps)  # Anthropic's Messages API
     app.add_route("/openapi.json", OpenApiDocument(app, "paddler OpenAI-compatible", ERROR_REPLY))
     return app

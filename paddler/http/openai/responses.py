@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncGenerator
@@ -40,6 +41,11 @@ from paddler.client import Done, Event, Failed, Logprobs, Reasoning, Tokens, Too
 from paddler.errors import BrokerUnreachable, RequestFailed
 from paddler.http import sse
 from paddler.http.common import ClosingStream, HttpDeps, dumps, read_json
+from paddler.http.openai.conversations import (
+    change_conversation,
+    conversation_messages,
+    load_conversation,
+)
 from paddler.http.openai.errors import OpenAIError, failure, invalid, invalid_body, refuse_fields
 from paddler.http.openai.items import items_of, new_id, page
 from paddler.http.openai.models import served_model_id
@@ -66,6 +72,8 @@ from paddler.http.openapi import JSON, Operation, Reply
 from paddler.protocol.messages import Usage
 from paddler.protocol.shapes import check
 from paddler.protocol.tool_calls import ToolCall
+
+log = logging.getLogger("paddler.http")
 
 RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")
 """The ids this server gives; any other is unknown without asking the balancer."""
@@ -173,6 +181,10 @@ class Turn:
     request: dict[str, Any]
     items: list[dict[str, Any]] = field(default_factory=list)
     """Its input items, those of the responses it continues (and their output) first."""
+    own: list[dict[str, Any]] = field(default_factory=list)
+    """Its own input items (the last of ``items``)."""
+    conversation: str | None = None
+    """The conversation it is made in, which gets its input and output items."""
     ident: str = field(default_factory=lambda: new_id("resp"))
     created_at: int = field(default_factory=lambda: int(time.time()))
     store: bool = True
@@ -195,6 +207,7 @@ class Turn:
             "status": status,
             "completed_at": int(time.time()) if status == "completed" else None,
             "background": False,
+            "conversation": None if self.conversation is None else {"id": self.conversation},
             "error": error,
             "incomplete_details": (
                 {"reason": "max_output_tokens"} if status == "incomplete" else None
@@ -244,8 +257,25 @@ class Turn:
         return "incomplete" if incomplete else "completed"
 
     async def keep(self, deps: HttpDeps, response: dict[str, Any]) -> None:
-        """Keep ``response`` at the balancer with the conversation it ends, if asked;
-        ``response["store"]`` says whether it is kept."""
+        """Add its input and output items to its conversation, if it has one (when the
+        conversation cannot take them, ``response["conversation"]`` becomes null); and
+        keep ``response`` at the balancer with the conversation it ends, if asked
+        (``response["store"]`` says whether it is kept)."""
+        if self.conversation is not None:
+            added = [*self.own, *response["output"]]
+            try:
+                await change_conversation(
+                    deps, self.conversation, lambda record: record["items"].extend(added)
+                )
+            except (OpenAIError, RequestFailed, BrokerUnreachable) as exc:
+                log.warning(
+                    "response %s: its items were not added to conversation %s: %s",
+                    self.ident,
+                    self.conversation,
+                    exc,
+                )
+                self.conversation = None
+                response["conversation"] = None
         if not self.store:
             return
         record = {
@@ -281,9 +311,19 @@ async def stored_record(deps: HttpDeps, response_id: str, param: str | None) -> 
 async def continued(
     deps: HttpDeps, body: ResponsesBody
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The conversation ``body`` continues (``previous_response_id``) as messages, and
-    as the items ``input_items`` lists before this body's own: the earlier response's
-    input items, then its output."""
+    """The conversation ``body`` continues (``conversation`` or
+    ``previous_response_id``) as messages, and as the items ``input_items`` lists
+    before this body's own: the conversation's items, or the earlier response's input
+    items and then its output."""
+    conversation_id = body.conversation_id
+    if conversation_id is not None:
+        if body.previous_response_id is not None:
+            raise invalid(
+                "conversation",
+                "cannot be used with previous_response_id: a response continues one or the other",
+            )
+        record = await load_conversation(deps, conversation_id, "conversation")
+        return conversation_messages(record), list(record["items"])
     if body.previous_response_id is None:
         return [], []
     record = await stored_record(deps, body.previous_response_id, "previous_response_id")
@@ -509,8 +549,17 @@ class Responses:
         history = body.input_messages(history)
         request = body.broker_request(history)
         model = body.model or await served_model_id(deps)
-        items = [*earlier, *items_of(body.input)]
-        turn = Turn(body, model, history, request, items, store=body.store is not False)
+        own = items_of(body.input)
+        turn = Turn(
+            body,
+            model,
+            history,
+            request,
+            [*earlier, *own],
+            own,
+            body.conversation_id,
+            store=body.store is not False,
+        )
         opened = await open_generation(deps, req, request, bool(body.stream))
         if opened is None:  # the client went away while its request waited
             resp.status = 499

@@ -256,9 +256,12 @@ REASONING_ALONE = (
 )
 
 
-def messages_of(items: list[Any], history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def messages_of(
+    items: list[Any], history: list[dict[str, Any]], field: str = "input"
+) -> list[dict[str, Any]]:
     """``history`` followed by the messages of ``items`` (a new list): see the module's
-    docstring; ``OpenAIError`` 400 for a reasoning item no assistant turn follows."""
+    docstring; ``OpenAIError`` 400 for a reasoning item no assistant turn follows (the
+    item named as ``field[i]``)."""
     messages = list(history)
     names = {
         call["id"]: call["function"]["name"]
@@ -270,7 +273,7 @@ def messages_of(items: list[Any], history: list[dict[str, Any]]) -> list[dict[st
     for index, item in enumerate(items):
         if isinstance(item, ReasoningItem):
             if reasoning is not None:
-                raise invalid(f"input[{reasoning[0]}]", REASONING_ALONE)
+                raise invalid(f"{field}[{reasoning[0]}]", REASONING_ALONE)
             reasoning = (index, item.text)
             continue
         message: dict[str, Any]
@@ -298,12 +301,12 @@ def messages_of(items: list[Any], history: list[dict[str, Any]]) -> list[dict[st
                 message["name"] = names[item.call_id]
         if reasoning is not None:
             if message["role"] != "assistant":
-                raise invalid(f"input[{reasoning[0]}]", REASONING_ALONE)
+                raise invalid(f"{field}[{reasoning[0]}]", REASONING_ALONE)
             message["reasoning_content"] = reasoning[1]
             reasoning = None
         messages.append(message)
     if reasoning is not None:
-        raise invalid(f"input[{reasoning[0]}]", REASONING_ALONE)
+        raise invalid(f"{field}[{reasoning[0]}]", REASONING_ALONE)
     return messages
 
 
@@ -456,6 +459,30 @@ def _metadata(value: dict[str, str]) -> dict[str, str]:
     return value
 
 
+Metadata = Annotated[
+    dict[str, str],
+    AfterValidator(_metadata),
+    Says("must be an object of strings", out_of_range=None),
+]
+
+
+class ConversationRef(Shape):
+    SAYS: ClassVar[str] = "must be a conversation id or an object with its 'id'"
+
+    id: Annotated[str, Field(min_length=1), Says("must be a non-empty string")]
+
+
+def _id_or_object(value: Any) -> str | None:
+    return "~id" if isinstance(value, str) else "~object" if isinstance(value, dict) else None
+
+
+ConversationParam = Annotated[
+    Annotated[str, member_tag("~id")] | Annotated[ConversationRef, member_tag("~object")],
+    Discriminator(_id_or_object),
+    Says("must be a conversation id or an object with its 'id'"),
+]
+
+
 # ---------------------------------------------------------------------- the body
 
 
@@ -495,14 +522,7 @@ class ResponsesBody(Shape):
     reasoning: ReasoningConfig | None = None
     stream: Flag | None = None
     stream_options: StreamOptions | None = None
-    metadata: (
-        Annotated[
-            dict[str, str],
-            AfterValidator(_metadata),
-            Says("must be an object of strings", out_of_range=None),
-        ]
-        | None
-    ) = None
+    metadata: Metadata | None = None
     truncation: (
         Annotated[
             Literal["disabled"],
@@ -528,9 +548,9 @@ class ResponsesBody(Shape):
     ) = None
     service_tier: Text | None = None
     """Every request is served alike (the response says ``default``)."""
-    conversation: Annotated[
-        Any, _refuse("is not supported: continue with previous_response_id")
-    ] = None
+    conversation: ConversationParam | None = None
+    """The conversation (``/v1/conversations``) whose items come before the input and
+    that gets this response's input and output items when it completes."""
     prompt: Annotated[Any, _refuse("(reusable prompt templates) is not supported")] = None
     context_management: Annotated[Any, _refuse("is not supported")] = None
     moderation: Annotated[Any, _refuse("is not supported: this server moderates nothing")] = None
@@ -542,6 +562,11 @@ class ResponsesBody(Shape):
     prompt_cache_options: Annotated[
         Any, _refuse("is not supported: prompts are cached by their prefix")
     ] = None
+
+    @property
+    def conversation_id(self) -> str | None:
+        conversation = self.conversation
+        return conversation.id if isinstance(conversation, ConversationRef) else conversation
 
     @property
     def logprobs(self) -> bool:
