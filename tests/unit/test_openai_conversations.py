@@ -14,7 +14,7 @@ from typing import Any
 import falcon.testing
 import pytest
 
-from paddler.client import Dispatched, Done, Tokens
+from paddler.client import Dispatched, Done, Failed, Tokens
 from paddler.errors import RequestFailed
 from paddler.http import openai
 from paddler.http.common import HttpDeps
@@ -143,6 +143,23 @@ def test_a_response_in_a_conversation_sees_its_items_and_adds_its_own(app, fake)
     assert [item["id"] for item in listed.json["data"]] == [item["id"] for item in items[:4]]
 
 
+def test_a_streamed_response_adds_its_items_before_it_completes(app, fake) -> None:
+    ident = _create(app)["id"]
+    fake.script.append(_answer("Hello."))
+    body = {"conversation": ident, "input": "Hi", "stream": True}
+    text = app.simulate_post("/v1/responses", json=body).text
+    events = [
+        json.loads(line[len("data: ") :]) for line in text.split("\n") if line.startswith("data: ")
+    ]
+    assert events[0]["response"]["conversation"] == {"id": ident}
+    completed = events[-1]
+    assert completed["type"] == "response.completed"
+    assert completed["response"]["conversation"] == {"id": ident}
+    items = _items(app, ident, order="asc")["data"]
+    assert [item["role"] for item in items] == ["user", "assistant"]
+    assert items[1] == completed["response"]["output"][0]
+
+
 def test_a_response_that_fails_or_whose_conversation_went_away_adds_nothing(app, fake) -> None:
     ident = _create(app)["id"]
     fake.script.append(_answer("x"))
@@ -152,6 +169,14 @@ def test_a_response_that_fails_or_whose_conversation_went_away_adds_nothing(app,
     assert unknown.status_code == 404
     assert unknown.json["error"]["param"] == "conversation"
     assert fake.submitted == []
+    fake.script.insert(
+        0, [Dispatched("agent-x", "a1", 0), Tokens(["a"]), Failed(502, "AgentLost", "agent lost")]
+    )
+    body = {"conversation": ident, "input": "Hi", "stream": True}
+    failed = app.simulate_post("/v1/responses", json=body).text
+    assert "response.failed" in failed
+    assert _items(app, ident)["data"] == []
+    fake.submitted.clear()
 
     real_get = fake.get_response
 
