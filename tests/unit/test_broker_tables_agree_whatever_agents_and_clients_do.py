@@ -34,6 +34,7 @@ from paddler.protocol.prefixes import pack_fingerprints, request_fingerprints
 
 AGENTS = (b"agent-0", b"agent-1")
 CLIENTS = (b"client-0", b"client-1")
+GARBAGE_CLIENT = b"client-garbage"
 NAMES = (None, "box", "shared")
 """Agent names; two agents may share one (their per-agent series share a label)."""
 ERROR_KINDS = (
@@ -279,8 +280,12 @@ class BrokerMachine(RuleBasedStateMachine):
     def garbage(self, side: str, frames: list[bytes]) -> None:
         if side == "agent":
             self._from_agent(AGENTS[0], frames)
-        else:
-            self._from_client(CLIENTS[0], frames)
+            return
+        # from a client of its own, so that an answer to a frame that happens to be
+        # well formed (a query, a cancel) is never taken for one to a submission
+        if len(frames) == 2 and len(frames[0]) == 9 and HEADER.unpack(frames[0])[0] == Kind.SUBMIT:
+            self.submitted += 1  # a submit (its body cannot be a request): one outcome
+        self._from_client(GARBAGE_CLIENT, frames)
 
     # ----------------------------------------------------------------- time
 
