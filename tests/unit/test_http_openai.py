@@ -287,6 +287,45 @@ def test_a_request_without_a_model_is_answered_with_the_served_model(app, fake) 
         ),
         ("/v1/embeddings", {"model": "m", "input": "x", "dimensions": 0}, "dimensions"),
         ("/v1/embeddings", {"model": ["m"], "input": "x"}, "model"),
+        # a field this server does not know, a typo among them, is named, not dropped
+        ("/v1/chat/completions", {**CHAT, "temprature": 0}, "temprature"),
+        ("/v1/chat/completions", {**CHAT, "repeat_penalty": 1.1}, "repeat_penalty"),
+        ("/v1/chat/completions", {**CHAT, "store": True}, "store"),
+        ("/v1/chat/completions", {**CHAT, "verbosity": "low"}, "verbosity"),
+        ("/v1/chat/completions", {**CHAT, "metadata": {"k": 1}}, "metadata"),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "prompt_cache_retention": "24h"},
+            "prompt_cache_retention",
+        ),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "chat_template_kwargs": {"add_vision_id": True}},
+            "chat_template_kwargs.add_vision_id",
+        ),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "chat_template_kwargs": {"enable_thinking": True}, "reasoning_effort": "none"},
+            "chat_template_kwargs.enable_thinking",
+        ),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "stream": True, "stream_options": {"include_obfuscation": True}},
+            "stream_options.include_obfuscation",
+        ),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "stream": True, "stream_options": {"include_usage": True, "x": 1}},
+            "stream_options.x",
+        ),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "response_format": {"type": "json_object", "schema": {}}},
+            "response_format.schema",
+        ),
+        ("/v1/completions", {"model": "m", "prompt": "x", "cache_prompt": True}, "cache_prompt"),
+        ("/v1/completions", {"model": "m", "prompt": "x", "metadata": {}}, "metadata"),
+        ("/v1/embeddings", {"model": "m", "input": "x", "truncate": True}, "truncate"),
     ],
 )
 def test_invalid_bodies_get_400_naming_the_param(app, fake, path, body, param) -> None:
@@ -851,6 +890,41 @@ def test_legacy_completion_logprobs_are_parallel_lists(app, fake) -> None:
     }
     (request,) = fake.submitted
     assert (request["logprobs"], request["top_logprobs"]) == (True, 2)
+
+
+def test_fields_that_do_not_concern_this_server_are_accepted(app, fake) -> None:
+    """What OpenAI's clients send that has no effect here passes; everything else is
+    honoured or named in a 400 (see the parametrized test above)."""
+    fake.script += [_generation(["x"]) for _ in range(4)]
+    bodies = [
+        (
+            "/v1/chat/completions",
+            {
+                **CHAT,
+                "user": "u-1",
+                "metadata": {"k": "v"},
+                "store": False,
+                "service_tier": "auto",
+                "safety_identifier": "s",
+                "prompt_cache_key": "p",
+                "prompt_cache_retention": "in_memory",
+                "n": 1,
+                "stream_options": {"include_obfuscation": False},
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "s", "description": "d", "strict": True},
+                },
+            },
+        ),
+        ("/v1/completions", {"model": "m", "prompt": "x", "user": "u-1", "best_of": 1}),
+        ("/v1/chat/completions", {**CHAT, "chat_template_kwargs": {"enable_thinking": False}}),
+        ("/v1/chat/completions", {**CHAT, "chat_template_kwargs": {}}),
+    ]
+    for path, body in bodies:
+        result = app.simulate_post(path, json=body)
+        assert result.status_code == 200, result.text
+    thinking = [request["enable_thinking"] for request in fake.submitted]
+    assert thinking == [True, False, False, True]  # a raw prompt has no template to tell
 
 
 def test_reasoning_comes_apart_from_the_answer_and_can_be_turned_off(app, fake) -> None:

@@ -31,7 +31,8 @@ from paddler.errors import RequestFailed
 from paddler.http.common import HttpDeps, dumps, read_json
 from paddler.http.openai.errors import OpenAIError, invalid, invalid_body
 from paddler.http.openai.items import included, items_of, listing, new_id, page, shown
-from paddler.http.openai.responses_body import Item, Metadata, messages_of
+from paddler.http.openai.responses_body import Item, messages_of
+from paddler.http.openai.schemas import Metadata
 from paddler.http.openai.streaming import broker_call
 from paddler.http.openapi import JSON, Operation, Reply
 from paddler.protocol.shapes import Says, Shape, check

@@ -29,6 +29,7 @@ from paddler.http.openai.schemas import (
     JsonObjectFormat,
     JsonSchemaFormat,
     JsonSchemaSpec,
+    Metadata,
     OpenAITemperature,
     TextFormat,
     _format_tag,
@@ -47,7 +48,6 @@ from paddler.protocol.tool_calls import (
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 """The one ``include`` value honoured: the log-probabilities of the output text."""
-MAX_METADATA = 16
 ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 
 Text = Annotated[str, Says("must be a string")]
@@ -377,13 +377,9 @@ class JsonSchemaTextFormat(JsonSchemaSpec):
     """``{"type": "json_schema", "name", "schema", "description", "strict"}``: the
     output follows the schema (a grammar)."""
 
-    model_config = JsonSchemaSpec.model_config | {"extra": "forbid"}
     SAYS: ClassVar[str] = "must be an object with 'type' and 'schema'"
 
     type: Literal["json_schema"]
-    name: Text | None = None
-    description: Text | None = None
-    strict: Flag | None = None
 
 
 FORMAT_TYPES = "must be 'text', 'json_object' or 'json_schema'"
@@ -446,24 +442,6 @@ def _include(value: str) -> str:
             f"{value!r} is not supported; only {LOGPROBS_INCLUDE!r} is",
         )
     return value
-
-
-def _metadata(value: dict[str, str]) -> dict[str, str]:
-    if len(value) > MAX_METADATA:
-        raise PydanticCustomError("metadata", f"may have at most {MAX_METADATA} keys")
-    for key, text in value.items():
-        if len(key) > 64 or len(text) > 512:
-            raise PydanticCustomError(
-                "metadata", "keys may have at most 64 characters, values at most 512"
-            )
-    return value
-
-
-Metadata = Annotated[
-    dict[str, str],
-    AfterValidator(_metadata),
-    Says("must be an object of strings", out_of_range=None),
-]
 
 
 class ConversationRef(Shape):

@@ -3,8 +3,9 @@
 Fields the native API also has use its field types (``MaxTokens``, ``Stop``,
 ``Probability``...), so a body that validates here is a valid broker request:
 ``to_request`` builds the wire form without validating it again. Unknown fields
-are ignored, as OpenAI's SDKs send some that do not concern a server
-(``user``, ``metadata``, ``store``...).
+are a 400 that names them, as OpenAI answers them; the fields OpenAI has that do
+not concern this server (``user``, ``metadata``, ``store: false``...) are accepted,
+and those it cannot honour are refused by name.
 """
 
 from __future__ import annotations
@@ -58,7 +59,15 @@ SEED_MASK = 0xFFFFFFFF
 
 
 class OpenAIShape(Shape):
-    """Strict types, unknown fields ignored."""
+    """Strict types; an unknown field is a 400 that names it (OpenAI's own servers
+    answer "Unrecognized request argument" too), but in messages and their parts,
+    whose other fields describe them (``MessageShape``)."""
+
+
+class MessageShape(OpenAIShape):
+    """A message or a content part: fields other than those declared describe it (an
+    assistant message sent back as the SDK gave it has ``refusal``, ``annotations``,
+    ``audio``...) and are not read."""
 
     model_config = Shape.model_config | {"extra": "ignore"}
 
@@ -72,14 +81,45 @@ OnlyOne = Annotated[int, Field(ge=1, le=1), Says("only 1 is supported")]
 ModelName = Annotated[str, Says("must be a string")]
 
 
+MAX_METADATA = 16
+
+
+def _metadata(value: dict[str, str]) -> dict[str, str]:
+    if len(value) > MAX_METADATA:
+        raise PydanticCustomError("metadata", f"may have at most {MAX_METADATA} keys")
+    for key, text in value.items():
+        if len(key) > 64 or len(text) > 512:
+            raise PydanticCustomError(
+                "metadata", "keys may have at most 64 characters, values at most 512"
+            )
+    return value
+
+
+Metadata = Annotated[
+    dict[str, str],
+    AfterValidator(_metadata),
+    Says("must be an object of strings", out_of_range=None),
+]
+
+
+Text = Annotated[str, Says("must be a string")]
+
+
 class StreamOptions(OpenAIShape):
     include_usage: Flag | None = None
+    include_obfuscation: (
+        Annotated[
+            Literal[False],
+            Says("may only be false: this server pads no stream (its events are not obfuscated)"),
+        ]
+        | None
+    ) = None
 
 
 # ------------------------------------------------------------------- messages
 
 
-class TextPart(OpenAIShape):
+class TextPart(MessageShape):
     type: Literal["text"]
     text: Annotated[str, Says("must be a string")]
 
@@ -87,7 +127,7 @@ class TextPart(OpenAIShape):
         return {"type": "text", "text": self.text}
 
 
-class RefusalPart(OpenAIShape):
+class RefusalPart(MessageShape):
     type: Literal["refusal"]
     refusal: Annotated[str, Says("must be a string")]
 
@@ -95,11 +135,11 @@ class RefusalPart(OpenAIShape):
         return {"type": "text", "text": self.refusal}
 
 
-class ImageUrl(OpenAIShape):
+class ImageUrl(MessageShape):
     url: Annotated[str, Field(min_length=1), Says("must be a non-empty string")]
 
 
-class ImagePart(OpenAIShape):
+class ImagePart(MessageShape):
     type: Literal["image_url"]
     image_url: Annotated[
         ImageUrl, BeforeValidator(lambda v: {"url": v} if isinstance(v, str) else v)
@@ -117,7 +157,7 @@ def _unsupported(kind: str) -> str:
     )
 
 
-class UnsupportedPart(OpenAIShape):
+class UnsupportedPart(MessageShape):
     """Never valid: names the ``type`` that is not supported."""
 
     type: Annotated[str, AfterValidator(_unsupported)]
@@ -155,8 +195,8 @@ def _text_or_list(value: Any) -> str | None:
     return "~text" if isinstance(value, str) else "~list" if isinstance(value, list) else None
 
 
-class ChatMessage(OpenAIShape):
-    model_config = OpenAIShape.model_config | {"extra": "allow"}
+class ChatMessage(MessageShape):
+    model_config = MessageShape.model_config | {"extra": "allow"}
     SAYS: ClassVar[str] = "must be an object with 'role' and 'content'"
 
     role: Annotated[
@@ -230,6 +270,12 @@ class JsonSchemaSpec(OpenAIShape):
         Says("must be a JSON Schema object"),
         AfterValidator(_within_grammar_limits),
     ] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    name: Text | None = None
+    description: Text | None = None
+    """The schema's name and what it is for: they describe it to OpenAI's models; the
+    grammar follows the schema alone."""
+    strict: Flag | None = None
+    """What happens anyway: the output follows the schema (a grammar)."""
 
 
 class JsonSchemaFormat(OpenAIShape):
@@ -289,11 +335,23 @@ RefusedAudio = Annotated[Any, _refuse("is not supported: this server writes text
 RefusedPrediction = Annotated[Any, _refuse("(predicted outputs) is not supported")]
 RefusedSearch = Annotated[Any, _refuse("is not supported: this server has no web search")]
 RefusedSuffix = Annotated[Any, _refuse("(text after the insertion point) is not supported")]
+RefusedVerbosity = Annotated[
+    Any, _refuse("is not supported: the model writes as long as it writes (see max_tokens)")
+]
 """Fields OpenAI has that this server does not honour: only ``null`` (or absent)
 passes, anything else is a 400 that names the field."""
 
 
 # ------------------------------------------------------------------------ bodies
+
+
+class ChatTemplateKwargs(OpenAIShape):
+    """The variables of the chat template a request may set: ``enable_thinking``
+    (what ``reasoning_effort: "none"`` turns off)."""
+
+    SAYS: ClassVar[str] = "must be an object"
+
+    enable_thinking: Flag | None = None
 
 
 @dataclass
@@ -327,6 +385,8 @@ class SamplingBody(OpenAIShape):
     logit_bias: LogitBias | None = None
     stream: Flag | None = None
     stream_options: StreamOptions | None = None
+    user: Text | None = None
+    """Names the end user for OpenAI's abuse monitoring; nothing here reads it."""
 
     def sampling(self, max_tokens: int | None) -> dict[str, Any]:
         """The broker request fields of the sampling options that were given."""
@@ -389,6 +449,33 @@ class ChatCompletionBody(SamplingBody):
     ) = None
     prediction: RefusedPrediction = None
     web_search_options: RefusedSearch = None
+    verbosity: RefusedVerbosity = None
+    store: (
+        Annotated[
+            Literal[False],
+            Says(
+                "may only be false: chat completions are not kept here (the Responses API "
+                "keeps responses: POST /v1/responses with store)"
+            ),
+        ]
+        | None
+    ) = None
+    metadata: Metadata | None = None
+    """Tags a kept completion at OpenAI; checked for OpenAI's bounds, kept nowhere."""
+    service_tier: Text | None = None
+    """Every request is served alike (the answer says ``default``)."""
+    safety_identifier: Text | None = None
+    prompt_cache_key: Text | None = None
+    """Prompts are cached by their prefix on every agent: there is no key to give."""
+    prompt_cache_retention: (
+        Annotated[
+            Literal["in_memory"],
+            Says("may only be 'in_memory': agents keep prompts in their slots' memory"),
+        ]
+        | None
+    ) = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None
+    """llama.cpp's and vLLM's servers take it: ``enable_thinking`` is honoured."""
 
     @validates("top_logprobs")
     @classmethod
@@ -408,7 +495,15 @@ class ChatCompletionBody(SamplingBody):
             request["logprobs"] = True
             request["top_logprobs"] = self.top_logprobs or 0
         # thinking models think unless told not to, as their templates do by default
-        request["enable_thinking"] = self.reasoning_effort != "none"
+        thinking = self.chat_template_kwargs.enable_thinking if self.chat_template_kwargs else None
+        effort = self.reasoning_effort
+        if thinking is not None and effort is not None and thinking != (effort != "none"):
+            raise invalid_body(
+                "chat_template_kwargs.enable_thinking", f"contradicts reasoning_effort {effort!r}"
+            )
+        request["enable_thinking"] = (
+            thinking if thinking is not None else self.reasoning_effort != "none"
+        )
         grammar = grammar_of(self.response_format)
         if grammar is not None:
             request["grammar"] = grammar
@@ -492,6 +587,8 @@ class EmbeddingsBody(OpenAIShape):
         Annotated[Literal["float", "base64"], Says("must be 'float' or 'base64'")] | None
     ) = None
     dimensions: Annotated[int, Field(ge=1), Says("must be a positive integer")] | None = None
+    user: Text | None = None
+    """Names the end user for OpenAI's abuse monitoring; nothing here reads it."""
 
     @property
     def texts(self) -> list[str]:
