@@ -214,3 +214,14 @@ def test_count_tokens_counts_what_a_message_prefills(sdk) -> None:
     with pytest.raises(anthropic.BadRequestError) as refused:
         sdk.messages.count_tokens(model="tiny", messages=QUESTION, extra_body={"max_tokens": 4})
     assert "max_tokens" in str(refused.value)
+
+
+def test_models_list_and_retrieve_in_anthropic_s_shape(sdk) -> None:
+    """``client.models``: the served model as Anthropic's ``ModelInfo`` (the SDK sends
+    its ``anthropic-version`` header, which picks the shape)."""
+    (model,) = list(sdk.models.list())
+    assert model.type == "model" and model.display_name == model.id
+    assert model.created_at.year >= 2024
+    assert sdk.models.retrieve(model.id).id == model.id
+    with pytest.raises(anthropic.NotFoundError):
+        sdk.models.retrieve("no-such-model")

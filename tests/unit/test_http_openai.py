@@ -8,6 +8,7 @@ import asyncio
 import base64
 import json
 import struct
+from datetime import UTC, datetime
 from typing import Any
 
 import falcon.testing
@@ -811,6 +812,53 @@ def test_no_model_means_an_empty_list(app, fake) -> None:
     missing = app.simulate_get("/v1/models/anything")
     assert missing.status_code == 404
     assert missing.json["error"]["code"] == "model_not_found"
+
+
+ANTHROPIC = {"anthropic-version": "2023-06-01"}
+
+
+def test_anthropic_clients_get_the_models_in_anthropic_s_shape(app, fake) -> None:
+    fake.state = {"model": {"LocalToAgent": "/m/tiny.gguf"}, "inference_parameters": {}}
+    openai_entry = app.simulate_get("/v1/models").json["data"][0]
+    listed = app.simulate_get("/v1/models", headers=ANTHROPIC)
+    assert listed.status_code == 200, listed.text
+    (model,) = listed.json["data"]
+    assert model == {
+        "type": "model",
+        "id": "tiny.gguf",
+        "display_name": "tiny.gguf",
+        "created_at": datetime.fromtimestamp(openai_entry["created"], UTC)
+        .isoformat()
+        .replace("+00:00", "Z"),
+        "lifecycle": "active",
+    }
+    assert listed.json["has_more"] is False
+    assert (listed.json["first_id"], listed.json["last_id"]) == ("tiny.gguf", "tiny.gguf")
+    one = app.simulate_get("/v1/models/tiny.gguf", headers=ANTHROPIC)
+    assert one.json == model
+    after = app.simulate_get("/v1/models", headers=ANTHROPIC, params={"after_id": "tiny.gguf"})
+    assert after.json == {"data": [], "has_more": False, "first_id": None, "last_id": None}
+    before = app.simulate_get("/v1/models", headers=ANTHROPIC, params={"before_id": "tiny.gguf"})
+    assert before.json["data"] == [] and before.json["has_more"] is False
+    paged = app.simulate_get("/v1/models", headers=ANTHROPIC, params={"limit": "1"})
+    assert paged.json["data"] == [model]
+    for params, field in (
+        ({"limit": "0"}, "limit"),
+        ({"limit": "x"}, "limit"),
+        ({"after_id": "other"}, "after_id"),
+        ({"after_id": "tiny.gguf", "before_id": "tiny.gguf"}, "before_id"),
+        ({"page": "2"}, "page"),
+    ):
+        bad = app.simulate_get("/v1/models", headers=ANTHROPIC, params=params)
+        assert bad.status_code == 400, bad.text
+        assert bad.json["type"] == "error"  # Anthropic's envelope
+        assert bad.json["error"]["type"] == "invalid_request_error"
+        assert bad.json["error"]["message"].startswith(f"{field}: ")
+    missing = app.simulate_get("/v1/models/other", headers=ANTHROPIC)
+    assert missing.status_code == 404
+    assert missing.json["type"] == "error" and missing.json["error"]["type"] == "not_found_error"
+    # without the header: OpenAI's shapes, its envelope, and no paging parameters read
+    assert app.simulate_get("/v1/models/other").json["error"]["code"] == "model_not_found"
 
 
 def _entry(token: str, logprob: float, top: int) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from paddler.http.openai.errors import (
     invalid_body,
     refuse_fields,
 )
-from paddler.http.openai.models import served_model_id
+from paddler.http.openai.models import ANTHROPIC_VERSION_HEADER, served_model_id
 from paddler.http.openai.streaming import (
     chain,
     count_prompt,
@@ -55,6 +55,7 @@ from paddler.protocol.shapes import check
 from paddler.protocol.tool_calls import ToolCall
 
 ROUTE = "/v1/messages"
+MODELS_ROUTE = "/v1/models"
 KEY_HEADER = "x-api-key"
 """Anthropic's SDKs send their key in this header; ``Authorization: Bearer`` works too."""
 
@@ -119,10 +120,19 @@ def envelope(req: falcon.asgi.Request, error: OpenAIError) -> dict[str, Any]:
 
 class AnthropicEnvelope:
     """Falcon middleware: errors of ``/v1/messages`` and the paths below it (a 404
-    there too, and a 401 of the key check) are answered in Anthropic's envelope."""
+    there too, and a 401 of the key check), and of ``/v1/models`` asked with
+    Anthropic's ``anthropic-version`` header, are answered in Anthropic's envelope."""
 
     async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        if req.path == ROUTE or req.path.startswith(ROUTE + "/"):
+        path = req.path
+        if (
+            path == ROUTE
+            or path.startswith(ROUTE + "/")
+            or (
+                (path == MODELS_ROUTE or path.startswith(MODELS_ROUTE + "/"))
+                and req.get_header(ANTHROPIC_VERSION_HEADER) is not None
+            )
+        ):
             setattr(req.context, ENVELOPE, envelope)
 
 
