@@ -65,6 +65,7 @@ REQUEST_OUTCOMES = frozenset(
     {
         # the request's own end
         "done",
+        "counted",  # a count_only request: its prompt counted, nothing generated
         "cancelled",  # by its client, or its client went away
         # the broker's errors
         "InvalidRequest",

@@ -48,7 +48,7 @@ class RequestRecord:
     """The client is gone or was answered; waiting for the agent to confirm the end."""
     outcome: str | None = None
     """How the request ended for its client, counted once in ``paddler_requests_total``
-    (``done``, ``cancelled`` or an error kind); ``None`` while it is open."""
+    (``done``, ``counted``, ``cancelled`` or an error kind); ``None`` while it is open."""
     last_activity: float = 0.0
     buffered_at: float = 0.0
     submitted_at: float = 0.0
@@ -68,3 +68,5 @@ class RequestRecord:
     """Under the ``prefix`` policy: the chain of its prompt (``paddler.protocol.prefixes``)."""
     lost_reason: str = ""
     """While waiting to continue: how its agent was lost (for the 502)."""
+    counting: bool = False
+    """A ``count_only`` request: it ends as ``counted``, not ``done``."""

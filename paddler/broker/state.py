@@ -141,6 +141,8 @@ class Broker:
     def _settle(self, record: RequestRecord, outcome: str) -> None:
         """The request's one outcome, counted once whatever ends it afterwards."""
         if record.outcome is None:
+            if outcome == "done" and record.counting:
+                outcome = "counted"  # a prompt counted (count_only), nothing generated
             record.outcome = outcome
             self.metrics.count_outcome(outcome)
 
@@ -689,6 +691,7 @@ class Broker:
             pack_body(request),
             buffered_at=now,
             submitted_at=now,
+            counting=bool(request.get("count_only")),
         )
         if self.settings.max_continuations and not is_embedding_request(request):
             record.token_ids = bytearray()

@@ -31,8 +31,10 @@ def _register(broker: Broker, agent: bytes, name: str | None, slots: int = 1) ->
     broker.on_agent_message(agent, encode(Kind.REGISTER, 0, body), 0.0)
 
 
-def _submit(broker: Broker, client_request_id: int, now: float = 0.0) -> None:
-    body = pack_body({"raw_prompt": "x", "max_tokens": 3})
+def _submit(
+    broker: Broker, client_request_id: int, now: float = 0.0, count_only: bool = False
+) -> None:
+    body = pack_body({"raw_prompt": "x", "max_tokens": 3, "count_only": count_only})
     broker.on_client_message(CLIENT, [make_header(Kind.SUBMIT, client_request_id), body], now)
 
 
@@ -59,6 +61,23 @@ def _agent_error(broker: Broker, agent: bytes, request_id: int, kind: str, now: 
 def _agent_done(broker: Broker, agent: bytes, request_id: int, tokens: int = 3) -> None:
     body = {"usage": {"content_tokens": tokens}}
     broker.on_agent_message(agent, encode(Kind.DONE, request_id, body), 0.0)
+
+
+def test_a_prompt_counted_is_counted_apart_from_the_answers() -> None:
+    """``count_only`` requests (the Responses and Messages APIs' token counts) end as
+    ``counted``, so ``done`` stays the answers given."""
+    broker = _broker()
+    _register(broker, b"a", "a", slots=2)
+    _submit(broker, 1, count_only=True)
+    _submit(broker, 2)
+    for agent, request_id in _dispatched(broker):
+        _agent_done(broker, agent, request_id, tokens=0)
+    assert broker.metrics.requests == {"counted": 1, "done": 1}
+    _submit(broker, 3, count_only=True)
+    _cancel(broker, 3)
+    assert broker.metrics.requests == {"counted": 1, "done": 1, "cancelled": 1}
+    exposed = render_metrics({"metrics": broker.metrics.snapshot(), "agents": [], "buffered": 0})
+    assert 'paddler_requests_total{outcome="counted"} 1.0' in exposed
 
 
 def test_a_request_cancelled_while_buffered_is_counted_cancelled() -> None:
