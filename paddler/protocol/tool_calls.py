@@ -65,7 +65,6 @@ class FunctionSpec(Shape):
     """What a function tool is: its name, what it does, the JSON schema of its
     arguments (an object; none: any object)."""
 
-    model_config = Shape.model_config | {"extra": "ignore"}
     SAYS: ClassVar[str] = "must be an object with a 'name'"
 
     name: ToolName
@@ -86,7 +85,6 @@ class FunctionSpec(Shape):
 class Tool(Shape):
     """One tool: ``{"type": "function", "function": {...}}``."""
 
-    model_config = Shape.model_config | {"extra": "ignore"}
     SAYS: ClassVar[str] = "must be an object with 'type' and 'function'"
 
     type: Annotated[Literal["function"], Says("must be 'function' (the only kind of tool)")]
@@ -102,7 +100,6 @@ Tools = Annotated[
 
 class NamedFunction(Shape):
     SAYS: ClassVar[str] = "must be an object with a 'name'"
-    model_config = Shape.model_config | {"extra": "ignore"}
 
     name: ToolName
 
@@ -110,7 +107,6 @@ class NamedFunction(Shape):
 class NamedToolChoice(Shape):
     """``{"type": "function", "function": {"name": ...}}``: call this tool."""
 
-    model_config = Shape.model_config | {"extra": "ignore"}
     SAYS: ClassVar[str] = "must be an object with 'type' and 'function'"
 
     type: Annotated[Literal["function"], Says("must be 'function'")]

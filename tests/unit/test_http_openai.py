@@ -324,6 +324,20 @@ def test_a_request_without_a_model_is_answered_with_the_served_model(app, fake) 
             {**CHAT, "response_format": {"type": "json_object", "schema": {}}},
             "response_format.schema",
         ),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "tools": [{"type": "function", "function": {"name": "f", "cache": 1}}]},
+            "tools[0].function.cache",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                **CHAT,
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "f"}, "x": 1},
+            },
+            "tool_choice.x",
+        ),
         ("/v1/completions", {"model": "m", "prompt": "x", "cache_prompt": True}, "cache_prompt"),
         ("/v1/completions", {"model": "m", "prompt": "x", "metadata": {}}, "metadata"),
         ("/v1/embeddings", {"model": "m", "input": "x", "truncate": True}, "truncate"),
