@@ -430,8 +430,42 @@ def test_a_call_round_trip_continues_with_previous_response_id(app, fake) -> Non
         },
         {"role": "tool", "content": "12 C", "tool_call_id": "call_abc", "name": "get_weather"},
     ]
-    stored = json.loads(fake.responses[second["id"]])
-    assert stored["conversation"] == [*history, {"role": "assistant", "content": "12 C in Oslo."}]
+    fake.script.append(_answer(Tokens(["You are welcome."])))
+    _post(app, previous_response_id=second["id"], input="Thanks!", tools=[TOOL])
+    assert fake.submitted[2]["conversation_history"] == [
+        *history,
+        {"role": "assistant", "content": "12 C in Oslo."},
+        {"role": "user", "content": "Thanks!"},
+    ]
+    stored = json.loads(fake.responses[second["id"]])  # the items, not the messages twice
+    assert set(stored) == {"response", "input_items"}
+
+
+def test_a_response_kept_by_an_earlier_version_is_continued_from_its_messages(app, fake) -> None:
+    """Records kept before input items were: their messages, and no input items."""
+    ident = "resp_" + "1" * 32
+    earlier = {"role": "assistant", "content": "Hi, Ada."}
+    part = {"type": "output_text", "text": "Hi, Ada.", "annotations": []}
+    item = {"type": "message", "id": "msg_1", "status": "completed", "role": "assistant"}
+    fake.responses[ident] = json.dumps(
+        {
+            "response": {"id": ident, "output": [{**item, "content": [part]}]},
+            "conversation": [{"role": "user", "content": "I am Ada."}, earlier],
+        }
+    ).encode()
+    fake.script.append(_answer(Tokens(["Ada."])))
+    answered = _post(app, previous_response_id=ident, input="Who am I?").json
+    assert fake.submitted[0]["conversation_history"] == [
+        {"role": "user", "content": "I am Ada."},
+        earlier,
+        {"role": "user", "content": "Who am I?"},
+    ]
+    listed = app.simulate_get(
+        f"/v1/responses/{answered['id']}/input_items", params={"order": "asc"}
+    )
+    assert listed.json["data"][0]["id"] == "msg_1"
+    gone = app.simulate_get(f"/v1/responses/{ident}/input_items")
+    assert gone.status_code == 404 and "earlier version" in gone.json["error"]["message"]
 
 
 def test_a_streamed_response_is_kept_before_it_completes(app, fake) -> None:

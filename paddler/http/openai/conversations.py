@@ -30,7 +30,15 @@ from paddler.client import AsyncClient
 from paddler.errors import RequestFailed
 from paddler.http.common import HttpDeps, dumps, read_json
 from paddler.http.openai.errors import OpenAIError, invalid, invalid_body
-from paddler.http.openai.items import included, items_of, listing, new_id, page, shown
+from paddler.http.openai.items import (
+    included,
+    items_of,
+    listing,
+    messages_of_items,
+    new_id,
+    page,
+    shown,
+)
 from paddler.http.openai.responses_body import Item, messages_of
 from paddler.http.openai.schemas import Metadata
 from paddler.http.openai.streaming import broker_call
@@ -81,12 +89,6 @@ class ItemsBody(Shape):
     items: Annotated[NewItems, Field(min_length=1)]
 
 
-class StoredItems(Shape):
-    """A conversation's kept items, checked again as input items to become messages."""
-
-    items: list[Item]
-
-
 def _checked_items(given: list[Any]) -> list[dict[str, Any]]:
     """New items with their ids; a reasoning item no assistant turn follows is a 400
     (it could never become a message)."""
@@ -105,12 +107,7 @@ def conversation_object(record: dict[str, Any]) -> dict[str, Any]:
 
 def conversation_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
     """The conversation's items as the messages the chat template sees."""
-    kept = [
-        {key: value for key, value in item.items() if key != "tool_call_errors"}
-        for item in record["items"]
-    ]
-    stored = check(StoredItems, {"items": kept}, invalid_body)
-    return messages_of(stored.items, [], "conversation")
+    return messages_of_items(record["items"], "conversation")
 
 
 def _put(

@@ -10,14 +10,17 @@ from typing import Any
 
 import falcon.asgi
 
-from paddler.http.openai.errors import invalid
+from paddler.http.openai.errors import invalid, invalid_body
 from paddler.http.openai.responses_body import (
     LOGPROBS_INCLUDE,
     FunctionCallItem,
     FunctionCallOutputItem,
+    Item,
     MessageItem,
     UnsupportedItem,
+    messages_of,
 )
+from paddler.protocol.shapes import Shape, check
 
 MAX_PAGE = 100
 DEFAULT_PAGE = 20
@@ -63,6 +66,23 @@ def items_of(given: str | list[Any] | None) -> list[dict[str, Any]]:
             reasoning = item.model_dump(include={"summary", "content"}, exclude_none=True)
             items.append({"type": "reasoning", "id": item.id or new_id("rs"), **reasoning})
     return items
+
+
+class KeptItems(Shape):
+    """Kept items, checked again as input items to become messages."""
+
+    items: list[Item]
+
+
+def messages_of_items(items: list[dict[str, Any]], field: str) -> list[dict[str, Any]]:
+    """Kept items (``items_of``'s, and responses' output items) as the messages the
+    chat template sees, as ``messages_of`` makes them of a body's input: a response's
+    reasoning, text and calls become one assistant turn. ``field`` names the items in
+    an error (a reasoning item left alone by a removed item)."""
+    kept = [
+        {key: value for key, value in item.items() if key != "tool_call_errors"} for item in items
+    ]
+    return messages_of(check(KeptItems, {"items": kept}, invalid_body).items, [], field)
 
 
 def _parts(parts: list[Any]) -> list[dict[str, Any]]:

@@ -17,10 +17,12 @@ stream with ``response.failed``.
 
 With ``store`` (the default, as OpenAI's), a finished response is kept by the
 balancer (``paddler.broker.store.ResponseStore``, in the state database) with the
-conversation it ended: the messages before it, without its ``instructions``, which
-``previous_response_id`` does not carry over. Only ``completed`` and ``incomplete``
-responses are kept; one larger than ``--max-stored-response-bytes``, or on a
-balancer that keeps none, is answered with ``store: false``.
+items it was made from (those of the responses it continued, then its input; its
+``instructions`` left out, which ``previous_response_id`` does not carry over): a
+response that continues it sees them, and its output, as messages again. Only
+``completed`` and ``incomplete`` responses are kept; one larger than
+``--max-stored-response-bytes``, or on a balancer that keeps none, is answered with
+``store: false``.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from paddler.http.openai.conversations import (
     load_conversation,
 )
 from paddler.http.openai.errors import OpenAIError, failure, invalid, invalid_body, refuse_fields
-from paddler.http.openai.items import items_of, new_id, page
+from paddler.http.openai.items import items_of, messages_of_items, new_id, page
 from paddler.http.openai.models import served_model_id
 from paddler.http.openai.responses_body import (
     COUNT_REFUSED,
@@ -143,30 +145,6 @@ def output_of(answer: Answer, status: str, logprobs: bool) -> list[dict[str, Any
     return output
 
 
-def assistant_message(output: list[dict[str, Any]]) -> dict[str, Any]:
-    """The output as the chat template sees it again: one assistant message with its
-    text, its calls and its reasoning."""
-    message: dict[str, Any] = {"role": "assistant", "content": ""}
-    calls = []
-    for item in output:
-        if item["type"] == "message":
-            message["content"] += "".join(part["text"] for part in item["content"])
-        elif item["type"] == "reasoning":
-            reasoning = "".join(part["text"] for part in item["content"])
-            message["reasoning_content"] = message.get("reasoning_content", "") + reasoning
-        else:
-            calls.append(
-                {
-                    "id": item["call_id"],
-                    "type": "function",
-                    "function": {"name": item["name"], "arguments": item["arguments"]},
-                }
-            )
-    if calls:
-        message["tool_calls"] = calls
-    return message
-
-
 # --------------------------------------------------------------------------- a turn
 
 
@@ -176,8 +154,6 @@ class Turn:
 
     body: ResponsesBody
     model: str
-    history: list[dict[str, Any]]
-    """The conversation up to this response, its instructions left out."""
     request: dict[str, Any]
     items: list[dict[str, Any]] = field(default_factory=list)
     """Its input items, those of the responses it continues (and their output) first."""
@@ -278,11 +254,9 @@ class Turn:
                 response["conversation"] = None
         if not self.store:
             return
-        record = {
-            "response": response,
-            "conversation": [*self.history, assistant_message(response["output"])],
-            "input_items": self.items,
-        }
+        # the items alone: the conversation's messages are made of them when it is
+        # continued (records kept by earlier versions have the messages instead)
+        record = {"response": response, "input_items": self.items}
         data = dumps(record).encode()
         try:
             await broker_call(deps, lambda client: client.put_response(self.ident, data))
@@ -327,8 +301,10 @@ async def continued(
     if body.previous_response_id is None:
         return [], []
     record = await stored_record(deps, body.previous_response_id, "previous_response_id")
-    earlier = [*record.get("input_items", ()), *record["response"]["output"]]
-    return record["conversation"], earlier
+    if "input_items" not in record:  # kept by an earlier version: the messages
+        return record["conversation"], list(record["response"]["output"])
+    earlier = [*record["input_items"], *record["response"]["output"]]
+    return messages_of_items(earlier, "previous_response_id"), earlier
 
 
 # ------------------------------------------------------------------------ streaming
@@ -553,7 +529,6 @@ class Responses:
         turn = Turn(
             body,
             model,
-            history,
             request,
             [*earlier, *own],
             own,
