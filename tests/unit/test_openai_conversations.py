@@ -278,6 +278,9 @@ def test_bad_ids_parameters_and_bodies_on_a_conversation(app, fake) -> None:
             app.simulate_post(f"{path}/items", params={"limit": "2"}, json={"items": [ASKED]}),
             "limit",
         ),
+        (app.simulate_get(path, params={"include": "x"}), "include"),
+        (app.simulate_delete(path, params={"force": "1"}), "force"),
+        (app.simulate_delete(f"{path}/items/x", params={"force": "1"}), "force"),
     ]
     for result, param in checks:
         assert result.status_code == 400, result.text

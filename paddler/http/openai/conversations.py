@@ -31,6 +31,7 @@ from paddler.errors import RequestFailed
 from paddler.http.common import HttpDeps, dumps, read_json
 from paddler.http.openai.errors import OpenAIError, invalid, invalid_body
 from paddler.http.openai.items import (
+    INCLUDE_PARAMS,
     included,
     items_of,
     listing,
@@ -190,6 +191,7 @@ class Conversations:
         self.deps = deps
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        _only(req, ())
         body = check(ConversationBody, await read_json(req, self.deps.max_body_bytes), invalid_body)
         conversation_id = new_id("conv")
         record = {
@@ -226,6 +228,7 @@ class Conversation:
     async def on_get(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, conversation_id: str
     ) -> None:
+        _only(req, ())
         record = await load_conversation(self.deps, conversation_id)
         resp.content_type = falcon.MEDIA_JSON
         resp.text = dumps(conversation_object(record))
@@ -233,6 +236,7 @@ class Conversation:
     async def on_post(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, conversation_id: str
     ) -> None:
+        _only(req, ())
         raw = await read_json(req, self.deps.max_body_bytes)
         body = check(ConversationUpdateBody, raw, invalid_body)
 
@@ -246,6 +250,7 @@ class Conversation:
     async def on_delete(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, conversation_id: str
     ) -> None:
+        _only(req, ())
         if not CONVERSATION_ID.fullmatch(conversation_id):
             raise _unknown(conversation_id, None)
         try:
@@ -292,7 +297,7 @@ class ConversationItems:
     async def on_post(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, conversation_id: str
     ) -> None:
-        _only_include(req)
+        _only(req, INCLUDE_PARAMS)
         logprobs = included(req)
         body = check(ItemsBody, await read_json(req, self.deps.max_body_bytes), invalid_body)
         new = _checked_items(body.items)
@@ -321,7 +326,7 @@ class ConversationItem:
         conversation_id: str,
         item_id: str,
     ) -> None:
-        _only_include(req)
+        _only(req, INCLUDE_PARAMS)
         logprobs = included(req)
         record = await load_conversation(self.deps, conversation_id)
         resp.content_type = falcon.MEDIA_JSON
@@ -334,6 +339,8 @@ class ConversationItem:
         conversation_id: str,
         item_id: str,
     ) -> None:
+        _only(req, ())
+
         def remove(record: dict[str, Any]) -> None:
             record["items"].remove(_item(record, item_id))
 
@@ -349,10 +356,12 @@ def _item(record: dict[str, Any], item_id: str) -> dict[str, Any]:
     raise OpenAIError(404, f"Item with id '{item_id}' not found.", code="not_found")
 
 
-def _only_include(req: falcon.asgi.Request) -> None:
+def _only(req: falcon.asgi.Request, allowed: tuple[str, ...]) -> None:
+    """A 400 naming the first query parameter that is not ``allowed``."""
     for name in req.params:
-        if name not in ("include", "include[]"):
-            raise invalid(name, "is not a parameter here (include)")
+        if name not in allowed:
+            takes = "include" if allowed else "no query parameters"
+            raise invalid(name, f"is not a parameter here (this route takes {takes})")
 
 
 def add_conversations_api(app: falcon.asgi.App[Any, Any], deps: HttpDeps) -> None:

@@ -155,10 +155,10 @@ class Turn:
     body: ResponsesBody
     model: str
     request: dict[str, Any]
-    items: list[dict[str, Any]] = field(default_factory=list)
-    """Its input items, those of the responses it continues (and their output) first."""
+    earlier: list[dict[str, Any]] = field(default_factory=list)
+    """The items of the conversation it continues (its input items come after them)."""
     own: list[dict[str, Any]] = field(default_factory=list)
-    """Its own input items (the last of ``items``)."""
+    """Its own input items."""
     conversation: str | None = None
     """The conversation it is made in, which gets its input and output items."""
     ident: str = field(default_factory=lambda: new_id("resp"))
@@ -256,7 +256,7 @@ class Turn:
             return
         # the items alone: the conversation's messages are made of them when it is
         # continued (records kept by earlier versions have the messages instead)
-        record = {"response": response, "input_items": self.items}
+        record = {"response": response, "input_items": [*self.earlier, *self.own]}
         data = dumps(record).encode()
         try:
             await broker_call(deps, lambda client: client.put_response(self.ident, data))
@@ -525,13 +525,12 @@ class Responses:
         history = body.input_messages(history)
         request = body.broker_request(history)
         model = body.model or await served_model_id(deps)
-        own = items_of(body.input)
         turn = Turn(
             body,
             model,
             request,
-            [*earlier, *own],
-            own,
+            earlier,
+            items_of(body.input),
             body.conversation_id,
             store=body.store is not False,
         )

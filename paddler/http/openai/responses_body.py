@@ -25,6 +25,7 @@ from pydantic_core import PydanticCustomError
 
 from paddler.http.openai.errors import invalid
 from paddler.http.openai.schemas import (
+    CacheRetention,
     ChatCompletionBody,
     JsonObjectFormat,
     JsonSchemaFormat,
@@ -517,13 +518,7 @@ class ResponsesBody(Shape):
     safety_identifier: Text | None = None
     prompt_cache_key: Text | None = None
     """Prompts are cached by their prefix on every agent: there is no key to give."""
-    prompt_cache_retention: (
-        Annotated[
-            Literal["in_memory"],
-            Says("may only be 'in_memory': agents keep prompts in their slots' memory"),
-        ]
-        | None
-    ) = None
+    prompt_cache_retention: CacheRetention | None = None
     service_tier: Text | None = None
     """Every request is served alike (the response says ``default``)."""
     conversation: ConversationParam | None = None

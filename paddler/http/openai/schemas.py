@@ -103,6 +103,10 @@ Metadata = Annotated[
 
 
 Text = Annotated[str, Says("must be a string")]
+CacheRetention = Annotated[
+    Literal["in_memory"],
+    Says("may only be 'in_memory': agents keep prompts in their slots' memory"),
+]
 
 
 class StreamOptions(OpenAIShape):
@@ -463,17 +467,11 @@ class ChatCompletionBody(SamplingBody):
     metadata: Metadata | None = None
     """Tags a kept completion at OpenAI; checked for OpenAI's bounds, kept nowhere."""
     service_tier: Text | None = None
-    """Every request is served alike (the answer says ``default``)."""
+    """Every request is served alike: there is no tier to choose."""
     safety_identifier: Text | None = None
     prompt_cache_key: Text | None = None
     """Prompts are cached by their prefix on every agent: there is no key to give."""
-    prompt_cache_retention: (
-        Annotated[
-            Literal["in_memory"],
-            Says("may only be 'in_memory': agents keep prompts in their slots' memory"),
-        ]
-        | None
-    ) = None
+    prompt_cache_retention: CacheRetention | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
     """llama.cpp's and vLLM's servers take it: ``enable_thinking`` is honoured."""
 
