@@ -80,9 +80,7 @@ def test_a_request_takes_the_free_slot_next_to_the_busy_ones_over_a_short_prefix
     assert sink.ends()[7][1].get("cached_prompt_tokens", 0) < SPLIT_COST_TOKENS
 
 
-def test_a_much_longer_prefix_is_worth_a_slot_apart(
-    make_engine, batches: list[list[int]]
-) -> None:
+def test_a_much_longer_prefix_is_worth_a_slot_apart(make_engine, batches: list[list[int]]) -> None:
     engine = make_engine(slots=6, context_size=1024)
     sink = RecordingSink(engine)
     long_prompt = _prompt("F", SPLIT_COST_TOKENS)  # two tokens a word on the tiny model

@@ -304,6 +304,8 @@ class LlamaEngine(Engine):
 
     def _start(self, sink: EventSink, loaded: LoadedModel) -> None:
         """Move arrived requests into free slots; one that fails to start ends alone."""
+        if not self._incoming:
+            return
         free = [slot for slot in self._slots if not slot.busy and self._reclaimed(loaded, slot)]
         while self._incoming and free:
             request_id, request = self._incoming.popleft()
