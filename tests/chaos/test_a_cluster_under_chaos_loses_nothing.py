@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,14 +154,13 @@ class Chaos:
         agents[killed].signal(signal.SIGKILL)
         self.log.append(f"SIGKILL {killed}")
         self.wait_done(45)
-        frozen = self.busy_agent({killed})
-        agents[frozen].signal(signal.SIGSTOP)
-        self.log.append(f"SIGSTOP {frozen}")
-        fresh = self.start_agent()
-        self.log.append(f"started {fresh}")
-        time.sleep(3.0)  # declared dead meanwhile: its streams moved on
-        agents[frozen].signal(signal.SIGCONT)
-        self.log.append(f"SIGCONT {frozen}")
+        self.freeze(self.busy_agent({killed}), meanwhile=self.start_agent)
+        for _ in range(2):
+            # the victims' streams may all have been generated already (a client can
+            # read far behind its agent): freeze another until a stream moved on
+            if self.counter("paddler_continuations_total") >= 1:
+                break
+            self.freeze(self.busy_agent({killed}))
         self.wait_done(110)
         self.continuations = self.counter("paddler_continuations_total")
         begin = time.monotonic()
@@ -172,6 +171,18 @@ class Chaos:
         wait_until(lambda: len(self.agents()) == 3, timeout_s=20, what="agents back")
         self.restart_window = (begin, time.monotonic() + 1.0)
         self.log.append("balancer restarted")
+
+    def freeze(self, name: str, meanwhile: Callable[[], str] | None = None) -> None:
+        """SIGSTOP an agent long enough to be declared dead (its streams move on),
+        then SIGCONT it; ``meanwhile``: starts an agent while it is frozen."""
+        agent = self.cluster.agents[name]
+        agent.signal(signal.SIGSTOP)
+        self.log.append(f"SIGSTOP {name}")
+        if meanwhile is not None:
+            self.log.append(f"started {meanwhile()}")
+        time.sleep(3.0)  # declared dead meanwhile: its streams moved on
+        agent.signal(signal.SIGCONT)
+        self.log.append(f"SIGCONT {name}")
 
     # -------------------------------------------------------------- requests
 
