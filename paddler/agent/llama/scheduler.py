@@ -16,9 +16,9 @@ its own part of the KV cache: ``context_size`` cells each), and one loop:
    ``llama_decode`` of at most ``embedding_batch_size`` tokens on the embedding
    context; the requests take turns), so a batch of a thousand documents costs a
    concurrent stream one document's decode per token, not a pause;
-5. the next batch is assembled, in slot order: one token for each generating slot
-   first, then prompt chunks of prefilling slots up to ``n_batch`` (a long prompt is
-   prefilled over several steps while the others keep generating);
+5. the next batch is assembled in slot order: each generating slot's token, and
+   prefilling slots' prompt chunks in the room of ``n_batch`` the generating slots
+   leave (a long prompt is prefilled over several steps while the others generate);
 6. ``llama_decode`` runs once (ctypes releases the GIL: the I/O thread goes on).
 
 Each text piece goes out with the ids of the tokens it is the text of (a token whose
