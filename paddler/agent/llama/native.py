@@ -107,6 +107,7 @@ class LlamaModel:
             self.n_embd = int(lc.llama_model_n_embd(self.ptr))
             self.has_encoder = bool(lc.llama_model_has_encoder(self.ptr))
             self._pieces: dict[int, bytes] = {}
+            self._eog: dict[int, bool] = {}
             self._markers: dict[tuple[str, ...], dict[int, bytes]] = {}
             self.metadata = self._read_metadata()
             self.bos_token = self.token_text(lc.llama_vocab_bos(self.vocab))
@@ -182,7 +183,12 @@ class LlamaModel:
         return found
 
     def is_eog(self, token: int) -> bool:
-        return bool(lc.llama_vocab_is_eog(self.vocab, token))
+        """Whether ``token`` ends a generation. Cached per token: asked once per
+        generated token, where a ctypes call costs more than a dict lookup."""
+        eog = self._eog.get(token)
+        if eog is None:
+            eog = self._eog[token] = bool(lc.llama_vocab_is_eog(self.vocab, token))
+        return eog
 
     def close(self) -> None:
         if self.ptr:
