@@ -792,8 +792,7 @@ class LlamaEngine(Engine):
     # ---------------------------------------------------------------------- step
 
     def step(self, sink: EventSink) -> None:
-        if self._downloads.current is not None:
-            self._collect_fetch()
+        self._collect_fetch()
         loaded = self._loaded
         if loaded is None:
             why = " (it is downloading it)" if self._downloads.current is not None else ""
