@@ -31,6 +31,9 @@ class AgentInfo:
     last_heard: float
     key_fingerprint: str | None = None
     """With curve: the fingerprint of the public key the agent authenticated with."""
+    key: bytes | None = None
+    """With curve: that public key (Z85, as ZeroMQ gives it): every message of the
+    agent must come with it."""
 
 
 @dataclass(slots=True)

@@ -28,11 +28,9 @@ from paddler.curve import (
 )
 from paddler.errors import ConfigurationError
 from paddler.protocol.codec import MAX_BODY_BYTES, batched, is_batch
-from paddler.protocol.kinds import Kind
 
 log = logging.getLogger("paddler.broker")
 
-REGISTER_KIND = bytes([Kind.REGISTER])
 
 MAX_MESSAGE_BYTES = MAX_BODY_BYTES + 4096
 SEND_HWM = 100_000
@@ -171,16 +169,18 @@ class BrokerServer:
         signal.signal(signal.SIGTERM, handler)
 
     def _receive(self, socket: zmq.Socket[bytes], agents_side: bool) -> tuple[list[bytes], Any]:
-        """One message; with curve, a REGISTER from an agent also gives the public key
-        its connection authenticated with (ZeroMQ's ``User-Id`` of the frame)."""
+        """One message; with curve, a message from an agent also gives the public key
+        its connection authenticated with (ZeroMQ's ``User-Id`` of the frame): an
+        agent is its key, every message of it is checked against the key it
+        registered with (``AgentSide.on_agent_message``)."""
         if self.curve is None or not agents_side:
             return socket.recv_multipart(zmq.NOBLOCK), None
         parts = socket.recv_multipart(zmq.NOBLOCK, copy=False)
         frames = [part.bytes for part in parts]
         key = None
-        if len(frames) > 1 and frames[1][:1] == REGISTER_KIND:
+        if len(parts) > 1:
             user = parts[1].get("User-Id")
-            key = user.encode() if isinstance(user, str) else None
+            key = user.encode() if isinstance(user, str) else b""
         return frames, key
 
     def _drain(self, socket: zmq.Socket[bytes], agents_side: bool) -> None:
@@ -197,7 +197,7 @@ class BrokerServer:
             identity, message = frames[0], frames[1:]
             if agents_side and is_batch(message):
                 for each in broker.agent_batch(identity, message, now):
-                    self._handle(True, identity, each, None, now)
+                    self._handle(True, identity, each, key, now)
             else:
                 self._handle(agents_side, identity, message, key, now)
             if len(broker.outbox) > BURST:

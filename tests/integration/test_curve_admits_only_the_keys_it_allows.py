@@ -15,11 +15,12 @@ from typing import Any
 import httpx
 import pytest
 import zmq
+import zmq.auth
 
 from paddler.curve import fingerprint, generate, load_public
 from paddler.errors import BrokerUnreachable
-from paddler.protocol.codec import encode
-from paddler.protocol.kinds import Kind
+from paddler.protocol.codec import encode, unpack_body
+from paddler.protocol.kinds import PROTOCOL_VERSION, Kind
 from paddler.testing.cluster import LocalCluster, free_port, wait_until
 
 
@@ -110,6 +111,64 @@ def test_an_identity_in_use_cannot_be_taken_over(make_cluster) -> None:
         assert [a["name"] for a in client.agents()] == ["victim"]
     finally:
         impostor.close()
+        context.term()
+
+
+def _dealer(context: zmq.Context[Any], keys: dict[str, Any], name: str, identity: bytes):
+    """A raw agent connection with ``name``'s keypair, claiming ``identity``."""
+    public, secret = zmq.auth.load_certificate(keys[name][1])
+    server_public, _ = zmq.auth.load_certificate(keys["broker"][0])
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.IDENTITY, identity)
+    socket.curve_publickey = public
+    socket.curve_secretkey = secret
+    socket.curve_serverkey = server_public
+    return socket
+
+
+def _register_frames(name: str) -> list[bytes]:
+    status = {"slots_total": 1, "ready": True, "model_path": "m.gguf"}
+    return encode(Kind.REGISTER, 0, {"version": PROTOCOL_VERSION, "name": name, "status": status})
+
+
+def test_another_allowed_key_cannot_take_a_gone_agents_id(make_cluster, keys) -> None:
+    shutil.copy(keys["late"][0], keys["agents"])  # an allowed key, but not the agent's
+    cluster = _curve_cluster(make_cluster, keys)
+    client = cluster.client(**_agent_keys(keys, "client"))
+    context = zmq.Context()
+    victim = _dealer(context, keys, "agent", b"victim-agent")
+    victim.connect(cluster.agents_addr)
+    impostor = None
+    try:
+        victim.send_multipart(_register_frames("victim"))
+        wait_until(lambda: _names(cluster) == {"victim"}, what="the victim registers")
+        victim.close()  # its connection is gone; the broker has not noticed yet
+        impostor = _dealer(context, keys, "late", b"victim-agent")
+        impostor.connect(cluster.agents_addr)
+        # heartbeats under the victim's id, with another key: the agent is removed
+        deadline = time.monotonic() + 10
+        while "victim" in _names(cluster) and time.monotonic() < deadline:
+            impostor.send_multipart(encode(Kind.HEARTBEAT, 0, {}))
+            time.sleep(0.2)
+        assert _names(cluster) == set()
+        # and the id cannot be registered with the other key
+        impostor.send_multipart(_register_frames("impostor"))
+        kinds = []
+        while impostor.poll(2000):
+            frames = impostor.recv_multipart()
+            kinds.append((frames[0][0], unpack_body(frames[1])))
+        assert (Kind.ERROR, "IdentityInUse") in [(k, b.get("kind")) for k, b in kinds]
+        assert not [k for k, _ in kinds if k in (Kind.DISPATCH, Kind.REGISTERED)]
+        assert _names(cluster) == set()
+        # a request finds no agent (it waits in the buffer): the impostor gets no prompt
+        with client.continue_from_raw_prompt("secret prompt", max_tokens=3):
+            assert not impostor.poll(1000), "the impostor received a frame"
+            assert client.buffered_requests() == 1
+    finally:
+        victim.close()
+        if impostor is not None:
+            impostor.close()
         context.term()
 
 
