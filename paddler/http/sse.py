@@ -29,10 +29,13 @@ def _fields(name: bytes, text: bytes) -> bytes:
     return b"".join(name + line + b"\n" for line in _LINE_BREAK.split(text))
 
 
-def event(value: Any) -> bytes:
+def event(value: Any, name: str | None = None) -> bytes:
     """One event: ``str`` and ``bytes`` as they are, anything else as compact JSON
     (``paddler.http.common.dumps``). A multi-line value becomes several ``data:``
-    lines, which a client joins back with ``\\n``."""
+    lines, which a client joins back with ``\\n``. ``name``: the event's type (an
+    ``event:`` field, as the Responses and Messages APIs name theirs)."""
+    if name is not None:
+        return _fields(b"event: ", name.encode()) + event(value)
     if isinstance(value, bytes):
         data = value
     elif isinstance(value, str):

@@ -40,7 +40,7 @@ from paddler.http.openai.items import (
     page,
     shown,
 )
-from paddler.http.openai.responses_body import Item, messages_of
+from paddler.http.openai.responses_items import Item, messages_of
 from paddler.http.openai.schemas import Metadata
 from paddler.http.openai.streaming import broker_call
 from paddler.http.openapi import JSON, Operation, Reply

@@ -11,7 +11,7 @@ from typing import Any
 import falcon.asgi
 
 from paddler.http.openai.errors import invalid, invalid_body
-from paddler.http.openai.responses_body import (
+from paddler.http.openai.responses_items import (
     LOGPROBS_INCLUDE,
     FunctionCallItem,
     FunctionCallOutputItem,
