@@ -259,7 +259,7 @@ class Blocks:
 
 def named_event(name: str, data: dict[str, Any]) -> bytes:
     """One server-sent event with its name, as Anthropic streams them."""
-    return f"event: {name}\n".encode() + sse.event(data)
+    return sse.event(data, name=name)
 
 
 class Messages:
