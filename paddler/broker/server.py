@@ -191,6 +191,11 @@ class BrokerServer:
                 frames, key = self._receive(socket, agents_side)
             except zmq.Again:
                 return
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.ETERM:
+                    raise
+                self._fault("a receive", "", now)  # one bad message: the loop goes on
+                return
             if len(frames) < 2:
                 broker._drop("peer", b"", "message without identity or content", now)
                 continue
@@ -260,8 +265,13 @@ class BrokerServer:
             return True
         except zmq.ZMQError as exc:
             now = time.monotonic()
+            if exc.errno == zmq.ETERM:
+                raise  # the context is closing: the loop ends
             if exc.errno not in (errno.EHOSTUNREACH, zmq.EAGAIN):
-                raise
+                # not a peer gone: this message is lost (its request times out if it
+                # was a dispatch or an end), the peer stays, the loop goes on
+                self._fault("a send", identity.hex()[:16], now)
+                return True
             if target is Target.AGENTS:
                 if identity in broker.agents:
                     self._guard(
@@ -345,7 +355,7 @@ class BrokerServer:
                         log.error("a companion process stopped; the balancer stops")
                         self.failed = True
                         self._stop.set()
-                self._flush()
+                self._guard("sending", "", now, self._flush)
             self._guard("the shutdown", "", time.monotonic(), broker.shutdown)
             self._flush()
             self._linger_ms = SHUTDOWN_LINGER_MS

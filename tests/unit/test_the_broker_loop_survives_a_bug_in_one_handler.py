@@ -145,3 +145,49 @@ def test_a_query_whose_handler_has_a_bug_is_answered_not_left_waiting(
         (Kind.ERROR, 9, 500)
     ]
     assert broker.metrics.requests == {}  # a query is not a request
+
+
+class _FailingSocket:
+    """A socket whose sends fail with an error that is not a peer gone (once)."""
+
+    def __init__(self, socket: Any, errno_: int) -> None:
+        self.socket = socket
+        self.errno = errno_
+
+    def send_multipart(self, frames: list[bytes], flags: int = 0) -> None:
+        if self.errno:
+            errno_, self.errno = self.errno, 0
+            raise zmq.ZMQError(errno_)
+        self.socket.send_multipart(frames, flags)
+
+
+def test_a_send_that_fails_for_another_reason_than_a_gone_peer_loses_only_that_message(
+    server: BrokerServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="paddler.broker")
+    context = zmq.Context()
+    client = context.socket(zmq.DEALER)
+    client.setsockopt(zmq.LINGER, 0)
+    client.setsockopt(zmq.IDENTITY, b"client-1")
+    client.setsockopt(zmq.RCVTIMEO, 5000)
+    try:
+        client.connect(server.clients.getsockopt_string(zmq.LAST_ENDPOINT))
+        client.send_multipart(encode(Kind.PING, 1, {"version": PROTOCOL_VERSION}))
+        real = server.clients
+        assert real.poll(5000)
+        server._drain(real, False)
+        server.clients = _FailingSocket(real, zmq.EINVAL)  # type: ignore[assignment]
+        server._flush()  # the pong is lost; nothing raises
+        bugs = _bugs(caplog)
+        assert [r.getMessage() for r in bugs] == [
+            "bug while handling a send (636c69656e742d31); the broker goes on"
+        ]
+        server.clients = real
+        client.send_multipart(encode(Kind.PING, 2, {"version": PROTOCOL_VERSION}))
+        assert real.poll(5000)
+        server._drain(real, False)
+        server._flush()
+        assert decode(client.recv_multipart())[:2] == (Kind.PONG, 2)
+    finally:
+        client.close()
+        context.term()
