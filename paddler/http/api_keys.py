@@ -18,7 +18,8 @@ otherwise with the ``paddler.bearer.`` value itself, since a browser fails a
 handshake whose answer is not one of its offers. (A subprotocol cannot hold ``/`` or
 ``=``: keys meant for browsers should not either.)
 
-Anthropic's ``/v1/messages`` also takes its key as ``x-api-key: <key>``, the header
+Anthropic's ``/v1/messages`` (and ``/v1/models``, which Anthropic's SDKs list) also
+take the key as ``x-api-key: <key>``, the header
 Anthropic's SDKs send (a resource names such a header in ``API_KEY_HEADER``); a
 request that presents both is served when either is right.
 

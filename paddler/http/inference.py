@@ -38,6 +38,7 @@ from paddler.protocol.requests import (
     RawPromptRequest,
 )
 from paddler.protocol.shapes import check
+from paddler.protocol.tool_calls import tool_choice_problem
 
 log = logging.getLogger("paddler.http")
 
@@ -63,7 +64,11 @@ def generation_request(body: Any, shape: type[GenerationParameters]) -> dict[str
     for name in NOT_NATIVE:
         if body.get(name):
             raise InvalidRequest(name, NOT_NATIVE_MESSAGE)
-    return shape.wire_of(body)
+    request = shape.wire_of(body)
+    problem = tool_choice_problem(request)
+    if problem is not None:  # a 400 before the stream begins, as on the OpenAI API
+        raise InvalidRequest(*problem)
+    return request
 
 
 async def generation_events(

@@ -10,7 +10,8 @@ serves its own document at ``GET /openapi.json``.
 With API keys on, the document declares a bearer ``securitySchemes`` entry, and
 ``security`` with a 401 answer on every operation that needs a key (all but
 ``/health`` and ``/openapi.json``, which stay open so a client can discover the API);
-a route that also takes its key in a header (``x-api-key`` on ``/v1/messages``)
+a route that also takes its key in a header (``x-api-key`` on ``/v1/messages``
+and ``/v1/models``)
 declares that header's ``apiKey`` scheme as the other choice. An operation whose
 errors are in another envelope than its service's says so (``Operation.error``).
 """

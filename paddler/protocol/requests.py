@@ -17,14 +17,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Discriminator, Field
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Discriminator,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from paddler.errors import InvalidRequest, ProtocolError
 from paddler.protocol.codec import unpack_token_ids
 from paddler.protocol.grammar_limits import gbnf_problem, json_schema_problem
 from paddler.protocol.shapes import Says, Shape, check, member_tag
-from paddler.protocol.tool_calls import ToolChoice, Tools, tool_choice_problem
+from paddler.protocol.tool_calls import ToolChoice, Tools, parallel_problem, tool_choice_problem
 
 MAX_TOKENS_LIMIT = 1_000_000
 DEFAULT_MAX_TOKENS = 1000
@@ -156,15 +164,45 @@ Grammar = Annotated[
 ]
 
 
+TEXT_ONLY_MESSAGE = "the agents serve text-only models (multimodal input is not supported)"
+MEDIA_PARTS = frozenset(
+    {
+        "image_url",
+        "image",
+        "input_image",
+        "input_audio",
+        "audio",
+        "video",
+        "video_url",
+        "file",
+        "input_file",
+    }
+)
+"""Content part types that carry images, audio, video or files: no model an agent
+serves reads them, so a conversation holding one is refused rather than rendered
+without it."""
+
+
 class ContentPart(Shape):
-    """One part of a message's content: ``{"type": "text", "text": ...}``,
-    ``{"type": "image_url", ...}``; other keys are kept for the chat template."""
+    """One part of a message's content: ``{"type": "text", "text": ...}``; other keys
+    are kept for the chat template. Parts of media (``MEDIA_PARTS``: ``image_url``,
+    ``image``, ``input_audio``...) are refused: the agents serve text-only models."""
 
     model_config = Shape.model_config | {"extra": "ignore"}  # extras pass on in the map
     SAYS: ClassVar[str] = "must be an object with a 'type'"
     WHOLE: ClassVar[bool] = True
 
     type: str
+
+    @model_validator(mode="after")
+    def _text_only(self) -> ContentPart:
+        if self.type in MEDIA_PARTS:
+            raise PydanticCustomError(
+                "multimodal",
+                "{kind} parts are not supported: {why}",
+                {"kind": repr(self.type), "why": TEXT_ONLY_MESSAGE},
+            )
+        return self
 
 
 def _text_or_parts(value: Any) -> str | None:
@@ -237,7 +275,9 @@ class GenerationParameters(Shape):
     """Function tools shown to the model through its chat template."""
     tool_choice: ToolChoice = "auto"
     parallel_tool_calls: Flag = True
-    """With a forced tool choice: whether the model may call more than one tool."""
+    """With a forced tool choice: whether the model may call more than one tool
+    (``false`` with ``auto`` and tools is refused: only a forced choice's grammar
+    keeps to it)."""
     parse_tool_calls: Flag = False
     """Send what each block of tool-call text parsed to (``ToolCallParsed`` and the
     failure results) before ``Done``."""
@@ -272,6 +312,15 @@ class GenerationParameters(Shape):
     """Send the log-probability of each generated token (a ``Logprobs`` event)."""
     top_logprobs: TopLogprobs = 0
     """With ``logprobs``: also that many of the most likely tokens at each step."""
+
+    @field_validator("parallel_tool_calls")
+    @classmethod
+    def _parallel_enforced(cls, value: bool, info: ValidationInfo) -> bool:
+        if "tools" in info.data and "tool_choice" in info.data:  # else they were refused
+            problem = parallel_problem(info.data["tools"], info.data["tool_choice"], value)
+            if problem is not None:
+                raise PydanticCustomError("parallel_tool_calls", problem)
+        return value
 
     @classmethod
     def wire_of(cls, request: dict[str, Any]) -> dict[str, Any]:
@@ -445,6 +494,8 @@ __all__ = [
     "MAX_STOP_LENGTH",
     "MAX_STOP_STRINGS",
     "MAX_TOKENS_LIMIT",
+    "MEDIA_PARTS",
+    "TEXT_ONLY_MESSAGE",
     "ConversationRequest",
     "EmbeddingRequest",
     "GenerationParameters",

@@ -1,7 +1,8 @@
 """Tools a request offers the model, and what a tool-call block parsed to.
 
 A generation request may carry ``tools`` (OpenAI's function tools), a
-``tool_choice`` and ``parallel_tool_calls``. The agent shows the tools to the model
+``tool_choice`` and ``parallel_tool_calls`` (``false`` is kept to by the grammar of
+a forced choice, so with ``auto`` it is refused). The agent shows the tools to the model
 through its chat template, streams the text of each call the model writes as
 ``TOOL_CALL`` frames, and sends one ``TOOL_CALLS`` frame per block it parsed
 (``ToolCallOutcome``): the calls, or why there are none. The outcomes are
@@ -150,10 +151,31 @@ def uses_tools(request: dict[str, Any]) -> bool:
     return bool(request.get("tools")) and request.get("tool_choice", "auto") != "none"
 
 
+PARALLEL_MESSAGE = (
+    "false is only enforced with tool_choice 'required' or a named function (a grammar "
+    "then allows one call); with 'auto' the model may write several calls"
+)
+
+
+def parallel_problem(tools: Any, tool_choice: Any, parallel_tool_calls: Any) -> str | None:
+    """Why ``parallel_tool_calls`` cannot be honoured, if it cannot: ``false`` is kept
+    to only by the grammar of a forced choice; with ``auto`` (and tools to call) the
+    model may write any number of calls. With no tools, or ``none``, no call comes."""
+    if parallel_tool_calls is False and tools and tool_choice == "auto":
+        return PARALLEL_MESSAGE
+    return None
+
+
 def tool_choice_problem(request: dict[str, Any]) -> tuple[str, str] | None:
-    """``(field, sentence)`` when a request's tool choice cannot be honoured."""
+    """``(field, sentence)`` when a request's tool choice (or its
+    ``parallel_tool_calls``) cannot be honoured."""
     choice = request.get("tool_choice", "auto")
-    if choice == "auto" or choice == "none":
+    if choice == "auto":
+        problem = parallel_problem(
+            request.get("tools"), choice, request.get("parallel_tool_calls", True)
+        )
+        return None if problem is None else ("parallel_tool_calls", problem)
+    if choice == "none":
         return None
     tools = request.get("tools") or []
     if not tools:
@@ -254,6 +276,7 @@ class ToolCallOutcome:
 __all__ = [
     "MAX_TOOLS",
     "OUTCOMES",
+    "PARALLEL_MESSAGE",
     "PARSED",
     "PARSE_FAILED",
     "UNRECOGNIZED_FORMAT",
@@ -265,6 +288,7 @@ __all__ = [
     "ToolChoice",
     "Tools",
     "forced_tool",
+    "parallel_problem",
     "tool_choice_problem",
     "uses_tools",
 ]

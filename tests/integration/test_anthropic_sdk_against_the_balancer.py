@@ -180,6 +180,22 @@ def test_the_key_may_be_sent_as_x_api_key(cluster) -> None:
     assert missing.json()["error"]["type"] == "authentication_error"
 
 
+def test_the_models_take_the_key_as_x_api_key_too(cluster) -> None:
+    """SDKs that send their key only as ``x-api-key`` list and retrieve models too."""
+    with _sdk(cluster, api_key=None, default_headers={"x-api-key": KEY}) as sdk:
+        (model,) = list(sdk.models.list())
+        assert sdk.models.retrieve(model.id).id == model.id
+    with (
+        _sdk(cluster, api_key=None, default_headers={"x-api-key": "wrong-key"}) as sdk,
+        pytest.raises(anthropic.AuthenticationError) as raised,
+    ):
+        sdk.models.list()
+    body: Any = raised.value.body
+    assert body["error"] == {"type": "authentication_error", "message": "invalid API key"}
+    openai_shape = httpx.get(f"{cluster.openai_url}/v1/models", headers={"x-api-key": KEY})
+    assert openai_shape.status_code == 200 and openai_shape.json()["object"] == "list"
+
+
 def test_a_bad_request_names_the_field_in_anthropic_s_envelope(sdk) -> None:
     with pytest.raises(anthropic.BadRequestError) as raised:
         sdk.messages.create(

@@ -111,6 +111,38 @@ def test_token_errors_and_broker_errors_use_their_envelopes(inference_app, fake)
             {"input_batch": [{"id": "a", "content": "x"}], "normalization_method": "L3"},
             "normalization_method",
         ),
+        (  # only a forced choice's grammar keeps to one call
+            "/api/v1/continue_from_conversation_history",
+            {
+                "conversation_history": [{"role": "user", "content": "hi"}],
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "parallel_tool_calls": False,
+            },
+            "parallel_tool_calls",
+        ),
+        (  # a tool choice that cannot be honoured: a 400 before the stream, not in it
+            "/api/v1/continue_from_conversation_history",
+            {
+                "conversation_history": [{"role": "user", "content": "hi"}],
+                "tool_choice": "required",
+            },
+            "tool_choice",
+        ),
+        (  # the agents serve text-only models
+            "/api/v1/continue_from_conversation_history",
+            {
+                "conversation_history": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "what is this?"},
+                            {"type": "image_url", "image_url": {"url": "https://x/a.png"}},
+                        ],
+                    }
+                ]
+            },
+            "conversation_history[0].content[1]",
+        ),
     ],
 )
 def test_bad_requests_get_400_naming_the_field(inference_app, path, body, field) -> None:

@@ -275,6 +275,8 @@ def test_a_request_without_a_model_is_answered_with_the_served_model(app, fake) 
         ("/v1/completions", {"model": "m", "prompt": "x", "n": 3}, "n"),
         ("/v1/completions", {"model": "m", "prompt": "x", "best_of": 2}, "best_of"),
         ("/v1/completions", {"model": "m", "prompt": "x", "echo": 1}, "echo"),
+        # OpenAI gives the prompt's log-probabilities too; this server has none
+        ("/v1/completions", {"model": "m", "prompt": "x", "echo": True, "logprobs": 1}, "echo"),
         ("/v1/embeddings", {"model": "m"}, "input"),
         ("/v1/embeddings", {"model": "m", "input": []}, "input"),
         ("/v1/embeddings", {"model": "m", "input": [1, 2, 3]}, "input"),
@@ -941,14 +943,14 @@ def test_legacy_completion_logprobs_are_parallel_lists(app, fake) -> None:
             Done(Usage(prompt_tokens=5, content_tokens=2)),
         ]
     ]
-    body = {"prompt": "Say", "logprobs": 2, "echo": True}
+    body = {"prompt": "Say", "logprobs": 2}
     choice = app.simulate_post("/v1/completions", json=body).json["choices"][0]
-    assert choice["text"] == "SayHello"
+    assert choice["text"] == "Hello"
     assert choice["logprobs"] == {
         "tokens": ["Hel", "lo"],
         "token_logprobs": [-0.1, -0.2],
         "top_logprobs": [{"Hel": -0.1}, {"lo": -0.2}],
-        "text_offset": [3, 6],
+        "text_offset": [0, 3],
     }
     (request,) = fake.submitted
     assert (request["logprobs"], request["top_logprobs"]) == (True, 2)

@@ -224,7 +224,7 @@ def test_the_openapi_documents_declare_the_bearer_scheme_where_keys_are_needed(
             for operation in item.values():
                 if path in ("/health", "/openapi.json"):
                     assert "security" not in operation
-                elif path.startswith("/v1/messages"):  # Anthropic's SDKs send x-api-key
+                elif path.startswith(("/v1/messages", "/v1/models")):  # x-api-key too
                     assert operation["security"] == [{"bearer": []}, {"x-api-key": []}]
                     assert "401" in operation["responses"]
                 else:

@@ -581,7 +581,7 @@ DEFAULTS = {
 }
 CONVERSATION = [
     {"role": "system", "content": "be brief"},
-    {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url"}]},
+    {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "x": 1}]},
     {"role": "assistant", "content": ""},
 ]
 
@@ -612,7 +612,7 @@ def test_every_field_at_its_bounds() -> None:
                 for i in range(128)
             ],
             "tool_choice": "auto",
-            "parallel_tool_calls": False,
+            "parallel_tool_calls": True,
             "parse_tool_calls": True,
             "temperature": 0,
             "frequency_penalty": -2,
@@ -647,6 +647,7 @@ def test_every_field_at_its_bounds() -> None:
             "raw_prompt": "p",
             "tools": [{"type": "function", "function": {"name": "f"}}],
             "tool_choice": "required",
+            "parallel_tool_calls": False,
         },
         {"raw_prompt": "p", "temperature": 0.7, "top_p": 0.95, "min_p": 0.05, "grammar": None},
     ):
@@ -753,6 +754,52 @@ INVALID_REQUESTS = [
     ({"raw_prompt": "p", "tool_choice": "required"}, "tool_choice"),
     ({"raw_prompt": "p", "tool_choice": "always"}, "tool_choice"),
     ({"raw_prompt": "p", "parallel_tool_calls": 1}, "parallel_tool_calls"),
+    # false is kept to only by a forced choice's grammar
+    (
+        {
+            "raw_prompt": "p",
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "parallel_tool_calls": False,
+        },
+        "parallel_tool_calls",
+    ),
+    (
+        {
+            "conversation_history": CONVERSATION,
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": "auto",
+            "parallel_tool_calls": False,
+        },
+        "parallel_tool_calls",
+    ),
+    # the agents serve text-only models: media parts never reach them
+    (
+        {
+            "conversation_history": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is this?"},
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}},
+                    ],
+                }
+            ]
+        },
+        "conversation_history[0].content[1]",
+    ),
+    (
+        {
+            "conversation_history": [
+                CONVERSATION[0],
+                {"role": "user", "content": [{"type": "image"}]},
+            ]
+        },
+        "conversation_history[1].content[0]",
+    ),
+    (
+        {"conversation_history": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+        "conversation_history[0].content[0]",
+    ),
     ({"raw_prompt": "p", "frequency_penalty": 2.5}, "frequency_penalty"),
     ({"raw_prompt": "p", "presence_penalty": "1"}, "presence_penalty"),
     ({"raw_prompt": "p", "logit_bias": {"x": 1}}, "logit_bias"),

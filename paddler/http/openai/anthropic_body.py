@@ -4,12 +4,13 @@ conversation request it becomes (``MessagesBody.to_request``).
 Strict types and no unknown field: what this server does not honour is a 400 that
 names the field. A body becomes the same conversation request as an OpenAI chat
 completion: the ``system`` prompt a system message, each turn's text blocks its
-content (joined with a blank line), an image an ``image_url`` part, ``tool_use``
-blocks the assistant's ``tool_calls``, each ``tool_result`` block a ``tool``
-message, ``thinking`` blocks the assistant's ``reasoning_content`` (templates that
-show past reasoning, as Qwen 3's does within a tool loop, render it; others leave
-it out). Accepted because they only annotate: ``metadata``, ``cache_control``
-(paddler keeps every prompt's prefix by itself) and ``citations``.
+content (joined with a blank line), ``tool_use`` blocks the assistant's
+``tool_calls``, each ``tool_result`` block a ``tool`` message, ``thinking`` blocks
+the assistant's ``reasoning_content`` (templates that show past reasoning, as Qwen
+3's does within a tool loop, render it; others leave it out). Accepted because they
+only annotate: ``metadata``, ``cache_control`` (paddler keeps every prompt's prefix
+by itself) and ``citations``. ``image`` blocks are refused with a 400 naming the
+block: the agents serve text-only models.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, Discriminator, Field
+from pydantic import AfterValidator, Discriminator, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from paddler.http.common import dumps
@@ -25,6 +26,7 @@ from paddler.http.openai.errors import invalid_body
 from paddler.protocol.requests import (
     MAX_STOP_LENGTH,
     MAX_STOP_STRINGS,
+    TEXT_ONLY_MESSAGE,
     ConversationRequest,
     MaxTokens,
     Probability,
@@ -90,25 +92,15 @@ class Base64Source(Shape):
     ]
     data: Annotated[str, Field(min_length=1), Says("must be the image in base64")]
 
-    def address(self) -> str:
-        """The image as a data URL."""
-        return f"data:{self.media_type};base64,{self.data}"
-
 
 class UrlSource(Shape):
     type: Literal["url"]
     url: Annotated[str, Field(min_length=1), Says("must be a non-empty string")]
 
-    def address(self) -> str:
-        return self.url
-
 
 class UnsupportedSource(Shape):
     model_config = Shape.model_config | {"extra": "ignore"}
     type: Annotated[str, _not_supported("source", "image sources are", "use 'base64' or 'url'")]
-
-    def address(self) -> str:
-        raise AssertionError("an unsupported source never validates")
 
 
 def _type_tag(known: tuple[str, ...]) -> Any:
@@ -133,9 +125,18 @@ ImageSource = Annotated[
 
 
 class ImageBlock(Shape):
+    """Refused (a 400 naming the block, once its shape is right): the agents serve
+    text-only models, so an image would never reach the model."""
+
     type: Literal["image"]
     source: ImageSource
     cache_control: CacheControl | None = None
+
+    @model_validator(mode="after")
+    def _refused(self) -> ImageBlock:
+        raise PydanticCustomError(
+            "multimodal", "image blocks are not supported: {why}", {"why": TEXT_ONLY_MESSAGE}
+        )
 
 
 def _text_or_list(value: Any) -> str | None:
@@ -529,7 +530,7 @@ def _turns(index: int, message: InputMessage) -> list[dict[str, Any]]:
     allowed = (
         (TextBlock, ToolUseBlock, ThinkingBlock)
         if message.role == "assistant"
-        else (TextBlock, ImageBlock, ToolResultBlock)
+        else (TextBlock, ToolResultBlock)
     )
     for number, block in enumerate(message.content):
         if not isinstance(block, allowed):
@@ -566,20 +567,15 @@ def _assistant_turn(blocks: list[Any]) -> dict[str, Any]:
 
 
 def _user_turns(blocks: list[Any]) -> list[dict[str, Any]]:
-    """A ``tool`` message per tool result and a user message per run of other blocks,
-    in their order."""
+    """A ``tool`` message per tool result and a user message per run of text blocks
+    (joined), in their order."""
     turns: list[dict[str, Any]] = []
-    run: list[TextBlock | ImageBlock] = []
+    run: list[str] = []
 
     def flush() -> None:
-        if not run:
-            return
-        texts = [block.text for block in run if isinstance(block, TextBlock)]
-        content: str | list[dict[str, Any]] = (
-            BLOCK_SEPARATOR.join(texts) if len(texts) == len(run) else [_part(b) for b in run]
-        )
-        turns.append({"role": "user", "content": content})
-        run.clear()
+        if run:
+            turns.append({"role": "user", "content": BLOCK_SEPARATOR.join(run)})
+            run.clear()
 
     for block in blocks:
         if isinstance(block, ToolResultBlock):
@@ -587,14 +583,9 @@ def _user_turns(blocks: list[Any]) -> list[dict[str, Any]]:
             turns.append(
                 {"role": "tool", "tool_call_id": block.tool_use_id, "content": block.text()}
             )
+        elif isinstance(block, TextBlock):
+            run.append(block.text)
         else:
-            run.append(block)
+            raise AssertionError(f"a {block.type!r} block is not allowed in a user turn")
     flush()
     return turns
-
-
-def _part(block: TextBlock | ImageBlock) -> dict[str, Any]:
-    """A block as OpenAI's content part (what the native API takes)."""
-    if isinstance(block, TextBlock):
-        return {"type": "text", "text": block.text}
-    return {"type": "image_url", "image_url": {"url": block.source.address()}}

@@ -1,6 +1,8 @@
 """``/v1/models``: the model of the desired state, named as OpenAI clients expect, or
 as Anthropic's do when the request has their ``anthropic-version`` header (its
-``ModelInfo`` objects, paged with ``after_id``, ``before_id`` and ``limit``)."""
+``ModelInfo`` objects, paged with ``after_id``, ``before_id`` and ``limit``). The
+API key may come as ``Authorization: Bearer`` or, as Anthropic's SDKs send it, as
+``x-api-key`` (checked alike: ``paddler.http.api_keys``)."""
 
 from __future__ import annotations
 
@@ -64,6 +66,9 @@ async def served_model_id(deps: HttpDeps) -> str:
 
 ANTHROPIC_VERSION_HEADER = "anthropic-version"
 """Sent by every Anthropic SDK: the request wants Anthropic's shapes."""
+ANTHROPIC_KEY_HEADER = "x-api-key"
+"""Anthropic's SDKs send their key in this header: ``/v1/models`` takes it, with or
+without ``anthropic-version`` (``Authorization: Bearer`` works too)."""
 MAX_ANTHROPIC_PAGE = 1000
 
 
@@ -118,6 +123,7 @@ def anthropic_page(req: falcon.asgi.Request, entries: list[dict[str, Any]]) -> d
 
 
 class Models:
+    API_KEY_HEADER = ANTHROPIC_KEY_HEADER
     OPERATIONS = {
         "get": Operation(
             "The model this balancer serves",
@@ -146,6 +152,7 @@ class Models:
 
 
 class Model:
+    API_KEY_HEADER = ANTHROPIC_KEY_HEADER
     OPERATIONS = {
         "get": Operation(
             "One model, by id",

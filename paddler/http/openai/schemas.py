@@ -14,7 +14,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Discriminator, Field, ValidationInfo
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Discriminator,
+    Field,
+    ValidationInfo,
+    model_validator,
+)
 from pydantic import field_validator as validates
 from pydantic_core import PydanticCustomError
 
@@ -23,6 +30,7 @@ from paddler.http.openai.errors import invalid_body
 from paddler.protocol.grammar_limits import json_schema_problem
 from paddler.protocol.requests import (
     MAX_DOCUMENTS,
+    TEXT_ONLY_MESSAGE,
     ConversationRequest,
     LogitBias,
     MaxTokens,
@@ -144,19 +152,28 @@ class ImageUrl(MessageShape):
 
 
 class ImagePart(MessageShape):
+    """Refused (a 400 naming the part): the agents serve text-only models, so an
+    image would never reach the model."""
+
     type: Literal["image_url"]
     image_url: Annotated[
         ImageUrl, BeforeValidator(lambda v: {"url": v} if isinstance(v, str) else v)
     ]
 
+    @model_validator(mode="after")
+    def _refused(self) -> ImagePart:
+        raise PydanticCustomError(
+            "multimodal", "'image_url' parts are not supported: {why}", {"why": TEXT_ONLY_MESSAGE}
+        )
+
     def native(self) -> dict[str, Any]:
-        return {"type": "image_url", "image_url": {"url": self.image_url.url}}
+        raise AssertionError("an image part never validates")
 
 
 def _unsupported(kind: str) -> str:
     raise PydanticCustomError(
         "unsupported_part",
-        "{kind} parts are not supported; use 'text' or 'image_url'",
+        "{kind} parts are not supported; use 'text'",
         {"kind": repr(kind)},
     )
 
@@ -535,6 +552,8 @@ class CompletionBody(SamplingBody):
     best_of: OnlyOne | None = None
     suffix: RefusedSuffix = None
     echo: Flag | None = None
+    """The prompt before the answer in ``text`` (not with ``logprobs``: the prompt's
+    tokens get none here)."""
     logprobs: Annotated[int, Field(ge=0, le=5), Says("must be an integer from 0 to 5")] | None = (
         None
     )
@@ -545,6 +564,12 @@ class CompletionBody(SamplingBody):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
     def to_request(self) -> dict[str, Any]:
+        if self.echo and self.logprobs is not None:
+            raise invalid_body(
+                "echo",
+                "cannot be combined with logprobs: the prompt's tokens get no "
+                "log-probabilities here (send echo or logprobs, not both)",
+            )
         request = {"raw_prompt": self.prompt_text, **self.sampling(self.max_tokens)}
         if self.logprobs is not None:
             request["logprobs"] = True
