@@ -7,10 +7,11 @@ import base64
 import contextlib
 import struct
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
 import falcon
 import falcon.asgi
+from pydantic import Discriminator, Field
 
 from paddler.client import Done, Embedding, Failed
 from paddler.errors import BrokerUnreachable
@@ -18,9 +19,10 @@ from paddler.http.common import HttpDeps, dumps, read_json, until_disconnect
 from paddler.http.fanout import embed_fanned_out
 from paddler.http.openai.errors import OpenAIError, failure, invalid, invalid_body
 from paddler.http.openai.models import served_model_id
-from paddler.http.openai.schemas import EmbeddingsBody
+from paddler.http.openai.schemas import ModelName, OpenAIShape, Text, _text_or_list
 from paddler.http.openapi import JSON, Operation, Reply
-from paddler.protocol.shapes import check
+from paddler.protocol.requests import MAX_DOCUMENTS
+from paddler.protocol.shapes import Says, check, member_tag
 
 EMBEDDING_NORMALIZATION = "L2"
 """OpenAI's embeddings have unit length."""
@@ -48,6 +50,41 @@ async def embeddings_body(
         yield (("," if index else "") + dumps(item)).encode()
         await asyncio.sleep(0)  # let the loop serve others between large chunks
     yield f'],"model":{dumps(model)},"usage":{dumps(usage)}}}'.encode()
+
+
+INPUT_MESSAGE = (
+    f"must be a string or a non-empty list of at most {MAX_DOCUMENTS} non-empty strings "
+    "(token arrays are not supported; send the text)"
+)
+
+
+class EmbeddingsBody(OpenAIShape):
+    """``POST /v1/embeddings``."""
+
+    ROOT: ClassVar[str] = "body"
+    SAYS: ClassVar[str] = "the request body must be a JSON object"
+
+    input: Annotated[
+        Annotated[str, Field(min_length=1), member_tag("~text")]
+        | Annotated[
+            list[Annotated[str, Field(min_length=1)]],
+            Field(min_length=1, max_length=MAX_DOCUMENTS),
+            member_tag("~list"),
+        ],
+        Discriminator(_text_or_list),
+        Says(INPUT_MESSAGE, whole=True),
+    ]
+    model: ModelName | None = None
+    encoding_format: (
+        Annotated[Literal["float", "base64"], Says("must be 'float' or 'base64'")] | None
+    ) = None
+    dimensions: Annotated[int, Field(ge=1), Says("must be a positive integer")] | None = None
+    user: Text | None = None
+    """Names the end user for OpenAI's abuse monitoring; nothing here reads it."""
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
 class Embeddings:

@@ -29,7 +29,6 @@ from paddler.http.common import dumps
 from paddler.http.openai.errors import invalid_body
 from paddler.protocol.grammar_limits import json_schema_problem
 from paddler.protocol.requests import (
-    MAX_DOCUMENTS,
     TEXT_ONLY_MESSAGE,
     ConversationRequest,
     LogitBias,
@@ -581,38 +580,3 @@ class CompletionBody(SamplingBody):
         if self.echo:
             options.echo = self.prompt_text
         return options
-
-
-INPUT_MESSAGE = (
-    f"must be a string or a non-empty list of at most {MAX_DOCUMENTS} non-empty strings "
-    "(token arrays are not supported; send the text)"
-)
-
-
-class EmbeddingsBody(OpenAIShape):
-    """``POST /v1/embeddings``."""
-
-    ROOT: ClassVar[str] = "body"
-    SAYS: ClassVar[str] = "the request body must be a JSON object"
-
-    input: Annotated[
-        Annotated[str, Field(min_length=1), member_tag("~text")]
-        | Annotated[
-            list[Annotated[str, Field(min_length=1)]],
-            Field(min_length=1, max_length=MAX_DOCUMENTS),
-            member_tag("~list"),
-        ],
-        Discriminator(_text_or_list),
-        Says(INPUT_MESSAGE, whole=True),
-    ]
-    model: ModelName | None = None
-    encoding_format: (
-        Annotated[Literal["float", "base64"], Says("must be 'float' or 'base64'")] | None
-    ) = None
-    dimensions: Annotated[int, Field(ge=1), Says("must be a positive integer")] | None = None
-    user: Text | None = None
-    """Names the end user for OpenAI's abuse monitoring; nothing here reads it."""
-
-    @property
-    def texts(self) -> list[str]:
-        return [self.input] if isinstance(self.input, str) else list(self.input)
