@@ -153,6 +153,14 @@ def _secret_env(http: HttpSettings) -> dict[str, str]:
     return env
 
 
+def _curve_env(broker: BrokerSettings) -> dict[str, str]:
+    """The balancer's key paths also in its environment (the same values as its
+    flags): its HTTP workers inherit them, and the web admin panel names the real
+    files in its "add an agent" command (``paddler.http.admin.config.AgentKeys``)."""
+    names = ("curve_secret_key", "authorized_agent_keys")
+    return {env_name(name): value for name in names if (value := getattr(broker, name))}
+
+
 def run_cluster(
     cluster: ClusterSettings, broker: BrokerSettings, http: HttpSettings, log_level: str
 ) -> int:
@@ -183,7 +191,7 @@ def run_cluster(
         balancer = Child(
             "the balancer",
             [*python, "balancer", *_flags(broker), *_flags(http), "--log-level", log_level],
-            env=_secret_env(http),
+            env={**_secret_env(http), **_curve_env(broker)},
         )
         children.append(balancer)
         balancer.start()

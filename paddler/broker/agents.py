@@ -99,6 +99,8 @@ class AgentSide(BrokerCore):
                 self._send_client(
                     record.client, [HEADER.pack(kind, record.client_request_id), frames[1]]
                 )
+                if count == 3:  # the frame's token ids: int32 each
+                    self.metrics.output_tokens += len(frames[2]) >> 2
                 token_ids = record.token_ids
                 if token_ids is not None:
                     if count == 3 and not len(frames[2]) & 3:  # whole int32 ids

@@ -1,7 +1,8 @@
 """What the broker counts for ``/metrics``: it sees every request and every frame.
 
 Histograms use fixed buckets (seconds) and cumulative counts, as Prometheus expects.
-Per-token work is one ``bisect`` and two additions. Label sets are bounded: request
+Per-token work is one ``bisect`` and two additions; a text frame adds its tokens to
+``output_tokens`` (one addition per frame). Label sets are bounded: request
 outcomes take the documented values (``REQUEST_OUTCOMES``) or ``other``, and per-agent
 series exist only while their agent does. ``LogBudget`` bounds what the broker writes
 about what it counts (dropped frames, handler bugs): a few lines per source and minute.
@@ -125,6 +126,9 @@ class BrokerMetrics:
         """Streams that moved to another agent after losing theirs."""
         self.prefix_matches = 0
         """Dispatches (``prefix`` policy) to an agent holding part of the prompt."""
+        self.output_tokens = 0
+        """Generated tokens forwarded to clients, counted as they stream (each text,
+        reasoning or tool-call frame's token ids), not when their request ends."""
 
     def count_outcome(self, kind: object) -> None:
         """One submitted request ended: ``done``, ``cancelled`` or an error kind."""
@@ -157,6 +161,7 @@ class BrokerMetrics:
             "dropped_frames": self.dropped_frames,
             "continuations": self.continuations,
             "prefix_matches": self.prefix_matches,
+            "output_tokens_streamed": self.output_tokens,
         }
 
 

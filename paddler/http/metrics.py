@@ -105,6 +105,11 @@ class SnapshotCollector(Collector):
             metrics["tokens_by_agent"],
         )
         yield CounterMetricFamily(
+            "paddler_output_tokens_streamed",
+            "Generated tokens forwarded to clients, counted as they stream (all agents).",
+            value=metrics.get("output_tokens_streamed", 0),
+        )
+        yield CounterMetricFamily(
             "paddler_dropped_frames",
             "Malformed frames the broker dropped.",
             value=metrics.get("dropped_frames", 0),

@@ -9,9 +9,10 @@ new one. No outside Prometheus needed; nothing here grows: at most ``MAX_POINTS`
 points of at most ``MAX_CHART_AGENTS`` agents each.
 
 A counter that went down (the broker restarted, an agent left and came back) counts
-from zero again, as Prometheus's ``rate`` does. Output tokens are counted when a
-request ends (the broker adds a request's ``content_tokens`` then), so a long request
-shows its tokens in the sample where it ends.
+from zero again, as Prometheus's ``rate`` does. Output tokens/s comes from
+``output_tokens_streamed`` (``paddler_output_tokens_streamed_total``), which the broker
+counts as it forwards each text frame, so a long request shows in every sample it
+streams through, not only in the one where it ends.
 """
 
 from __future__ import annotations
@@ -35,16 +36,22 @@ MAX_POINTS = int(WINDOW_S / SAMPLE_INTERVAL_S)
 MAX_CHART_AGENTS = 32
 """Agents charted one by one; the others are summed as ``OTHER_AGENTS``."""
 OTHER_AGENTS = "(others)"
+OUTPUT_TOKENS = "output_tokens_streamed"
+"""The broker's counter of generated tokens, added to as each text frame streams."""
+
+
+def grown(current: int, previous: int) -> int:
+    """How much a counter grew; one that went down counts from zero again."""
+    return current - previous if current >= previous else current
 
 
 def counter_delta(current: Mapping[str, int], previous: Mapping[str, int]) -> dict[str, int]:
-    """How much each counter grew; one that went down counts from zero again."""
+    """How much each counter grew (``grown``), those that did."""
     delta: dict[str, int] = {}
     for key, value in current.items():
-        before = previous.get(key, 0)
-        grown = value - before if value >= before else value
-        if grown:
-            delta[key] = grown
+        more = grown(value, previous.get(key, 0))
+        if more:
+            delta[key] = more
     return delta
 
 
@@ -106,7 +113,7 @@ def chart_point(
     """One chart point from two broker metrics snapshots ``elapsed_s`` apart."""
     elapsed_s = max(elapsed_s, 1e-3)
     before, now = previous["metrics"], current["metrics"]
-    tokens = sum(counter_delta(now["tokens_by_agent"], before["tokens_by_agent"]).values())
+    tokens = grown(now.get(OUTPUT_TOKENS, 0), before.get(OUTPUT_TOKENS, 0))
     requests = counter_delta(now["requests"], before["requests"])
     ttft = now["time_to_first_token_seconds"]
     observed = histogram_delta(ttft, before.get("time_to_first_token_seconds"))

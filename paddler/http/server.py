@@ -26,11 +26,11 @@ import signal
 import ssl
 import subprocess
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 from typing import TYPE_CHECKING, Any
 
 from paddler.errors import ConfigurationError
-from paddler.http.admin.config import PanelSettings, panel_origins
+from paddler.http.admin.config import AgentKeys, PanelSettings, panel_origins
 from paddler.http.api_keys import ApiKeys, read_api_keys
 from paddler.http.app import CONFIG_ENV, ROLE_ENV, HttpConfig
 from paddler.http.settings import FLAGS, HttpSettings
@@ -122,6 +122,8 @@ def panel_settings(
             "buffered_request_timeout_ms": broker.buffered_request_timeout,
             "inference_item_timeout_ms": broker.inference_item_timeout,
         }
+        if broker.curve_secret_key is not None:  # the real paths for "add an agent"
+            facts |= asdict(AgentKeys.of(broker.curve_secret_key, broker.authorized_agent_keys))
     return PanelSettings(
         inference_addr=settings.inference_addr,
         management_addr=settings.management_addr,

@@ -79,8 +79,11 @@ def panel_cluster(browser: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
     folder = tmp_path_factory.mktemp("panel-cluster")
     cert, key, trusted = certificate(folder)
     ports = {name: free_port() for name in ("inference", "management", "panel")}
+    temporary = folder / "tmp"  # where the cluster makes its keys (and so the test finds them)
+    temporary.mkdir()
     env = dict(
         os.environ,
+        TMPDIR=str(temporary),
         PADDLER_CACHE_DIR=str(folder / "cache"),
         PYTHONUNBUFFERED="1",
         PADDLER_INFERENCE_API_KEY=INFERENCE_KEY,
@@ -134,6 +137,7 @@ def panel_cluster(browser: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
         http=http,
         model_copy=folder / "models" / "tiny-copy.gguf",
         screenshots=screenshots,
+        folder=folder,
     )
     try:
 
@@ -147,6 +151,7 @@ def panel_cluster(browser: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
             )
 
         wait_until(ready, timeout_s=60, interval_s=0.2, what="two agents with the demo model")
+        (cluster.keys,) = temporary.glob("paddler-cluster-keys-*")
         model = Path(cluster.agents()[0]["model_path"])
         cluster.model_copy.parent.mkdir()
         shutil.copyfile(model, cluster.model_copy)

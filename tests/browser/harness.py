@@ -27,6 +27,10 @@ class PanelCluster:
     http: httpx.Client
     model_copy: Path
     screenshots: Path
+    folder: Path
+    """The test's own folder (the cluster's TMPDIR is in it)."""
+    keys: Path | None = None
+    """The private folder of CurveZMQ keys the cluster made (``paddler.cluster.ClusterKeys``)."""
     expected_console_errors: list[str] = field(default_factory=list)
 
     def agents(self) -> list[dict[str, Any]]:

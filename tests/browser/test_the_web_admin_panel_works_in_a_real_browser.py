@@ -9,9 +9,14 @@ README come from here (``PADDLER_SCREENSHOT_DIR=docs``)."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -116,10 +121,15 @@ def test_the_dashboard_lists_both_agents_and_their_slots_follow_running_requests
     text = page.locator("main").inner_text()
     assert panel_cluster.inference in text and panel_cluster.management in text
     assert "Buffered requests 0 / 30" in page.get_by_test_id("buffered").inner_text()
-    assert (
-        "paddler agent --broker-addr tcp://127.0.0.1:"
-        in page.get_by_test_id("add-agent-command").inner_text()
-    )
+    # "add an agent", with curve on (the cluster's own keys, in their real folder)
+    keys = panel_cluster.keys
+    assert keys is not None and (keys / "agents" / "agent-1.key").is_file()
+    command = page.get_by_test_id("add-agent-command").inner_text()
+    assert "paddler keys generate --out ~/paddler-keys my-agent\n" in command
+    assert f"cp ~/paddler-keys/my-agent.key {keys}/agents/\n" in command
+    assert "paddler agent --broker-addr tcp://127.0.0.1:" in command
+    assert f"  --broker-public-key {keys}/broker.key \\\n" in command
+    assert command.endswith("  --curve-secret-key ~/paddler-keys/my-agent.key_secret")
 
     errors: list[BaseException] = []
 
@@ -158,6 +168,60 @@ def test_the_dashboard_lists_both_agents_and_their_slots_follow_running_requests
     assert "<|im_start|>" in details.inner_text()  # the model's own chat template
 
 
+def test_the_add_an_agent_command_runs_as_printed_and_the_agent_joins(
+    page: Any, panel_cluster: PanelCluster
+) -> None:
+    """The command of the dashboard, for another name and keys folder, run as it is
+    printed (keys, allowing the key, the agent): the agent joins the balancer with its
+    curve key and shows up ready; stopped, it leaves."""
+    page.goto(f"{panel_cluster.panel}/#/")
+    command = page.get_by_test_id("add-agent-command")
+    command.wait_for()
+    folder = panel_cluster.folder / "added-agent"
+    page.get_by_label("agent name", exact=True).fill("panel-added")
+    page.get_by_label("slots", exact=True).fill("1")
+    page.get_by_label("keys folder on the agent's host", exact=True).fill(str(folder / "keys"))
+    text = command.inner_text()
+    start = text.index("paddler agent ")
+    setup, agent = text[:start], text[start:]
+    assert f"paddler keys generate --out {folder}/keys panel-added\n" in setup
+    assert f"--curve-secret-key {folder}/keys/panel-added.key_secret" in agent
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    subprocess.run(["bash", "-euc", setup], env=env, check=True, timeout=60)
+    assert panel_cluster.keys is not None
+    assert (panel_cluster.keys / "agents" / "panel-added.key").is_file()
+    log = (folder / "agent.log").open("wb")
+    process = subprocess.Popen(
+        ["bash", "-c", f"exec {agent}"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        page.wait_for_function(
+            """() => [...document.querySelectorAll('article.agent')].some((card) =>
+                card.dataset.agentName === 'panel-added' &&
+                card.querySelector('[data-test=agent-state]').textContent === 'ready')""",
+            timeout=90_000,
+        )
+        (added,) = [a for a in panel_cluster.agents() if a["name"] == "panel-added"]
+        assert added["slots_total"] == 1 and added["key_fingerprint"]
+    except BaseException:
+        print((folder / "agent.log").read_text(errors="replace")[-4000:])
+        raise
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+    page.wait_for_function("() => document.querySelectorAll('article.agent').length === 2")
+
+
 def test_agent_states_and_issues_are_put_in_words_and_never_become_markup(page: Any) -> None:
     """The dashboard's own modules, run in the page: what an agent's fields say about
     its state, and an issue carrying markup shown as text."""
@@ -171,8 +235,6 @@ def test_agent_states_and_issues_are_put_in_words_and_never_become_markup(page: 
                 agent({ state_application_status: 'Fresh' }),
                 agent({ state_application_status: 'Fresh', download_filename: 'm.gguf',
                         download_total: 100, download_current: 40 }),
-                agent({ state_application_status: 'AttemptedAndRetrying' }),
-                agent({ state_application_status: 'Stuck' }),
                 agent({ state_application_status: 'AttemptedAndNotAppliable',
                         issues: [{ ModelFileDoesNotExist: { model_path: '/x' } }] }),
                 agent({ state_application_status: 'Applied',
@@ -180,15 +242,7 @@ def test_agent_states_and_issues_are_put_in_words_and_never_become_markup(page: 
             ].map((a) => agentState(a)[0]);
         }"""
     )
-    assert states == [
-        "ready",
-        "loading",
-        "downloading",
-        "retrying",
-        "stuck",
-        "attention",
-        "retrying",
-    ]
+    assert states == ["ready", "loading", "downloading", "attention", "retrying"]
     shown = page.evaluate(
         """async () => {
             const { explainIssue } = await import('/static/issues.js');
@@ -209,6 +263,122 @@ def test_agent_states_and_issues_are_put_in_words_and_never_become_markup(page: 
     assert shown["images"] == 0 and not shown["pwned"]
     assert "What paddler does" in shown["advice"] and "What you can do" in shown["advice"]
     page.reload()
+
+
+def test_an_agent_is_stuck_when_it_shows_no_change_for_a_minute_while_it_works(
+    page: Any,
+) -> None:
+    """The dashboard's rule, run in the page with made-up times: an agent that is not
+    ready and works toward a desired state naming a model (loading, downloading, its
+    engine restarting) is stuck once nothing it reports has changed for
+    ``STUCK_AFTER_MS``; progress resets the clock; settled agents are never stuck."""
+    seen = page.evaluate(
+        """async () => {
+            const { agentState, progressClock, STUCK_AFTER_MS } =
+                await import('/static/dashboard.js');
+            const { explainStuck } = await import('/static/issues.js');
+            const agent = (id, fields) => ({ id, ready: false, issues: [],
+                model_path: null, download_total: 0, download_current: 0,
+                download_filename: null, ...fields });
+            const loading = agent('a', { state_application_status: 'Fresh' });
+            const download = (current) => agent('b', { state_application_status: 'Fresh',
+                download_filename: 'm.gguf', download_total: 100, download_current: current });
+            const restarting = agent('c', { state_application_status: 'Applied',
+                model_path: '/m.gguf',
+                issues: [{ EngineFailed: { error: 'x', restarting: true } }] });
+            const ready = agent('d', { state_application_status: 'Applied', ready: true,
+                model_path: '/m.gguf' });
+            const refused = agent('e', { state_application_status: 'AttemptedAndNotAppliable',
+                issues: [{ ModelFileDoesNotExist: { model_path: '/x' } }] });
+            const clock = progressClock();
+            const state = (a, now, desiredModel = true) =>
+                agentState(a, { unchangedMs: clock.unchangedFor(a, now), desiredModel })[0];
+            const t0 = 1_000_000;
+            clock.note([loading, download(10), restarting, ready, refused], t0);
+            const before = t0 + STUCK_AFTER_MS - 1;
+            const after = t0 + STUCK_AFTER_MS;
+            const out = {
+                limit: STUCK_AFTER_MS,
+                before: [loading, download(10), restarting].map((a) => state(a, before)),
+                after: [loading, download(10), restarting, ready, refused]
+                    .map((a) => state(a, after)),
+                words: agentState(loading, { unchangedMs: STUCK_AFTER_MS })[1],
+                noModelWanted: state(loading, after, false),
+                unknownDesiredState: state(loading, after, null),
+            };
+            // the download moved at t0 + 50 s: its clock starts again then
+            clock.note([loading, download(11), restarting, ready, refused], t0 + 50_000);
+            out.moved = [state(download(11), after), state(download(11), t0 + 110_000)];
+            out.stillStuck = state(loading, after);  // the same report: its clock runs on
+            // an agent that left is forgotten: back, it starts from zero
+            clock.note([], t0 + 200_000);
+            clock.note([loading], t0 + 300_000);
+            out.back = state(loading, t0 + 300_000 + STUCK_AFTER_MS - 1);
+            out.explained = explainStuck(STUCK_AFTER_MS).textContent;
+            return out;
+        }"""
+    )
+    assert seen["limit"] == 60_000
+    assert seen["before"] == ["loading", "downloading", "retrying"]
+    assert seen["after"] == ["stuck", "stuck", "stuck", "ready", "attention"]
+    assert seen["words"] == "stuck: no change for 60 s or more"
+    assert seen["noModelWanted"] == "idle"  # nothing to apply: never stuck
+    assert seen["unknownDesiredState"] == "stuck"
+    assert seen["moved"] == ["downloading", "stuck"]
+    assert seen["stillStuck"] == "stuck"
+    assert seen["back"] == "loading"
+    assert "no change for 60 s or more" in seen["explained"]
+    assert "restart the agent" in seen["explained"]
+
+
+def test_the_add_an_agent_command_for_another_host_writes_the_balancers_public_key(
+    page: Any,
+) -> None:
+    """With the agents socket on a network address the command is for another host: the
+    balancer's public key is written there from ``/config.json`` (public), the agent's
+    key is to be copied into the balancer's folder, named; odd paths are quoted."""
+    key = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"
+    commands = page.evaluate(
+        """async (key) => {
+            const { addAgentCommand } = await import('/static/dashboard.js');
+            const config = { curve: true, agents_address: 'tcp://10.0.0.5:8070',
+                curve_keys: { broker_public_key: key,
+                    broker_public_key_file: '/etc/paddler/balancer.key',
+                    authorized_agent_keys: "/etc/paddler/agent keys" } };
+            const options = { name: 'gpu-1', slots: 8, keysDir: '~/keys' };
+            return [addAgentCommand(config, options),
+                addAgentCommand({ ...config, curve_keys: null }, options),
+                addAgentCommand({ curve: false, agents_address: 'tcp://10.0.0.5:8070' },
+                    options)];
+        }""",
+        key,
+    )
+    remote, unknown, plain = commands
+    assert remote.splitlines() == [
+        "# on the new agent's host: a keypair for it",
+        "paddler keys generate --out ~/keys gpu-1",
+        "# allow it: copy ~/keys/gpu-1.key into /etc/paddler/agent keys/ on the balancer's "
+        "host (its --authorized-agent-keys folder)",
+        "# the balancer's public key (/etc/paddler/balancer.key on its host), written here:",
+        "cat > ~/keys/balancer.key <<'EOF'",
+        "metadata",
+        "curve",
+        f'    public-key = "{key}"',
+        "EOF",
+        "paddler agent --broker-addr tcp://10.0.0.5:8070 --slots 8 --name gpu-1 \\",
+        "  --broker-public-key ~/keys/balancer.key \\",
+        "  --curve-secret-key ~/keys/gpu-1.key_secret",
+    ]
+    assert "# copy the balancer's public key here as ~/keys/balancer.key" in unknown
+    assert "the balancer's --authorized-agent-keys folder, on its host" in unknown
+    assert plain == "paddler agent --broker-addr tcp://10.0.0.5:8070 --slots 8 --name gpu-1"
+    quoted = page.evaluate(
+        """async () => {
+            const { shellWord } = await import('/static/dashboard.js');
+            return [shellWord('/tmp/a b/'), shellWord("it's"), shellWord('/plain/path.key')];
+        }"""
+    )
+    assert quoted == ["'/tmp/a b/'", "'it'\\''s'", "/plain/path.key"]
 
 
 def test_the_charts_show_data_points_after_some_requests(

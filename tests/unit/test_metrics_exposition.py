@@ -27,6 +27,7 @@ def _snapshot() -> dict[str, Any]:
     metrics.tokens_by_agent.update({"a1": 12, ODD_NAME: 5})
     metrics.requests_by_agent.update({"a1": 3})
     metrics.dropped_frames = 7
+    metrics.output_tokens = 41
     agents = [
         AgentSnapshot(id="id-1", name="a1", slots_total=4, slots_processing=1, ready=True),
         AgentSnapshot(id="id-2", name=None, slots_total=2, slots_processing=2),
@@ -78,6 +79,7 @@ def test_every_family_and_its_exposed_sample_names() -> None:
         "paddler_requests_total": "counter",
         "paddler_agent_requests_total": "counter",
         "paddler_generated_tokens_total": "counter",
+        "paddler_output_tokens_streamed_total": "counter",
         "paddler_dropped_frames_total": "counter",
         "paddler_continuations_total": "counter",
         "paddler_queue_wait_seconds": "histogram",
@@ -120,6 +122,9 @@ def test_counters_by_outcome_and_agent() -> None:
         ("paddler_generated_tokens_total", (("agent", ODD_NAME),)): 5,
     }
     assert _values(families["paddler_dropped_frames"]) == {("paddler_dropped_frames_total", ()): 7}
+    assert _values(families["paddler_output_tokens_streamed"]) == {
+        ("paddler_output_tokens_streamed_total", ()): 41
+    }
 
 
 def test_histograms_keep_their_buckets_sum_and_count() -> None:
@@ -147,7 +152,7 @@ def test_histograms_keep_their_buckets_sum_and_count() -> None:
 def test_no_agents_and_no_requests_still_name_every_family() -> None:
     snapshot = {"metrics": BrokerMetrics().snapshot(), "agents": [], "buffered": 0}
     families = _families(management.render_metrics(snapshot))
-    assert len(families) == 15
+    assert len(families) == 16
     assert _values(families["paddler_slots_total"]) == {("paddler_slots_total", ()): 0}
     assert _values(families["paddler_agent_ready"]) == {}
     assert _values(families["paddler_requests"]) == {}

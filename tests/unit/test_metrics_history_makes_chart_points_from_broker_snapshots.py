@@ -36,7 +36,7 @@ def histogram(*cumulative: int) -> dict[str, Any]:
 
 
 def snapshot(
-    tokens: dict[str, int],
+    tokens: int,
     requests: dict[str, int],
     ttft: dict[str, Any],
     agents: list[dict[str, Any]] | None = None,
@@ -46,7 +46,7 @@ def snapshot(
         "agents": agents if agents is not None else [AGENT],
         "buffered": buffered,
         "metrics": {
-            "tokens_by_agent": tokens,
+            "output_tokens_streamed": tokens,
             "requests": requests,
             "time_to_first_token_seconds": ttft,
         },
@@ -72,10 +72,10 @@ def test_counters_that_went_down_count_from_zero_again() -> None:
 
 
 def test_a_chart_point_has_rates_quantiles_and_gauges() -> None:
-    before = snapshot({"a1": 100}, {"done": 4}, histogram(0, 1, 1, 1))
+    before = snapshot(100, {"done": 4}, histogram(0, 1, 1, 1))
     busy = {**AGENT, "slots_processing": 3}
     after = snapshot(
-        {"a1": 140, "a2": 20},
+        160,
         {"done": 8, "cancelled": 2},
         histogram(0, 5, 5, 5),
         agents=[busy],
@@ -93,6 +93,8 @@ def test_a_chart_point_has_rates_quantiles_and_gauges() -> None:
     idle = chart_point(after, after, elapsed_s=2.0, at=1002.0)
     assert idle["ttft_p50_s"] is None and idle["requests_per_s"] == {}
     assert idle["tokens_per_s"] == 0
+    restarted = snapshot(50, {}, histogram(0, 0, 0, 0))  # the broker restarted: from zero
+    assert chart_point(after, restarted, elapsed_s=2.0, at=1004.0)["tokens_per_s"] == 25.0
 
 
 def test_a_point_charts_at_most_a_bounded_number_of_agents() -> None:
@@ -100,7 +102,7 @@ def test_a_point_charts_at_most_a_bounded_number_of_agents() -> None:
         {**AGENT, "id": f"id-{i:04d}", "name": f"agent-{i:04d}", "slots_processing": 1}
         for i in range(MAX_CHART_AGENTS + 10)
     ]
-    state = snapshot({}, {}, histogram(0, 0, 0, 0), agents=agents)
+    state = snapshot(0, {}, histogram(0, 0, 0, 0), agents=agents)
     point = chart_point(state, state, 2.0, 0.0)
     assert len(point["agents"]) == MAX_CHART_AGENTS + 1
     assert point["agents"][-1] == {"name": OTHER_AGENTS, "busy": 10, "total": 40}
@@ -119,7 +121,7 @@ class Broker:
             raise BrokerUnreachable("gone")
         self.samples += 1
         n = self.samples
-        return snapshot({"a1": 10 * n}, {"done": n}, histogram(0, n, n, n))
+        return snapshot(10 * n, {"done": n}, histogram(0, n, n, n))
 
 
 def test_the_history_keeps_a_window_of_points_and_leaves_gaps_when_the_broker_is_away() -> None:

@@ -5,6 +5,7 @@ HTML built from data)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 from pathlib import Path
@@ -14,7 +15,14 @@ import pytest
 
 from paddler.http import admin, management
 from paddler.http.admin.app import MAX_ASSETS_BYTES, load_assets
-from paddler.http.admin.config import PanelSettings, browser_host, panel_origins
+from paddler.http.admin.config import (
+    AGENT_KEYS_ENV,
+    SECRET_KEY_ENV,
+    AgentKeys,
+    PanelSettings,
+    browser_host,
+    panel_origins,
+)
 from paddler.http.app import ROLES
 from paddler.http.common import HttpDeps
 from paddler.http.server import gunicorn_command, http_config
@@ -34,9 +42,31 @@ PANEL = PanelSettings(
 )
 
 
-def panel_app(settings: PanelSettings = PANEL) -> falcon.testing.TestClient:
-    deps = HttpDeps(link=FakeLink(FakeClient()), panel=settings.to_dict())  # type: ignore[arg-type]
+def panel_app(
+    settings: PanelSettings = PANEL, broker_key_file: Path | None = None
+) -> falcon.testing.TestClient:
+    """The panel's app; ``broker_key_file``: the balancer's public key file its worker's
+    broker link uses (with curve)."""
+    link = FakeLink(FakeClient())
+    if broker_key_file is not None:
+        link.curve_keys = [str(broker_key_file), "/worker/http-workers.key_secret"]  # type: ignore[attr-defined]
+    deps = HttpDeps(link=link, panel=settings.to_dict())  # type: ignore[arg-type]
     return falcon.testing.TestClient(admin.create_app(deps))
+
+
+def balancer_keys(folder: Path) -> tuple[Path, Path, Path, str]:
+    """A balancer's keys as ``paddler keys generate`` writes them, a folder of agent
+    keys, and the copy of its public key a worker gets: (secret key file, agents
+    folder, the worker's copy, the public key)."""
+    from paddler.curve import generate, load_public, write_public
+
+    public, secret = generate(folder / "etc", "balancer")
+    agents = folder / "etc" / "agents"
+    agents.mkdir()
+    key = load_public(public, "test")
+    (folder / "worker").mkdir()
+    copy = write_public(folder / "worker" / "broker.key", key)
+    return secret, agents, copy, key.decode()
 
 
 def test_the_page_and_its_files_are_served_with_a_strict_policy() -> None:
@@ -85,6 +115,70 @@ def test_the_configuration_says_where_the_services_are_and_never_a_key() -> None
     assert body["api_keys"] == {"inference": True, "management": False}
     assert body["curve"] is True
     assert (body["max_buffered_requests"], body["buffered_request_timeout_ms"]) == (12, 2500)
+
+
+def test_with_curve_the_configuration_names_the_balancers_public_key_and_key_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the "add an agent" command prints: the balancer's public key and public key
+    file (the twin of --curve-secret-key) and --authorized-agent-keys, found by the
+    worker from the balancer's options in its environment; never a secret."""
+    secret, agents, copy, public = balancer_keys(tmp_path)
+    monkeypatch.setenv(SECRET_KEY_ENV, str(secret))
+    monkeypatch.setenv(AGENT_KEYS_ENV, str(agents))
+    answer = panel_app(broker_key_file=copy).simulate_get("/config.json")
+    assert answer.json["curve"] is True
+    assert answer.json["curve_keys"] == {
+        "broker_public_key": public,
+        "broker_public_key_file": str(tmp_path / "etc" / "balancer.key"),
+        "authorized_agent_keys": str(agents),
+    }
+    secret_text = secret.read_text()
+    secret_z85 = secret_text.split("secret-key")[1].split('"')[1]
+    assert secret_z85 not in answer.text and "key_secret" not in answer.text
+
+    # options in the environment that name another key are not the balancer's: only
+    # the key it uses is said
+    _, other_agents, _, _ = balancer_keys(tmp_path / "other")
+    monkeypatch.setenv(SECRET_KEY_ENV, str(tmp_path / "other" / "etc" / "balancer.key_secret"))
+    monkeypatch.setenv(AGENT_KEYS_ENV, str(other_agents))
+    stale = panel_app(broker_key_file=copy).simulate_get("/config.json").json
+    assert stale["curve_keys"] == {
+        "broker_public_key": public,
+        "broker_public_key_file": None,
+        "authorized_agent_keys": None,
+    }
+    # settings that carry them win; without curve there are none
+    given = AgentKeys.of(str(secret), str(agents))
+    assert given == AgentKeys(public, str(tmp_path / "etc" / "balancer.key"), str(agents))
+    settings = dataclasses.replace(PANEL, broker_public_key="x" * 40)
+    assert panel_app(settings, copy).simulate_get("/config.json").json["curve_keys"] == {
+        "broker_public_key": "x" * 40,
+        "broker_public_key_file": None,
+        "authorized_agent_keys": None,
+    }
+    off = dataclasses.replace(PANEL, curve=False)
+    assert panel_app(off, copy).simulate_get("/config.json").json["curve_keys"] is None
+
+
+def test_paddler_cluster_gives_its_balancer_the_key_paths_in_its_environment() -> None:
+    from paddler.broker.settings import BrokerSettings
+    from paddler.cluster import ClusterKeys, _curve_env
+
+    keys = ClusterKeys(1)
+    try:
+        broker = BrokerSettings(**keys.broker_options())
+        env = _curve_env(broker)
+        assert env == {
+            SECRET_KEY_ENV: str(keys.private.path / "broker.key_secret"),
+            AGENT_KEYS_ENV: str(keys.private.path / "agents"),
+        }
+        found = AgentKeys.of_worker(keys.broker_public, env)
+        assert found.broker_public_key_file == keys.broker_public
+        assert found.authorized_agent_keys == str(keys.private.path / "agents")
+    finally:
+        keys.close()
+    assert _curve_env(BrokerSettings()) == {}
 
 
 def test_services_on_a_wildcard_address_are_reached_at_the_host_the_browser_used() -> None:
@@ -255,3 +349,21 @@ def test_paddler_cluster_serves_the_panel_at_8062_unless_told_otherwise(capsys) 
     assert "  admin panel https://127.0.0.1:9000/\n" in capsys.readouterr().out
     _announce(with_panel(HttpSettings(web_admin_panel_addr="off")), ClusterSettings())
     assert "admin panel" not in capsys.readouterr().out
+
+
+def test_a_balancer_given_its_keys_as_flags_tells_the_panel_their_real_paths(
+    tmp_path: Path,
+) -> None:
+    """``paddler balancer --curve-secret-key ... --authorized-agent-keys ...`` (flags,
+    not the environment): the panel's settings carry the real paths."""
+    from paddler.broker.settings import BrokerSettings
+    from paddler.http.server import panel_settings
+
+    secret, agents, _, public = balancer_keys(tmp_path)
+    broker = BrokerSettings(curve_secret_key=str(secret), authorized_agent_keys=str(agents))
+    settings = HttpSettings(web_admin_panel_addr="127.0.0.1:8062")
+    config = http_config(settings, broker.clients_addr, broker=broker)
+    panel = panel_settings(settings, config, broker)
+    assert panel.agent_keys == AgentKeys(
+        public, str(tmp_path / "etc" / "balancer.key"), str(agents)
+    )

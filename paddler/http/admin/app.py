@@ -145,11 +145,12 @@ class Icon:
 
 class Config:
     """``GET /config.json``: where the services are (as this browser reaches them),
-    whether they need keys, the buffer's bounds, whether agents need curve keys."""
+    whether they need keys, the buffer's bounds, whether agents need curve keys (and
+    then the balancer's public key and key paths for the "add an agent" command)."""
 
     OPERATIONS = {
         "get": Operation(
-            "What the panel needs to know about this balancer (no keys, no paths)",
+            "What the panel needs to know about this balancer (no secret, no API key)",
             replies={200: Reply("The panel's configuration", JSON, {"type": "object"})},
         )
     }
@@ -165,6 +166,8 @@ class Config:
 
 def create_app(deps: HttpDeps) -> falcon.asgi.App[Any, Any]:
     panel = PanelSettings.from_dict(deps.panel) if deps.panel else PanelSettings("", "")
+    curve_keys = getattr(deps.link, "curve_keys", None)  # the worker's: [broker's public key, ...]
+    panel = panel.with_agent_keys(curve_keys[0] if curve_keys else None)
     assets = load_assets()
     app = make_app(deps)
     app.add_middleware(SecurityHeaders(panel))

@@ -1,11 +1,15 @@
-// Every issue an agent can report, in words: what it means, what paddler does about
-// it, what the operator can do. Unknown issues are shown as their JSON text.
+// Every issue a paddler agent reports, in words: what it means, what paddler does about
+// it, what the operator can do (a unit test holds this list to the kinds paddler/agent
+// emits). Unknown issues are shown as their JSON text.
 
 import { h } from "./dom.js";
 
 const RELOADS = "The agent stays connected without a model and does not try again by " +
-  "itself: it tries again when a new desired state arrives (save the model page) or when " +
-  "the agent restarts.";
+  "itself. It tries again when the desired state changes (another model, inference " +
+  "parameters or chat template: saving the same state again does not retry) or when " +
+  "the agent process restarts.";
+
+const RETRY = "then restart the agent (or change the desired state) to make it try again";
 
 const MODEL_PAGE = h("a", { href: "#/model" }, "model page");
 
@@ -19,8 +23,8 @@ export const ISSUES = {
     means: "The desired state names a file on the agent's own disk (LocalToAgent), and " +
       "there is no such file on this agent's host.",
     paddler: RELOADS,
-    you: () => ["Copy the file to that path on the agent's host, or change the path on the ",
-      modelPageLink(), "."],
+    you: () => [`Copy the file to that path on the agent's host, ${RETRY}; or change the ` +
+      "path on the ", modelPageLink(), "."],
   },
   ModelPathNotAllowed: {
     title: (v) => `Model path not allowed: ${v.model_path}`,
@@ -32,23 +36,25 @@ export const ISSUES = {
   },
   ModelCannotBeLoaded: {
     title: (v) => `Model cannot be loaded: ${v.model_path}`,
-    means: "The file is there, but llama.cpp could not load it: it is not a GGUF model, " +
-      "it is damaged or truncated, its architecture is not supported, or the machine ran " +
-      "out of memory." ,
+    means: "The agent could not load the model: llama.cpp refused the file (not a GGUF " +
+      "model, damaged or truncated, an architecture it does not support, not enough " +
+      "memory for the context asked), or the file could not be read (to check its " +
+      "SHA-256, say). The error below says which.",
     paddler: RELOADS,
-    you: () => ["Check the agent's log for llama.cpp's words, then give a valid file or ",
-      "smaller inference parameters (context size, GPU layers) on the ", modelPageLink(), "."],
+    you: () => ["Check the agent's log for llama.cpp's words, then name a valid file or ",
+      "ask for less memory (context size, GPU layers) on the ", modelPageLink(),
+      `; for a file you fixed in place, ${RETRY}.`],
     detail: (v) => v.error,
   },
   ModelDownloadFailed: {
     title: (v) => `Model download failed: ${v.url}`,
     means: "The agent could not download the model: the server answered with an error, " +
-      "the connection broke, or the download stalled (less than 64 KiB within " +
-      "--model-stall-timeout).",
-    paddler: "The agent keeps what it downloaded (a URL download resumes where it stopped). " +
-      RELOADS,
-    you: () => ["Check that the URL works from the agent's host, then save the ",
-      modelPageLink(), " again to retry."],
+      "the connection broke, the download stalled (less than 64 KiB within " +
+      "--model-stall-timeout), or the file could not be written.",
+    paddler: "The agent keeps what it downloaded (the next attempt resumes where this one " +
+      "stopped). " + RELOADS,
+    you: () => [`Check that the URL works from the agent's host, ${RETRY}; or name ` +
+      "another source on the ", modelPageLink(), "."],
     detail: (v) => v.error,
   },
   ModelHostNotAllowed: {
@@ -65,7 +71,8 @@ export const ISSUES = {
     title: (v) => `Model too large: ${v.url}`,
     means: (v) => `The file is larger (${v.size} bytes) than the agent's --max-model-bytes ` +
       `(${v.max_bytes} bytes).`,
-    paddler: "The download stops and nothing is loaded. " + RELOADS,
+    paddler: "The agent refuses the file (a download stops as soon as its size is known " +
+      "to be too large) and loads nothing. " + RELOADS,
     you: () => ["Choose a smaller model on the ", modelPageLink(),
       ", or restart the agent with a higher --max-model-bytes."],
   },
@@ -73,7 +80,7 @@ export const ISSUES = {
     title: (v) => `Model checksum mismatch: ${v.model_path}`,
     means: (v) => `The file's SHA-256 is ${v.actual}, not the ${v.expected} the desired ` +
       "state declares: it is not the file you meant, or it was altered.",
-    paddler: "The file is deleted and nothing is loaded. " + RELOADS,
+    paddler: "The downloaded file is deleted and nothing is loaded. " + RELOADS,
     you: () => ["Check the digest and the source on the ", modelPageLink(), "."],
   },
   HuggingFaceModelDoesNotExist: {
@@ -84,44 +91,28 @@ export const ISSUES = {
   },
   HuggingFacePermissions: {
     title: (v) => `No permission to download from Hugging Face: ${v.model_path}`,
-    means: "The repository is gated or private, or the organization name is mistyped " +
-      "(Hugging Face answers 401 then, not 404).",
+    means: "Hugging Face refused the download (401 or 403): the repository is gated and " +
+      "the agent's token has not been granted access, or it needs a token and the agent " +
+      "has none.",
     paddler: RELOADS,
     you: () => ["Check the name on the ", modelPageLink(),
       ", or give the agent a token (HF_TOKEN) that may read it."],
   },
-  HuggingFaceCannotAcquireLock: {
-    title: (v) => `Hugging Face cache is locked: ${v.model_path && (v.model_path.model_path || v.model_path)}`,
-    means: "Another process is downloading the same file into the cache.",
-    paddler: "The agent tries again later.",
-    you: () => "Usually nothing: it clears when the other download ends.",
-  },
   UnableToFindChatTemplate: {
     title: (v) => `No chat template: ${v.model_path}`,
-    means: "The model file carries no chat template, so conversations cannot be turned " +
-      "into a prompt (raw prompts still work).",
-    paddler: "The model is loaded; conversation requests fail with ChatTemplateError.",
+    means: "The model file carries no chat template and no override is in use (or the " +
+      "override in use is empty), so conversations cannot be turned into a prompt (raw " +
+      "prompts still work).",
+    paddler: "The model is loaded; conversation requests fail with 400 ChatTemplateError.",
     you: () => ["Give a chat template override on the ", modelPageLink(),
       " (the model's authors usually publish it)."],
   },
   ChatTemplateDoesNotCompile: {
     title: () => "Chat template does not compile",
     means: "The chat template (the model's, or the override) is not valid Jinja.",
-    paddler: "The model is loaded; conversation requests fail with ChatTemplateError.",
-    you: () => ["Fix the template override on the ", modelPageLink(), "."],
-    detail: (v) => v.error,
-  },
-  MultimodalProjectionCannotBeLoaded: {
-    title: (v) => `Multimodal projection cannot be loaded: ${v.model_path}`,
-    means: "The projector file of the desired state could not be loaded.",
-    paddler: RELOADS,
-    you: () => ["Check the projector on the ", modelPageLink(), "."],
-  },
-  SlotCannotStart: {
-    title: (v) => `Slot ${v.slot_index} cannot start`,
-    means: "One of the agent's slots failed to start.",
-    paddler: "The agent serves with the slots that started.",
-    you: () => "Check the agent's log.",
+    paddler: "The model is loaded; conversation requests fail with 400 ChatTemplateError.",
+    you: () => ["Fix the override on the ", modelPageLink(), ", or give one if the " +
+      "model's own template is the broken one."],
     detail: (v) => v.error,
   },
   EngineFailed: {
@@ -132,8 +123,10 @@ export const ISSUES = {
       ? "The agent reloads the model of the desired state and takes work again."
       : "It failed more than 3 times in a minute, so the agent stays down until a new " +
         "desired state arrives."),
-    you: () => ["Read the agent's log for the cause; save the ", modelPageLink(),
-      " to try again."],
+    you: (v) => (v.restarting
+      ? "Usually nothing; if it keeps failing, read the agent's log for the cause."
+      : ["Read the agent's log for the cause; saving the ", modelPageLink(),
+        " (even unchanged) starts the engine again."]),
     detail: (v) => v.error,
   },
 };
@@ -173,4 +166,27 @@ export function explainIssue(issue) {
       h("dt", {}, "What it means"), h("dd", {}, text(known.means, data)),
       h("dt", {}, "What paddler does"), h("dd", {}, text(known.paddler, data)),
       h("dt", {}, "What you can do"), h("dd", {}, text(known.you, data))));
+}
+
+/** What "stuck" means on the dashboard (not an issue an agent reports: the dashboard's
+ * own reading of an agent that shows no change; see ``agentState`` in dashboard.js). */
+export function explainStuck(afterMs) {
+  const seconds = Math.round(afterMs / 1000);
+  return h("li", { class: "issue", dataset: { kind: "stuck" } },
+    h("strong", {}, `Stuck: no change for ${seconds} s or more`),
+    h("dl", {},
+      h("dt", {}, "What it means"),
+      h("dd", {}, "The agent is not ready and is working toward a desired state that names " +
+        "a model (loading it, downloading it, or restarting its engine), but nothing it " +
+        `reports has changed (state, download progress, issues) for ${seconds} s or more, ` +
+        "as this page saw it. A download reports its progress as it goes; loading a large " +
+        "model from a slow disk can take longer than this without being stuck."),
+      h("dt", {}, "What paddler does"),
+      h("dd", {}, "Nothing more than it already did: the agent gets no requests until it is " +
+        "ready, and a download that stalls ends on its own (--model-stall-timeout) as a " +
+        "ModelDownloadFailed issue; loading a model has no time limit."),
+      h("dt", {}, "What you can do"),
+      h("dd", {}, "Read the agent's log and look at its host (disk, memory, network). If it " +
+        "really hangs, restart the agent: it registers again and applies the desired state " +
+        "from the start.")));
 }
