@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 from paddler.broker.settings import BrokerSettings
 from paddler.curve import PrivateKeys
-from paddler.errors import BrokerUnreachable, PaddlerError
+from paddler.errors import BrokerUnreachable, ConfigurationError, PaddlerError
 from paddler.http.admin.config import reachable_address
 from paddler.http.settings import CLUSTER_PANEL_ADDR, HttpSettings
 from paddler.lifetime import die_with_parent
@@ -161,6 +161,23 @@ def _curve_env(broker: BrokerSettings) -> dict[str, str]:
     return {env_name(name): value for name in names if (value := getattr(broker, name))}
 
 
+def refuse_own_keys(broker: BrokerSettings) -> None:
+    """``paddler cluster`` makes its own keys for its balancer, agents and control
+    client; keys of the operator's would leave its agents outside (they could not
+    join), so they are refused."""
+    for flag, value in (
+        ("--curve-secret-key", broker.curve_secret_key),
+        ("--authorized-agent-keys", broker.authorized_agent_keys),
+        ("--authorized-client-keys", broker.authorized_client_keys),
+    ):
+        if value:
+            raise ConfigurationError(
+                flag,
+                "paddler cluster turns CurveZMQ on with fresh keys of its own (its agents "
+                "get theirs); to use your own keys, run paddler balancer and paddler agent",
+            )
+
+
 def run_cluster(
     cluster: ClusterSettings, broker: BrokerSettings, http: HttpSettings, log_level: str
 ) -> int:
@@ -170,6 +187,7 @@ def run_cluster(
     requests), so restarting it in place could put back a model an operator has since
     changed; an outer supervisor (systemd, docker) restarts the whole command cleanly,
     as every child dies with this process (``paddler.lifetime``)."""
+    refuse_own_keys(broker)
     source, notice = model_source(cluster.model)
     http = with_panel(http)
     if notice:
@@ -178,9 +196,8 @@ def run_cluster(
     python = [sys.executable, "-m", "paddler"]
     children: list[Child] = []
     stop = threading.Event()
-    keys = ClusterKeys(cluster.agents) if broker.curve_secret_key is None else None
-    if keys is not None:
-        broker = dataclasses.replace(broker, **keys.broker_options())
+    keys = ClusterKeys(cluster.agents)
+    broker = dataclasses.replace(broker, **keys.broker_options())
 
     def handler(signum: int, frame: object) -> None:
         stop.set()
@@ -211,15 +228,13 @@ def run_cluster(
                     str(threads),
                     "--log-level",
                     log_level,
-                    *(keys.agent_flags(index) if keys is not None else []),
+                    *keys.agent_flags(index),
                     *_model_host_flags(source),
                 ],
             )
             children.append(agent)
             agent.start()
-        _apply_model(
-            broker.clients_addr, source, balancer, stop, keys.client_keys() if keys else None
-        )
+        _apply_model(broker.clients_addr, source, balancer, stop, keys.client_keys())
         if not stop.is_set():
             _announce(http, cluster)
         while not stop.is_set():
@@ -234,8 +249,7 @@ def run_cluster(
         return 0
     finally:
         _stop_all(children)
-        if keys is not None:
-            keys.close()
+        keys.close()
 
 
 RESTART_DELAY_S = 1.0

@@ -8,7 +8,10 @@ import sys
 import time
 
 import httpx
+import pytest
 
+from paddler.client import Client
+from paddler.errors import BrokerUnreachable
 from paddler.testing.cluster import free_port, wait_until
 from paddler.testing.processes import processes_with
 
@@ -16,6 +19,7 @@ from paddler.testing.processes import processes_with
 def test_paddler_cluster_serves_the_demo_model_and_stops_cleanly(tmp_path) -> None:
     inference, management, openai, panel = (f"127.0.0.1:{free_port()}" for _ in range(4))
     agents_addr = f"tcp://127.0.0.1:{free_port()}"
+    clients_addr = f"tcp://127.0.0.1:{free_port()}"
     env = dict(os.environ, PADDLER_CACHE_DIR=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
     log = open(tmp_path / "cluster.log", "wb")  # noqa: SIM115
     process = subprocess.Popen(
@@ -29,9 +33,9 @@ def test_paddler_cluster_serves_the_demo_model_and_stops_cleanly(tmp_path) -> No
             "--slots",
             "2",
             "--agents-addr",
-            f"tcp://127.0.0.1:{free_port()}",
+            agents_addr,
             "--clients-addr",
-            f"tcp://127.0.0.1:{free_port()}",
+            clients_addr,
             "--inference-addr",
             inference,
             "--management-addr",
@@ -60,6 +64,13 @@ def test_paddler_cluster_serves_the_demo_model_and_stops_cleanly(tmp_path) -> No
             )
 
         wait_until(ready, timeout_s=60, interval_s=0.2, what="two agents with the demo model")
+        # curve is on with fresh keys: each agent shows its own key, and a client
+        # without one cannot reach the broker
+        agents = httpx.get(f"http://{management}/api/v1/agents").json()["agents"]
+        fingerprints = {agent["key_fingerprint"] for agent in agents}
+        assert len(fingerprints) == 2 and None not in fingerprints
+        with pytest.raises(BrokerUnreachable):
+            Client(clients_addr, timeout_s=1.5)
         response = httpx.post(
             f"http://{inference}/api/v1/continue_from_conversation_history",
             json={"conversation_history": [{"role": "user", "content": "Hello!"}], "max_tokens": 8},
@@ -93,3 +104,25 @@ def test_paddler_cluster_serves_the_demo_model_and_stops_cleanly(tmp_path) -> No
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         log.close()
+
+
+def test_paddler_cluster_refuses_keys_of_its_own(tmp_path) -> None:
+    """It makes fresh keys for its balancer and agents: an operator's key would leave
+    its agents outside, so it says to run balancer and agent instead."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "paddler",
+            "cluster",
+            "--curve-secret-key",
+            str(tmp_path / "mine.key_secret"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--curve-secret-key" in result.stderr
+    assert "paddler balancer and paddler agent" in result.stderr
