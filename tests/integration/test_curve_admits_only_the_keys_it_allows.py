@@ -5,6 +5,7 @@ network without curve unless told to."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 import zmq
 import zmq.auth
 
+from paddler.client import AsyncClient
 from paddler.curve import fingerprint, generate, load_public
 from paddler.errors import BrokerUnreachable
 from paddler.protocol.codec import encode, unpack_body
@@ -65,8 +67,20 @@ def test_only_allowed_agents_register_and_show_their_key(make_cluster, keys) -> 
     cluster.start_agent("stranger", **_agent_keys(keys, "stranger"))
     cluster.start_agent("plain")  # no curve at all
     wait_until(lambda: "allowed" in _names(cluster), what="the allowed agent registers")
-    time.sleep(2.0)  # the others retry registering every second
-    assert _names(cluster) == {"allowed"}
+    context = zmq.Context()
+    stranger = _dealer(context, keys, "stranger", b"raw-stranger")  # a key not listed
+    stranger.connect(cluster.agents_addr)
+    try:
+        stranger.send_multipart(_register_frames("raw-stranger"))
+        time.sleep(2.0)  # the others retry registering every second
+        assert _names(cluster) == {"allowed"}
+        client = cluster.client(**_agent_keys(keys, "client"))
+        for _ in range(3):  # every prompt goes to the allowed agent, none to a stranger
+            assert client.continue_from_raw_prompt("secret prompt", max_tokens=3).text()
+        assert not stranger.poll(500), "an agent without an allowed key received a frame"
+    finally:
+        stranger.close()
+        context.term()
     (agent,) = httpx.get(f"{cluster.management_url}/api/v1/agents").json()["agents"]
     assert agent["key_fingerprint"] == fingerprint(load_public(keys["agent"][0], "agent"))
 
@@ -89,6 +103,51 @@ def test_only_allowed_clients_can_submit(make_cluster, keys) -> None:
     for options in ({}, _agent_keys(keys, "stranger")):
         with pytest.raises(BrokerUnreachable):
             cluster.client(timeout_s=1.5, **options)
+    # a stranger's frames, sent without a client library, change nothing either
+    before = client.desired_state()
+    context = zmq.Context()
+    stranger = _dealer(context, keys, "stranger", b"stranger-client")
+    stranger.connect(cluster.clients_addr)
+    try:
+        state = {"model": {"LocalToAgent": "/etc/passwd"}}
+        stranger.send_multipart(encode(Kind.PUT_DESIRED_STATE, 1, {"state": state}))
+        stranger.send_multipart(encode(Kind.SUBMIT, 2, {"raw_prompt": "x", "max_tokens": 2}))
+        assert not stranger.poll(1500), "the stranger got an answer"
+    finally:
+        stranger.close()
+        context.term()
+    assert client.desired_state() == before
+
+
+def test_the_async_client_takes_its_keys_and_a_client_key_added_works_at_once(
+    make_cluster, keys
+) -> None:
+    cluster = _curve_cluster(make_cluster, keys)
+    cluster.start_agent("allowed", **_agent_keys(keys, "agent"))
+    cluster.wait_for_agents(cluster.client(**_agent_keys(keys, "client")), 1)
+
+    async def served(name: str) -> str:
+        client = await AsyncClient.connect(
+            cluster.clients_addr, timeout_s=1.5, **_agent_keys(keys, name)
+        )
+        try:
+            stream = await client.continue_from_raw_prompt("hi", max_tokens=3)
+            return await stream.text()
+        finally:
+            await client.close()
+
+    assert asyncio.run(served("client"))
+    with pytest.raises(BrokerUnreachable):
+        asyncio.run(served("late"))
+    shutil.copy(keys["late"][0], keys["clients"])
+    wait_until(lambda: _connects(served, "late"), timeout_s=15, what="the late key works")
+
+
+def _connects(served: Any, name: str) -> bool:
+    try:
+        return bool(asyncio.run(served(name)))
+    except BrokerUnreachable:
+        return False
 
 
 def test_an_identity_in_use_cannot_be_taken_over(make_cluster) -> None:
