@@ -65,9 +65,11 @@ cdef class Registry:
     @cython.locals(held=dict, holders=dict, counts=dict, left=Py_ssize_t)
     cpdef hold(self, bytes agent_id, Py_ssize_t slot, list fingerprints)
 
+    @cython.locals(agents=dict, agent=_Agent, holder=_Agent, pick=_Agent)
+    cdef _Agent _pick_holder(self, dict counts, object best, Py_ssize_t bound)
+
     @cython.locals(holders=dict, bound=Py_ssize_t, low=Py_ssize_t, high=Py_ssize_t,
-                   middle=Py_ssize_t, depth=Py_ssize_t, tries=Py_ssize_t, agent=_Agent,
-                   counts=dict)
+                   middle=Py_ssize_t, pick=_Agent, found=_Agent)
     cpdef tuple choose_prefix(self, list fingerprints, Py_ssize_t slack)
 
     cpdef tuple choose_prefix_and_acquire(self, list fingerprints, Py_ssize_t slack)

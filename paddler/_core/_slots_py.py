@@ -18,11 +18,6 @@ except ImportError:  # pragma: no cover
     COMPILED = False
 
 
-PREFIX_STEPS_DOWN = 8
-"""How many shallower prefixes ``choose_prefix`` tries when no holder of the
-deepest match may take the request."""
-
-
 class SlotError(Exception):
     """A slot operation that would break the bookkeeping (oversubscribe, release twice)."""
 
@@ -303,6 +298,28 @@ class Registry:
         """Fingerprints held, counted once per slot (the index's size)."""
         return sum(len(chain) for slots in self._held.values() for chain in slots.values())
 
+    def _pick_holder(
+        self, counts: dict[bytes, int] | None, best: bytes, bound: int
+    ) -> _Agent | None:
+        """Among the agents in ``counts`` (the holders of one fingerprint) with a free
+        slot and at most ``bound`` requests in flight, the one ``choose`` would take;
+        ``None`` if there is none. ``best`` is the ``choose`` agent: when it holds the
+        fingerprint it is the pick at once, with no scan of the holders."""
+        if counts is None:
+            return None
+        agents = self._agents
+        if best in counts:
+            agent: _Agent = agents[best]
+            return agent
+        pick: _Agent | None = None
+        for agent_id in counts:
+            holder: _Agent | None = agents.get(agent_id)
+            if holder is None or holder.index < 0 or holder.in_flight > bound:
+                continue
+            if pick is None or _goes_first(holder, pick):
+                pick = holder
+        return pick
+
     def choose_prefix(self, fingerprints: list[int], slack: int) -> tuple[bytes | None, int]:
         """The agent for a request whose prompt has the chain ``fingerprints``, and
         how deep its prefix matched there (0: no match, the ``choose`` agent).
@@ -310,12 +327,18 @@ class Registry:
         Among agents with a free slot whose requests in flight are at most ``slack``
         more than the least loaded one's, the one holding the deepest prefix (ties:
         as ``choose``). The bound keeps one hot prefix from piling every request on
-        one agent while others idle. The deepest fingerprint held anywhere is found
-        by binary search (a holder of a chain's fingerprint holds those before it),
-        then at most ``PREFIX_STEPS_DOWN`` shallower ones are tried when no holder
-        of it is eligible, and last the shallowest (a conversation's system prompt).
-        When the least loaded agent holds a depth, it is the pick at once: a prefix
-        every agent holds costs no scan of them all."""
+        one agent while others idle.
+
+        A holder of a chain's fingerprint holds every one before it, so "some agent
+        holds depth ``d``" and "some agent within the bound holds depth ``d``" are
+        both true up to a depth and false past it: each is found by binary search.
+        First the deepest depth held anywhere (a dict lookup per step); its holders
+        are scanned, and when one is within the bound (the common case) it is the
+        pick. Otherwise the deepest depth held within the bound lies below, and a
+        second binary search finds it, scanning the holders of at most
+        log2(depth) + 1 fingerprints. When the least loaded agent holds a depth, it
+        is the pick there at once: a prefix every agent holds costs no scan of them
+        all."""
         best = self.choose()
         if best is None or not fingerprints or not self._holders:
             return best, 0
@@ -328,24 +351,26 @@ class Registry:
                 low = middle
             else:
                 high = middle - 1
-        depth = low
-        tries = 0
-        while depth > 0:
-            counts = holders.get(fingerprints[depth - 1])
-            if counts is not None and best in counts:
-                return best, depth
-            pick: _Agent | None = None
-            for agent_id in counts or ():
-                agent = self._agents.get(agent_id)
-                if agent is None or agent.index < 0 or agent.in_flight > bound:
-                    continue
-                if pick is None or _goes_first(agent, pick):
-                    pick = agent
-            if pick is not None:
-                return pick.agent_id, depth
-            tries += 1
-            depth = depth - 1 if tries < PREFIX_STEPS_DOWN else min(depth - 1, 1)
-        return best, 0
+        if low == 0:
+            return best, 0
+        pick = self._pick_holder(holders.get(fingerprints[low - 1]), best, bound)
+        if pick is not None:
+            return pick.agent_id, low
+        # No holder of the deepest match is within the bound: the deepest depth held
+        # within it is shallower. Search [0, that depth - 1]; ``low`` only ever moves
+        # to a depth whose pick is found, and ``pick`` is always the pick of ``low``.
+        low, high = 0, low - 1
+        while low < high:
+            middle = (low + high + 1) // 2
+            found = self._pick_holder(holders.get(fingerprints[middle - 1]), best, bound)
+            if found is not None:
+                low = middle
+                pick = found
+            else:
+                high = middle - 1
+        if pick is None:  # low is 0: no depth is held within the bound
+            return best, 0
+        return pick.agent_id, low
 
     def choose_prefix_and_acquire(
         self, fingerprints: list[int], slack: int

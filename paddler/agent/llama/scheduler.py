@@ -335,11 +335,15 @@ class LlamaEngine(ModelSwap):
         """Free a slot and its sampler chain. Its KV cells stay for a later prompt
         that starts the same way, unless ``keep`` is false (cells in doubt, or wanted
         back); ``answered``: the request ended with its whole answer, which the cells
-        hold too (for the fingerprints). Never raises: a failure is logged, and cells
-        that could not be freed are freed before the slot is reused."""
+        hold too (for the fingerprints). A request that ended before its prompt was
+        all prefilled (cancelled, failed) leaves cells holding only part of it: the
+        slot reports that it holds nothing (the kept tokens still serve the agent's
+        own reuse), so the balancer sends no request here for a prefix it lacks.
+        Never raises: a failure is logged, and cells that could not be freed are
+        freed before the slot is reused."""
         self._by_request.pop(slot.request_id, None)
         slot.last_used = self.decode_steps
-        if keep and slot.request is not None:
+        if keep and slot.request is not None and slot.prefilled >= len(slot.prompt):
             try:
                 answer = "".join(slot.answer) if answered else None
                 self._held[slot.seq_id] = held_fingerprints(slot.request, answer)
