@@ -81,14 +81,15 @@ def fingerprint(public: bytes | str) -> str:
 
 class KeyFolder:
     """The public keys of one allow-list folder (plus any given in memory), read
-    again when the folder's modification time changes: called by the authenticator
-    thread for every handshake, which is rare, so a ``stat`` each time is cheap."""
+    again when the folder or one of its ``.key`` files changes: called by the
+    authenticator thread for every handshake, which is rare, so listing the folder
+    each time is cheap."""
 
     def __init__(self, folder: Path | None, extra: Iterable[bytes] = ()) -> None:
         self.folder = folder
         self.extra = set(extra)
         self._keys: set[bytes] = set()
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[Any, ...] | None = None
         self._lock = threading.Lock()
         self._reload()
 
@@ -100,13 +101,21 @@ class KeyFolder:
         except OSError:
             self._keys = set()
             return
-        stamp = (stat.st_mtime_ns, stat.st_ino)
+        try:
+            files = sorted(p for p in self.folder.iterdir() if p.suffix == ".key" and p.is_file())
+            # a key file rewritten in place changes no folder time: its own counts too
+            stamp: tuple[Any, ...] = (
+                stat.st_mtime_ns,
+                stat.st_ino,
+                tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files),
+            )
+        except OSError:
+            self._keys = set()
+            return
         if stamp == self._stamp:
             return
         keys = set()
-        for path in sorted(self.folder.iterdir()):
-            if path.suffix != ".key" or not path.is_file():
-                continue
+        for path in files:
             try:
                 public, _ = zmq.auth.load_certificate(path)
             except (OSError, ValueError) as exc:
