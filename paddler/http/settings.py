@@ -20,7 +20,9 @@ CLUSTER_PANEL_ADDR = "127.0.0.1:8062"
 
 
 def default_http_workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
+    """Cores, at most 4, and at least 2: one of them serves only management, so an
+    inference flood cannot starve the agents list or ``/metrics``, even on one core."""
+    return max(2, min(4, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class HttpSettings:
     http_workers: int = field(
         default_factory=default_http_workers,
         metadata=option(
-            "gunicorn worker processes serving HTTP (default: cores, at most 4).", minimum=1
+            "gunicorn worker processes serving HTTP (default: cores, from 2 to 4).", minimum=1
         ),
     )
     max_request_body_bytes: int = field(
