@@ -61,6 +61,10 @@ CHAT_ROLES = {
 MESSAGE_EXTRAS = ("name", "tool_calls", "tool_call_id")
 """Message fields passed to the chat template as they are."""
 
+EFFORT_BUDGETS = {"minimal": 128, "low": 512, "medium": 2048}
+"""Reasoning tokens each ``reasoning_effort`` level allows (``high``: as many as the
+model writes, within ``max_tokens``)."""
+
 SEED_MASK = 0xFFFFFFFF
 """OpenAI takes any 64-bit seed; llama.cpp's is 32 bits."""
 
@@ -453,8 +457,9 @@ class ChatCompletionBody(SamplingBody):
         ]
         | None
     ) = None
-    """``none`` turns thinking off; any other level turns it on (a level is not a
-    budget here: the model reasons as long as it does)."""
+    """``none`` turns thinking off; the other levels turn it on with a reasoning
+    budget (``EFFORT_BUDGETS``): the agent closes the reasoning block after that many
+    tokens and the model answers."""
     logprobs: Flag | None = None
     top_logprobs: TopLogprobs | None = None
     functions: RefusedTools = None
@@ -518,6 +523,9 @@ class ChatCompletionBody(SamplingBody):
         request["enable_thinking"] = (
             thinking if thinking is not None else self.reasoning_effort != "none"
         )
+        budget = EFFORT_BUDGETS.get(effort) if effort is not None else None
+        if request["enable_thinking"] and budget is not None:
+            request["reasoning_budget"] = budget
         grammar = grammar_of(self.response_format)
         if grammar is not None:
             request["grammar"] = grammar
