@@ -217,6 +217,17 @@ class DesiredState(Shape):
     ] = None
     use_chat_template_override: Annotated[bool, Says("must be true or false")] = False
 
+    @field_validator("multimodal_projection")
+    @classmethod
+    def _text_only(cls, source: Any) -> Any:
+        if source != "None":
+            raise PydanticCustomError(
+                "multimodal",
+                "is not supported: the agents serve text-only models (image input is "
+                'refused with a 400); leave it "None"',
+            )
+        return source
+
     @field_validator("use_chat_template_override")
     @classmethod
     def _override_given(cls, use: bool, info: ValidationInfo) -> bool:

@@ -308,3 +308,16 @@ def test_the_openapi_document_declares_x_api_key_on_the_models_routes(keyed) -> 
     for path in ("/v1/models", "/v1/models/{model}"):
         assert paths[path]["get"]["security"] == [{"bearer": []}, {"x-api-key": []}]
     assert paths["/v1/chat/completions"]["post"]["security"] == [{"bearer": []}]
+
+
+def test_a_multimodal_projector_in_the_desired_state_is_refused_by_name() -> None:
+    from paddler.errors import ConfigurationError
+    from paddler.protocol.desired_state import validate_desired_state
+
+    assert validate_desired_state({"multimodal_projection": None})["multimodal_projection"] == (
+        "None"
+    )
+    with pytest.raises(ConfigurationError) as refused:
+        validate_desired_state({"multimodal_projection": {"LocalToAgent": "/m/mmproj.gguf"}})
+    assert refused.value.field == "multimodal_projection"
+    assert "text-only" in str(refused.value)

@@ -169,7 +169,6 @@ export function mountModel(root) {
 
 function build(root, state, parameters, agents) {
   const model = sourceEditor("model", state.model);
-  const projection = sourceEditor("multimodal_projection", state.multimodal_projection);
   const override = state.chat_template_override;
   const ownTemplate = h("input", { type: "radio", name: "template", value: "own",
     checked: !state.use_chat_template_override });
@@ -206,8 +205,9 @@ function build(root, state, parameters, agents) {
   const form = h("form", { class: "model-form", novalidate: true },
     h("section", { class: "card" }, h("h2", {}, "Model"), model.element),
     h("section", { class: "card" }, h("h2", {}, "Multimodal projector"),
-      h("p", { class: "muted" }, "For models that take images: the mmproj file that goes with the model."),
-      projection.element),
+      h("p", { class: "muted", "data-test": "no-projector" },
+        "Not supported: the agents serve text-only models (requests with images get a 400)."),
+      h("p", { class: "field-error", "data-error-for": "multimodal_projection", hidden: true })),
     h("section", { class: "card" }, h("h2", {}, "Chat template"),
       h("div", { class: "field" },
         h("label", { class: "radio" }, ownTemplate, " The model's own chat template"),
@@ -258,7 +258,7 @@ function build(root, state, parameters, agents) {
     clearErrors();
     const desired = {
       model: model.value(),
-      multimodal_projection: projection.value(),
+      multimodal_projection: "None",
       inference_parameters: Object.fromEntries(Object.entries(inputs)
         .map(([name, [schema, input]]) => [name, parameterValue(schema, input)])),
       chat_template_override: area.value ? { content: area.value } : null,
