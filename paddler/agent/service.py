@@ -37,7 +37,13 @@ from paddler.protocol.codec import (
     unpack_body,
 )
 from paddler.protocol.kinds import PROTOCOL_VERSION, Kind
-from paddler.protocol.messages import AgentStatus, ErrorBody, body_value
+from paddler.protocol.messages import (
+    AgentQuery,
+    AgentStatus,
+    DesiredStateBody,
+    ErrorBody,
+    Registered,
+)
 
 log = logging.getLogger("paddler.agent")
 
@@ -189,11 +195,10 @@ class AgentService:
             elif kind == Kind.HEARTBEAT:
                 pass
             elif kind == Kind.AGENT_QUERY:
-                body_value(unpack_body(frames[1]), "what", (str,), "AgentQuery")
+                AgentQuery.from_body(unpack_body(frames[1]))
                 self.pipe.send_multipart(frames)
             elif kind == Kind.REGISTERED:
-                body = unpack_body(frames[1])
-                interval_ms = body_value(body, "heartbeat_interval_ms", (int,), "Registered")
+                interval_ms = Registered.from_body(unpack_body(frames[1])).heartbeat_interval_ms
                 self.heartbeat_s = max(0.05, interval_ms / 1000.0)
                 self.registered = True
                 log.info("registered with the balancer at %s", self.settings.broker_addr)
@@ -201,7 +206,7 @@ class AgentService:
                     held = [[slot, packed] for slot, packed in sorted(self.held.items())]
                     self._send(encode(Kind.SLOT_PREFIXES, 0, {"held": held}))
             elif kind == Kind.DESIRED_STATE:
-                body_value(unpack_body(frames[1]), "state", (dict, type(None)), "DesiredState")
+                DesiredStateBody.from_body(unpack_body(frames[1]))
                 self.pipe.send_multipart(frames)
             elif kind == Kind.REREGISTER:
                 log.info("the balancer does not know this agent (restarted?); registering again")

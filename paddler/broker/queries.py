@@ -15,7 +15,14 @@ from paddler.errors import ConfigurationError, ProtocolError
 from paddler.protocol.codec import HEADER, encode, unpack_body
 from paddler.protocol.desired_state import validate_desired_state
 from paddler.protocol.kinds import PROTOCOL_VERSION, Kind
-from paddler.protocol.messages import body_value
+from paddler.protocol.messages import (
+    DeleteResponse,
+    GetAgentInfo,
+    GetResponse,
+    Ping,
+    PutDesiredState,
+    PutResponse,
+)
 
 if TYPE_CHECKING:
     from paddler.broker.state import Broker
@@ -26,7 +33,11 @@ AGENT_QUERY_TIMEOUT_S = 5.0
 """How long an agent may take to answer a question about itself."""
 
 
-_STORED_RESPONSE_KINDS = (Kind.PUT_RESPONSE, Kind.GET_RESPONSE, Kind.DELETE_RESPONSE)
+_STORED_RESPONSE_BODIES: dict[int, type[PutResponse | GetResponse | DeleteResponse]] = {
+    Kind.PUT_RESPONSE: PutResponse,
+    Kind.GET_RESPONSE: GetResponse,
+    Kind.DELETE_RESPONSE: DeleteResponse,
+}
 
 
 class ClientQueries:
@@ -43,7 +54,7 @@ class ClientQueries:
         ``ProtocolError`` for a malformed body."""
         broker = self.broker
         if kind == Kind.PING:
-            version = body_value(unpack_body(body), "version", (int,), "Ping")
+            version = Ping.from_body(unpack_body(body)).version
             if version != PROTOCOL_VERSION:
                 self._reply(
                     identity,
@@ -91,7 +102,7 @@ class ClientQueries:
                 ),
             )
         elif kind == Kind.PUT_DESIRED_STATE:
-            raw = body_value(unpack_body(body), "state", (dict,), "PutDesiredState")
+            raw = PutDesiredState.from_body(unpack_body(body)).state
             try:
                 broker.put_desired_state(raw)
             except ConfigurationError as exc:
@@ -100,7 +111,7 @@ class ClientQueries:
                 )
             else:
                 self._reply(identity, encode(Kind.ACK, request_id, {}))
-        elif kind in _STORED_RESPONSE_KINDS:
+        elif kind in _STORED_RESPONSE_BODIES:
             self._stored_response(identity, kind, request_id, unpack_body(body))
         else:
             return False
@@ -111,20 +122,17 @@ class ClientQueries:
         one short statement on the broker's loop. A response too large is a 413, an
         unknown id a 404, a put whose ``expected`` body is no longer the kept one a 409,
         a failing database a 503; none of them stops the broker."""
-        where = Kind(kind).name
-        response_id = body_value(body, "id", (str,), where)
+        message = _STORED_RESPONSE_BODIES[kind].from_body(body)
+        response_id = message.id
         if not 0 < len(response_id) <= MAX_RESPONSE_ID:
-            raise ProtocolError(f"{where}: id must be 1 to {MAX_RESPONSE_ID} characters")
+            raise ProtocolError(f"{message.NAME}: id must be 1 to {MAX_RESPONSE_ID} characters")
         store = self.broker.responses
         unknown = error_frames(
             request_id, 404, "UnknownResponse", f"no stored response {response_id!r}"
         )
         try:
-            if kind == Kind.PUT_RESPONSE:
-                expected = body.get("expected")
-                if expected is not None and not isinstance(expected, bytes):
-                    raise ProtocolError(f"{where}: expected must be bytes")
-                store.put(response_id, body_value(body, "body", (bytes,), where), expected)
+            if isinstance(message, PutResponse):
+                store.put(response_id, message.body, message.expected)
                 reply = encode(Kind.ACK, request_id, {})
             elif kind == Kind.GET_RESPONSE:
                 found = store.get(response_id)
@@ -149,8 +157,8 @@ class ClientQueries:
 
     def _ask_agent(self, client: bytes, client_request_id: int, body: Any, now: float) -> None:
         """Ask an agent about itself (model metadata, chat template override)."""
-        agent_id = body_value(body, "agent_id", (str,), "GetAgentInfo")
-        what = body_value(body, "what", (str,), "GetAgentInfo")
+        question = GetAgentInfo.from_body(body)
+        agent_id, what = question.agent_id, question.what
         identity = next((i for i, a in self.broker.agents.items() if a.agent_id == agent_id), None)
         if identity is None:
             self._reply(

@@ -8,7 +8,7 @@ from typing import Any
 from paddler.errors import ProtocolError, RequestFailed
 from paddler.protocol.codec import unpack_body
 from paddler.protocol.kinds import Kind
-from paddler.protocol.messages import ErrorBody, Usage, body_value, token_pieces
+from paddler.protocol.messages import DispatchedBody, DoneBody, ErrorBody, Usage, token_pieces
 from paddler.protocol.tool_calls import ToolCallOutcome
 
 
@@ -114,11 +114,8 @@ def decode_event(kind: int, body: bytes) -> Event:
             return ToolCallText(token_pieces(unpack_body(body)))
         value: Any = unpack_body(body)
         if kind == Kind.DONE:
-            usage = Usage.from_body(body_value(value, "usage", (dict,), "Done"))
-            stop = value.get("stop_sequence")
-            if stop is not None and not isinstance(stop, str):
-                raise ProtocolError("Done: stop_sequence must be a string")
-            return Done(usage, stop)
+            done = DoneBody.from_body(value)
+            return Done(Usage.from_body(done.usage), done.stop_sequence)
         if kind == Kind.ERROR:
             error = ErrorBody.from_body(value)
             return Failed(error.code, error.kind, error.description)
@@ -133,11 +130,8 @@ def decode_event(kind: int, body: bytes) -> Event:
                 raise ProtocolError("Embedding: body must be a map with one variant")
             return Embedding(value)
         if kind == Kind.DISPATCHED:
-            return Dispatched(
-                body_value(value, "agent_id", (str,), "Dispatched"),
-                body_value(value, "agent_name", (str, type(None)), "Dispatched"),
-                body_value(value, "queued_ms", (int,), "Dispatched"),
-            )
+            dispatched = DispatchedBody.from_body(value)
+            return Dispatched(dispatched.agent_id, dispatched.agent_name, dispatched.queued_ms)
     except ProtocolError as exc:
         return Failed(502, "ProtocolError", f"malformed frame from the balancer: {exc}")
     return Failed(502, "ProtocolError", f"unexpected message kind {kind} in a stream")

@@ -7,6 +7,11 @@ pydantic in strict mode (``true`` is not ``1``) and raises ``ProtocolError``
 naming the record and the field. Extra keys are ignored so a newer peer of the
 same version can add optional data. Records built by paddler itself are trusted
 and not validated again.
+
+A record's ``NAME`` is the message name its errors use (``Ping: missing field
+'version'``); it is the class name unless the class states another, for the bodies
+whose message name is taken by another public class (the client's ``Done`` event
+is ``paddler.client.events.Done``; its body here is ``DoneBody``, named ``Done``).
 """
 
 from __future__ import annotations
@@ -44,26 +49,13 @@ def _runtime_types(annotation: Any) -> tuple[type, ...]:
     return (annotation,)
 
 
-def check_field(body: dict[str, Any], name: str, types: tuple[type, ...], where: str) -> Any:
-    """The value of ``body[name]`` if it has one of ``types`` (bool is never an int).
-
-    For the messages that carry one or two loose values (``Ping``, ``Cancel``...)."""
-    if name not in body:
-        raise ProtocolError(f"{where}: missing field {name!r}")
-    value = body[name]
-    if isinstance(value, bool) and bool not in types:
-        raise ProtocolError(f"{where}.{name}: expected {_type_name(types)}, got bool")
-    if not isinstance(value, types):
-        raise ProtocolError(
-            f"{where}.{name}: expected {_type_name(types)}, got {type(value).__name__}"
-        )
-    return value
-
-
 class Record:
     """Base of message records (dataclasses). ``SPEC`` (field -> runtime types) is
     derived from the annotations when a subclass is defined."""
 
+    NAME: ClassVar[str] = "Record"
+    """The message name errors use; set to the class name by ``@record()`` unless
+    the class body states it."""
     SPEC: ClassVar[dict[str, tuple[type, ...]]] = {}
     BODY: ClassVar[type[BaseModel]]
     """The pydantic model of the body, derived from the dataclass fields."""
@@ -99,7 +91,7 @@ class Record:
 
     @classmethod
     def from_body(cls: type[T], body: Any) -> T:
-        where = cls.__name__
+        where = cls.NAME
         if not isinstance(body, dict):
             raise ProtocolError(f"{where}: body must be a map, got {type(body).__name__}")
         try:
@@ -112,7 +104,7 @@ class Record:
 def _problem(record: type[Record], exc: ValidationError) -> str:
     """``AgentStatus.slots_total: expected int, got bool`` for the first error."""
     error = exc.errors(include_url=False)[0]
-    where = record.__name__
+    where = record.NAME
     loc = error["loc"]
     name = str(loc[0]) if loc else ""
     if error["type"] == "missing":
@@ -128,10 +120,13 @@ def _problem(record: type[Record], exc: ValidationError) -> str:
 def record(
     *, frozen: bool = False, slots: bool = False, kw_only: bool = False
 ) -> Callable[[type[T]], type[T]]:
-    """Make a ``Record`` subclass a dataclass and derive its ``SPEC``."""
+    """Make a ``Record`` subclass a dataclass and derive its ``SPEC`` (and its
+    ``NAME``, the class name, unless the class states one)."""
 
     def make(cls: type[T]) -> type[T]:
         made = dataclass(frozen=frozen, slots=slots, kw_only=kw_only)(cls)
+        if "NAME" not in cls.__dict__:
+            made.NAME = cls.__name__
         made.SPEC = made.spec()  # the pydantic model of the body is built on first use
         return made
 
@@ -221,11 +216,90 @@ class AgentSnapshot(AgentStatus):
         return (self.name or "", self.id)
 
 
-def body_value(body: Any, name: str, types: tuple[type, ...], where: str) -> Any:
-    """One field of a map body, for the messages that carry a single value."""
-    if not isinstance(body, dict):
-        raise ProtocolError(f"{where}: body must be a map, got {type(body).__name__}")
-    return check_field(body, name, types, where)
+# ------------------------------------------------ a client's questions to the broker
+
+
+@record()
+class Ping(Record):
+    version: int
+    """The protocol version the client speaks."""
+
+
+@record()
+class PutDesiredState(Record):
+    state: dict[Any, Any]
+    """Checked by ``paddler.protocol.desired_state.validate_desired_state``."""
+
+
+@record()
+class GetAgentInfo(Record):
+    agent_id: str
+    what: str
+    """What to ask the agent about itself (forwarded as ``AgentQuery``)."""
+
+
+@record()
+class PutResponse(Record):
+    """Keep ``body`` as the stored response ``id``; with ``expected``, only in place
+    of that body. (The broker bounds the id's length.)"""
+
+    NAME: ClassVar[str] = "PUT_RESPONSE"
+    id: str
+    body: bytes
+    expected: bytes | None = None
+
+
+@record()
+class GetResponse(Record):
+    NAME: ClassVar[str] = "GET_RESPONSE"
+    id: str
+
+
+@record()
+class DeleteResponse(Record):
+    NAME: ClassVar[str] = "DELETE_RESPONSE"
+    id: str
+
+
+# ------------------------------------------------------ the broker's stream frames
+
+
+@record()
+class DispatchedBody(Record):
+    """The body of ``DISPATCHED`` (the client's event: ``paddler.client.events.Dispatched``)."""
+
+    NAME: ClassVar[str] = "Dispatched"
+    agent_id: str
+    agent_name: str | None
+    queued_ms: int
+
+
+@record()
+class DoneBody(Record):
+    """The body of ``DONE`` (the client's event: ``paddler.client.events.Done``);
+    ``usage`` is a ``Usage`` body, read with ``Usage.from_body``."""
+
+    NAME: ClassVar[str] = "Done"
+    usage: dict[Any, Any]
+    stop_sequence: str | None = None
+    """The stop string (one of the request's ``stop``) that ended the answer, if one did."""
+
+
+# --------------------------------------------------------- the broker to an agent
+
+
+@record()
+class AgentQuery(Record):
+    what: str
+
+
+@record()
+class DesiredStateBody(Record):
+    """The body of ``DESIRED_STATE`` (the state's own model is
+    ``paddler.protocol.desired_state.DesiredState``); ``None`` before one is set."""
+
+    NAME: ClassVar[str] = "DesiredState"
+    state: dict[Any, Any] | None
 
 
 def token_pieces(body: Any) -> list[str]:

@@ -38,7 +38,6 @@ from paddler.protocol.messages import (
     Register,
     Registered,
     Usage,
-    body_value,
     token_pieces,
 )
 from paddler.protocol.requests import (
@@ -525,22 +524,6 @@ def test_record_from_anything_raises_only_protocol_error(
             value = getattr(result, name)
             assert isinstance(value, types)
             assert bool in types or not isinstance(value, bool)
-
-
-def test_body_value() -> None:
-    assert body_value({"agent_id": "a", "x": 1}, "agent_id", (str,), "Cancel") == "a"
-    with pytest.raises(ProtocolError) as exc_info:
-        body_value({"agent_id": 1}, "agent_id", (str,), "Cancel")
-    assert_names(exc_info, "Cancel.agent_id")
-    with pytest.raises(ProtocolError) as exc_info:
-        body_value({}, "agent_id", (str,), "Cancel")
-    assert_names(exc_info, "Cancel", "agent_id")
-    with pytest.raises(ProtocolError) as exc_info:
-        body_value({"n": True}, "n", (int,), "Put")
-    assert_names(exc_info, "Put.n", "bool")
-    with pytest.raises(ProtocolError) as exc_info:
-        body_value(["agent_id"], "agent_id", (str,), "Cancel")
-    assert_names(exc_info, "Cancel", "map")
 
 
 def test_token_pieces() -> None:
