@@ -1,5 +1,6 @@
 """With curve, the broker binds a registered agent's id to the key it authenticated
-with: the same id registering with another key is refused, the agent stays."""
+with: the same id registering with another key is refused (and the agent whose id it
+claims is gone: see ``test_an_agent_is_its_key_on_every_message``)."""
 
 from __future__ import annotations
 
@@ -20,16 +21,22 @@ def _register(broker: Broker, key: bytes | None) -> list[tuple[int, dict]]:
     return [decode(frames)[::2] for _, _, frames in broker.outbox]
 
 
-def test_the_same_id_with_another_key_is_refused_and_the_agent_stays() -> None:
+def test_the_same_id_with_another_key_is_refused_and_the_agent_it_claims_is_gone() -> None:
+    """libzmq keeps one connection per id: a message under the agent's id with another
+    key means the agent's own connection is gone, so the agent is removed (nothing is
+    sent to that id for it any more) and the registration is refused."""
     broker = Broker(BrokerSettings())
     assert (Kind.REGISTERED, {"agent_id": "box-1-id", "heartbeat_interval_ms": 1000}) in (
         _register(broker, KEY_A)
     )
+    (snapshot,) = broker.agent_snapshots()
+    assert snapshot.key_fingerprint == fingerprint(KEY_A)
     replies = _register(broker, KEY_B)
     assert [kind for kind, _ in replies] == [Kind.ERROR]
     assert replies[0][1]["kind"] == "IdentityInUse"
-    (snapshot,) = broker.agent_snapshots()
-    assert snapshot.key_fingerprint == fingerprint(KEY_A)
+    assert broker.agent_snapshots() == []
+    # its own key gets it back
+    assert Kind.REGISTERED in [kind for kind, _ in _register(broker, KEY_A)]
 
 
 def test_the_same_key_may_register_again() -> None:
