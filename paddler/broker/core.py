@@ -72,6 +72,9 @@ class BrokerCore:
         self._last_heartbeat_sent = 0.0
         self._last_tick: float | None = None
         self._reregister_asked: dict[bytes, float] = {}
+        self.trusted_clients: frozenset[bytes] = frozenset()
+        """With curve: the keys of the balancer's own HTTP workers, whose requests were
+        validated where they entered (``Broker._on_submit``)."""
         self._id_keys: dict[bytes, bytes] = {}
         """With curve: agent ids and the key each registered with (``AgentSide``)."""
         """Unknown peers told to register again, and when (once per interval each)."""

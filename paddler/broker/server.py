@@ -28,6 +28,7 @@ from paddler.curve import (
 )
 from paddler.errors import ConfigurationError
 from paddler.protocol.codec import MAX_BODY_BYTES, batched, is_batch
+from paddler.protocol.kinds import Kind
 
 log = logging.getLogger("paddler.broker")
 
@@ -46,6 +47,7 @@ FAULTS_LOGGED_PER_HANDLER = 5
 """Handler failures (bugs) logged with their traceback per handler and minute; the
 rest are counted and summed up in one line a minute."""
 FAULT_LOG_WINDOW_S = 60.0
+SUBMIT_KIND = bytes([Kind.SUBMIT])
 
 
 ZMQ_HEARTBEAT_IVL_MS = 1000
@@ -138,6 +140,8 @@ class BrokerServer:
         self.context = zmq.Context()
         self.curve = curve_server(settings, self.context, extra_client_keys)
         self.broker = broker if broker is not None else Broker(settings)
+        if self.curve is not None:  # the workers' key: requests validated where they entered
+            self.broker.trusted_clients = frozenset(extra_client_keys)
         self.agents = self.context.socket(zmq.ROUTER)
         self.clients = self.context.socket(zmq.ROUTER)
         for socket in (self.agents, self.clients):
@@ -173,12 +177,12 @@ class BrokerServer:
         its connection authenticated with (ZeroMQ's ``User-Id`` of the frame): an
         agent is its key, every message of it is checked against the key it
         registered with (``AgentSide.on_agent_message``)."""
-        if self.curve is None or not agents_side:
+        if self.curve is None:
             return socket.recv_multipart(zmq.NOBLOCK), None
         parts = socket.recv_multipart(zmq.NOBLOCK, copy=False)
         frames = [part.bytes for part in parts]
         key = None
-        if len(parts) > 1:
+        if len(parts) > 1 and (agents_side or frames[1][:1] == SUBMIT_KIND):
             user = parts[1].get("User-Id")
             key = user.encode() if isinstance(user, str) else b""
         return frames, key
@@ -217,7 +221,7 @@ class BrokerServer:
             if agents_side:
                 broker.on_agent_message(identity, frames, now, key)
             else:
-                broker.on_client_message(identity, frames, now)
+                broker.on_client_message(identity, frames, now, key)
         except Exception:  # a bug must not take the cluster down: log it, end its request
             side = "an agent" if agents_side else "a client"
             self._fault(f"a message from {side}", identity.hex()[:16], now)

@@ -36,7 +36,12 @@ from paddler.protocol.desired_state import validate_desired_state
 from paddler.protocol.kinds import KNOWN_KINDS, Kind
 from paddler.protocol.messages import AgentSnapshot
 from paddler.protocol.prefixes import request_fingerprints
-from paddler.protocol.requests import is_embedding_request, validate_request
+from paddler.protocol.requests import (
+    CONTINUATION,
+    dispatched_request,
+    is_embedding_request,
+    validate_request,
+)
 
 __all__ = [
     "DROPS_LOGGED_PER_PEER",
@@ -53,6 +58,16 @@ log = logging.getLogger("paddler.broker")
 _BUG = "the balancer failed to handle this request (a bug, logged)"
 
 
+def submitted_request(body: bytes) -> dict[str, Any] | None:
+    """A trusted client's request, checked for its wire shape only (as an agent checks
+    a dispatch); ``None`` when it is not one (then it is validated as any other)."""
+    try:
+        request = dispatched_request(unpack_body(body))
+    except ProtocolError:
+        return None
+    return None if CONTINUATION in request else request
+
+
 class Broker(AgentSide):
     """The broker as a whole: its agents' side (``AgentSide``), its clients' side
     (here), the desired state, timers and snapshots."""
@@ -63,14 +78,19 @@ class Broker(AgentSide):
 
     # ----------------------------------------------------------- from clients
 
-    def on_client_message(self, identity: bytes, frames: list[bytes], now: float) -> None:
+    def on_client_message(
+        self, identity: bytes, frames: list[bytes], now: float, peer_key: bytes | None = None
+    ) -> None:
+        """One message from the clients socket (identity stripped); ``peer_key``: with
+        curve, the key a SUBMIT's connection authenticated with."""
         if len(frames) != 2 or len(frames[0]) != 9:
             self._drop("client", identity, f"bad frame layout ({len(frames)} frames)", now)
             return
         kind, request_id = HEADER.unpack(frames[0])
         try:
             if kind == Kind.SUBMIT:
-                self._on_submit(identity, request_id, frames[1], now)
+                trusted = peer_key is not None and peer_key in self.trusted_clients
+                self._on_submit(identity, request_id, frames[1], now, trusted)
             elif kind == Kind.CANCEL:
                 self.cancel(identity, request_id, now)
             elif not self.client_queries.answer(identity, kind, request_id, frames[1], now):
@@ -84,7 +104,13 @@ class Broker(AgentSide):
                 if kind == Kind.SUBMIT:
                     self.metrics.count_outcome("ProtocolError")
 
-    def _on_submit(self, client: bytes, client_request_id: int, body: bytes, now: float) -> None:
+    def _on_submit(
+        self, client: bytes, client_request_id: int, body: bytes, now: float, trusted: bool = False
+    ) -> None:
+        """``trusted``: from the balancer's own HTTP workers (their key, with curve),
+        which validated the request where it entered: only its wire shape is checked
+        and its frame goes on as it came. Any other client's request is validated here,
+        its edge."""
         if (client, client_request_id) in self.by_client:
             self.metrics.count_outcome("DuplicateRequestId")
             self._send_client(
@@ -97,20 +123,23 @@ class Broker(AgentSide):
                 ),
             )
             return
-        try:
-            request = validate_request(unpack_body(body))
-        except InvalidRequest as exc:
-            self.metrics.count_outcome("InvalidRequest")
-            self._send_client(
-                client, error_frames(client_request_id, 400, "InvalidRequest", str(exc))
-            )
-            return
+        request = submitted_request(body) if trusted else None
+        if request is None:
+            try:
+                request = validate_request(unpack_body(body))
+            except InvalidRequest as exc:
+                self.metrics.count_outcome("InvalidRequest")
+                self._send_client(
+                    client, error_frames(client_request_id, 400, "InvalidRequest", str(exc))
+                )
+                return
+            body = pack_body(request)
         request_id = self.new_id()
         record = RequestRecord(
             request_id,
             client,
             client_request_id,
-            pack_body(request),
+            body,
             buffered_at=now,
             submitted_at=now,
             counting=bool(request.get("count_only")),
