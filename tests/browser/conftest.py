@@ -22,8 +22,14 @@ from typing import Any
 import httpx
 import pytest
 
-from paddler.testing.cluster import free_port, wait_until
-from tests.browser.harness import INFERENCE_KEY, MANAGEMENT_KEY, PanelCluster, certificate
+from paddler.testing.cluster import LocalCluster, free_port, wait_until
+from tests.browser.harness import (
+    INFERENCE_KEY,
+    MANAGEMENT_KEY,
+    OpenCluster,
+    PanelCluster,
+    certificate,
+)
 
 REQUIRE_ENV = "PADDLER_REQUIRE_BROWSER"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -168,3 +174,36 @@ def panel_cluster(browser: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+@pytest.fixture
+def open_cluster(browser: Any, tmp_path: Path) -> Iterator[OpenCluster]:
+    """``paddler balancer`` with its panel (plain HTTP, no API keys) and one real agent
+    of one slot, with no model yet, that may download from 127.0.0.1 (into a cache folder
+    of its own): for what would disturb the module's cluster. Stopped at the end."""
+    panel = f"127.0.0.1:{free_port()}"
+    local = LocalCluster(tmp_path / "open-cluster", web_admin_panel_addr=panel)
+    cluster = OpenCluster(local, panel=f"http://{panel}", cache=tmp_path / "cache")
+    local.env["PADDLER_CACHE_DIR"] = str(cluster.cache)
+    try:
+        local.start_balancer()
+        local.start_real_agent("downloader", slots=1)
+        local.wait_for_http()
+
+        def panel_up() -> bool:
+            try:
+                return httpx.get(cluster.panel, timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(panel_up, timeout_s=20, interval_s=0.1, what="the panel answers")
+        wait_until(
+            lambda: len(cluster.agents()) == 1, timeout_s=30, interval_s=0.1, what="the agent"
+        )
+        yield cluster
+    except BaseException:
+        for path in sorted(local.log_dir.glob("*.log")):
+            print(f"----- {path.name}\n{path.read_text(errors='replace')[-4000:]}")
+        raise
+    finally:
+        local.close()

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import ssl
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import trustme
+
+from paddler.testing.cluster import LocalCluster, wait_until
 
 INFERENCE_KEY = "panel-inference-key_4f3a2b"
 MANAGEMENT_KEY = "panel-management-key_9c8d7e"
@@ -51,6 +54,46 @@ class PanelCluster:
         state: dict[str, Any] = answer.json()
         return state
 
+    def put_desired_state(self, state: dict[str, Any]) -> None:
+        answer = self.http.put(
+            f"{self.management}/api/v1/balancer_desired_state",
+            json=state,
+            headers={"Authorization": f"Bearer {MANAGEMENT_KEY}"},
+        )
+        answer.raise_for_status()
+
+    def buffered(self) -> int:
+        answer = self.http.get(
+            f"{self.management}/api/v1/buffered_requests",
+            headers={"Authorization": f"Bearer {MANAGEMENT_KEY}"},
+        )
+        answer.raise_for_status()
+        return int(answer.json()["buffered_requests_current"])
+
+    def wait_for_agents(self, predicate: Callable[[dict[str, Any]], bool], what: str) -> None:
+        """Until both agents have applied the desired state, have a model, no issue,
+        and ``predicate`` holds for each."""
+
+        def reached() -> bool:
+            agents = self.agents()
+            return len(agents) == 2 and all(
+                a["state_application_status"] == "Applied"
+                and a["model_path"]
+                and not a["issues"]
+                and predicate(a)
+                for a in agents
+            )
+
+        wait_until(reached, timeout_s=60, interval_s=0.1, what=what)
+
+    def wait_until_idle(self) -> None:
+        """Until no slot is busy and no request waits in the buffer."""
+
+        def idle() -> bool:
+            return self.buffered() == 0 and all(a["slots_processing"] == 0 for a in self.agents())
+
+        wait_until(idle, timeout_s=30, interval_s=0.1, what="every slot free, the buffer empty")
+
     def generate(self, max_tokens: int) -> str:
         answer = self.http.post(
             f"{self.inference}/api/v1/continue_from_raw_prompt",
@@ -63,6 +106,23 @@ class PanelCluster:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+@dataclass
+class OpenCluster:
+    """A ``paddler balancer`` serving its panel over plain HTTP, no API keys, and one
+    real agent (``paddler.testing.cluster.LocalCluster``)."""
+
+    local: LocalCluster
+    panel: str
+    cache: Path
+    """The agent's ``PADDLER_CACHE_DIR``."""
+
+    def agents(self) -> list[dict[str, Any]]:
+        answer = httpx.get(f"{self.local.management_url}/api/v1/agents", timeout=10)
+        answer.raise_for_status()
+        agents: list[dict[str, Any]] = answer.json()["agents"]
+        return agents
 
 
 def certificate(folder: Path) -> tuple[Path, Path, ssl.SSLContext]:

@@ -1,14 +1,20 @@
 """The web admin panel in a real headless Chromium against a live ``paddler cluster``
 on the tiny model (HTTPS, both API keys on): the panel asks for the keys, then its
-dashboard follows the agents' slots live, its charts fill from the balancer's own
-metrics, its model page changes the desired state and shows a validation error next
-to its field, its playground streams a reply and stops one, and no page logs a
-JavaScript error. One cluster and one browser for the module; the tests run in order
-on one tab (``sessionStorage`` keeps the keys per tab). The screenshots of the
-README come from here (``PADDLER_SCREENSHOT_DIR=docs``)."""
+dashboard follows the agents' slots (and their desired slots) live, its charts fill
+from the balancer's own metrics (the queue depth too, with requests waiting), its
+model page changes the desired state (a chat template override too, which the
+dashboard then shows in use) and shows a validation error next to its field (a
+nested one too), its playground streams a reply and stops one, sends the thinking
+toggle and shows reasoning apart, offers embeddings only when they are on, and no
+page logs a JavaScript error. One cluster and one browser for the module; the tests
+run in order on one tab (``sessionStorage`` keeps the keys per tab). An agent
+downloading its model gets a cluster of its own (``open_cluster``). The screenshots
+of the README come from here (``PADDLER_SCREENSHOT_DIR=docs``)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import re
 import signal
@@ -22,7 +28,16 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.browser.harness import INFERENCE_KEY, MANAGEMENT_KEY, PanelCluster, login
+from paddler.testing.cluster import wait_until
+from paddler.testing.tiny_model import write_tiny_llama
+from tests.browser.harness import (
+    INFERENCE_KEY,
+    MANAGEMENT_KEY,
+    OpenCluster,
+    PanelCluster,
+    login,
+)
+from tests.unit.slow_file_server import SlowFile, serve_slowly
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
@@ -166,6 +181,67 @@ def test_the_dashboard_lists_both_agents_and_their_slots_follow_running_requests
     details = page.get_by_test_id("agent-details")
     details.get_by_text("paddler tiny llama").wait_for()
     assert "<|im_start|>" in details.inner_text()  # the model's own chat template
+
+
+def _slots_figures(page: Any) -> dict[str, str]:
+    """Each agent card's slots figure ("Slots processing P / T (desired D)"), by name."""
+    cards = page.locator("article.agent")
+    return {
+        cards.nth(i).get_attribute("data-agent-name"): cards.nth(i)
+        .locator(".slots-text")
+        .inner_text()
+        for i in range(cards.count())
+    }
+
+
+def test_the_dashboard_shows_each_agents_desired_slots_as_the_agents_list_says(
+    page: Any, panel_cluster: PanelCluster
+) -> None:
+    """Slots processing / total / desired, as ``/api/v1/agents`` has them; and the
+    desired figure is the agent's own, not its total (an agents stream, played to the
+    page, with an agent asked for more slots than it has)."""
+    page.goto(f"{panel_cluster.panel}/#/")
+    page.locator("article.agent").nth(1).wait_for()
+    agents = panel_cluster.agents()
+    assert len(agents) == 2
+    assert _slots_figures(page) == {
+        a["name"]: f"Slots processing {a['slots_processing']} / {a['slots_total']} "
+        f"(desired {a['desired_slots_total']})"
+        for a in agents
+    }
+
+    resizing = [dict(a, desired_slots_total=a["slots_total"] + 3 * i) for i, a in enumerate(agents)]
+    event = f"data: {json.dumps({'agents': resizing})}\n\n"
+
+    def played(route: Any) -> None:
+        if route.request.method != "GET":  # the CORS preflight: the balancer answers it
+            route.continue_()
+            return
+        route.fulfill(
+            status=200,
+            headers={
+                "Content-Type": "text/event-stream",
+                "Access-Control-Allow-Origin": panel_cluster.panel,
+            },
+            body=event,
+        )
+
+    page.route("**/api/v1/agents/stream", played)
+    try:
+        page.reload()
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.slots-text')].some((e) => "
+            "e.textContent.endsWith('(desired 5)'))"
+        )
+        assert _slots_figures(page) == {
+            a["name"]: f"Slots processing {a['slots_processing']} / {a['slots_total']} "
+            f"(desired {a['desired_slots_total']})"
+            for a in resizing
+        }
+    finally:
+        page.unroute("**/api/v1/agents/stream")
+    page.reload()
+    page.locator("article.agent").nth(1).wait_for()
 
 
 def test_the_add_an_agent_command_runs_as_printed_and_the_agent_joins(
@@ -399,6 +475,103 @@ def test_the_charts_show_data_points_after_some_requests(
     assert requests.locator("polyline, circle").count() > 0
 
 
+class HeldRequests:
+    """``count`` streamed raw-prompt requests, each held open until the ``with`` block
+    ends: then their clients leave, which cancels them (a buffered one leaves the
+    buffer)."""
+
+    def __init__(self, cluster: PanelCluster, count: int, max_tokens: int) -> None:
+        self.cluster = cluster
+        self.count = count
+        self.max_tokens = max_tokens
+        self.errors: list[BaseException] = []
+        self._release = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _one(self, client: httpx.AsyncClient) -> None:
+        async with client.stream(
+            "POST",
+            f"{self.cluster.inference}/api/v1/continue_from_raw_prompt",
+            json={"raw_prompt": "Once upon a time", "max_tokens": self.max_tokens},
+            headers={"Authorization": f"Bearer {INFERENCE_KEY}"},
+        ) as answer:
+            answer.raise_for_status()
+            async for _ in answer.aiter_raw():
+                pass
+
+    async def _run(self) -> None:
+        async with httpx.AsyncClient(verify=False, timeout=60) as client:
+            tasks = [asyncio.create_task(self._one(client)) for _ in range(self.count)]
+            await asyncio.to_thread(self._release.wait, 120)
+            for task in tasks:
+                task.cancel()
+            for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+                if isinstance(outcome, BaseException) and not isinstance(
+                    outcome, asyncio.CancelledError
+                ):
+                    self.errors.append(outcome)
+
+    def __enter__(self) -> HeldRequests:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._release.set()
+        self._thread.join(30)
+        assert not self._thread.is_alive()
+
+
+def test_the_queue_depth_chart_shows_requests_waiting_for_a_slot(
+    page: Any, panel_cluster: PanelCluster
+) -> None:
+    """More requests than slots: some wait in the buffer, and a point of the queue
+    depth chart (the balancer samples every 2 s) says how many."""
+    page.goto(f"{panel_cluster.panel}/#/charts")
+    page.get_by_role("button", name="1 min").click()
+    queue = page.locator("[data-chart=queue]")
+    with HeldRequests(panel_cluster, count=7, max_tokens=8000) as held:
+        wait_until(lambda: panel_cluster.buffered() == 3, timeout_s=20, what="3 requests buffered")
+        page.wait_for_function(
+            """() => {
+                const chart = document.querySelector('[data-chart=queue]');
+                const latest = chart.querySelector('[data-test=latest]').textContent;
+                const plot = chart.querySelector('svg');
+                return latest === 'buffered 3' && Number(plot.dataset.max) >= 3;
+            }""",
+            timeout=15_000,
+        )
+        assert queue.locator("polyline, circle").count() > 0
+        assert queue.locator(".legend").inner_text() == "buffered"
+    assert not held.errors
+    panel_cluster.wait_until_idle()
+
+
+def _embeddings_option(page: Any) -> Any:
+    return page.get_by_test_id("mode").locator("option[value=embeddings]")
+
+
+def test_the_playground_has_no_embeddings_mode_while_the_desired_state_disables_them(
+    page: Any, panel_cluster: PanelCluster
+) -> None:
+    """Embeddings are off in the cluster's desired state (the model page turns them on
+    next; the playground test then uses them): the mode cannot be chosen."""
+    assert panel_cluster.desired_state()["inference_parameters"]["enable_embeddings"] is False
+    with page.expect_response(
+        lambda answer: (
+            answer.url.endswith("/api/v1/balancer_desired_state") and answer.request.method == "GET"
+        )
+    ) as asked:
+        page.goto(f"{panel_cluster.panel}/#/playground")
+    assert asked.value.ok
+    asked.value.finished()
+    page.get_by_test_id("prompt").wait_for()
+    page.wait_for_timeout(300)  # the page reads the answer
+    option = _embeddings_option(page)
+    assert option.is_disabled()
+    assert option.inner_text() == "Embeddings (off in the desired state)"
+    assert page.get_by_test_id("mode").input_value() == "chat"
+
+
 def test_the_model_page_changes_the_desired_state_and_shows_an_error_next_to_its_field(
     page: Any, panel_cluster: PanelCluster, console: Console
 ) -> None:
@@ -438,6 +611,59 @@ def test_the_model_page_changes_the_desired_state_and_shows_an_error_next_to_its
         }""",
         arg=str(panel_cluster.model_copy),
     )
+
+
+def test_a_model_source_error_is_shown_next_to_its_nested_field(
+    page: Any, panel_cluster: PanelCluster, console: Console
+) -> None:
+    """A URL the balancer refuses (``model.Url.url``) and a Hugging Face file without
+    its repository (``model.HuggingFace.repo_id``): the 400 names the nested field and
+    its message shows next to that field only; nothing is saved."""
+    before = panel_cluster.desired_state()
+    page.goto(f"{panel_cluster.panel}/#/model")
+    source = page.locator('[data-field="model"]')
+    source.wait_for()
+    save = page.get_by_role("button", name="Save and apply")
+    cases = [
+        (
+            "Url",
+            {"model.Url.url": "ftp://models.example/tiny.gguf"},
+            "model.Url.url",
+            "must start with http:// or https://",
+        ),
+        (
+            "HuggingFace",
+            {"model.HuggingFace.repo_id": "", "model.HuggingFace.filename": "tiny.gguf"},
+            "model.HuggingFace.repo_id",
+            "must be a non-empty string",
+        ),
+    ]
+    for kind, values, path, message in cases:
+        source.select_option(kind)
+        for name, value in values.items():
+            page.locator(f'[data-field="{name}"]').fill(value)
+        with page.expect_response(
+            lambda answer: (
+                answer.request.method == "PUT"
+                and answer.url.endswith("/api/v1/balancer_desired_state")
+            )
+        ) as put:
+            save.click()
+        assert put.value.status == 400
+        assert put.value.json()["field"] == path
+        error = page.locator(f'[data-error-for="{path}"]')
+        error.wait_for()
+        assert error.inner_text() == message
+        # next to its field: in the same block as the input, the one marked invalid
+        block = page.locator(".field", has=page.locator(f'[data-field="{path}"]'))
+        assert block.locator(".field-error").inner_text() == message
+        assert page.locator(f'[data-field="{path}"]').get_attribute("aria-invalid") == "true"
+        assert page.locator(".field-error:visible").count() == 1
+        assert page.locator("[aria-invalid]").count() == 1
+        assert not page.get_by_test_id("form-error").is_visible()
+    assert panel_cluster.desired_state() == before
+    console.errors[:] = [e for e in console.errors if "status of 400" not in e]  # those PUTs
+    page.reload()  # nothing of it kept
 
 
 def _reply_count(page: Any) -> int:
@@ -533,7 +759,9 @@ def test_the_playground_streams_a_reply_and_stop_cancels_it_and_frees_the_slot(
         texts.append(page.get_by_test_id("reply-text").last.inner_text())
     assert texts[0] == texts[1] and texts[0]
 
-    # embeddings: the model page turned them on
+    # embeddings: the model page turned them on, so the mode can be chosen
+    option = _embeddings_option(page)
+    assert option.is_enabled() and option.inner_text() == "Embeddings"
     page.get_by_test_id("mode").select_option("embeddings")
     prompt.fill("first document\nsecond document")
     page.get_by_test_id("send").click()
@@ -541,6 +769,186 @@ def test_the_playground_streams_a_reply_and_stop_cancels_it_and_frees_the_slot(
     rows.nth(1).wait_for()
     assert sorted(rows.locator("td:first-child").all_inner_texts()) == ["1", "2"]
     assert rows.first.locator("td").nth(2).inner_text() == "64"  # the tiny model's width
+
+
+THINKING_TEMPLATE = (
+    "{% for m in messages %}{{ m.role }}: "
+    "{% if '</think>' in m.content %}{{ m.content.split('</think>')[-1] }}"
+    "{% else %}{{ m.content }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% if enable_thinking %}<think>\n{% endif %}"
+    "{% endif %}"
+)
+"""A thinking-style chat template (as in ``tests/engine``): with ``enable_thinking``
+the answer starts in a reasoning block, which the random model never closes, so all
+it writes is reasoning; without, all is answer."""
+
+
+def test_the_model_page_sets_a_chat_template_override_and_the_dashboard_shows_it_in_use(
+    page: Any, panel_cluster: PanelCluster
+) -> None:
+    page.goto(f"{panel_cluster.panel}/#/model")
+    area = page.locator('[data-field="chat_template_override"]')
+    area.wait_for()
+    own = page.get_by_role("radio", name="The model's own chat template")
+    override = page.get_by_role("radio", name="This override:")
+    assert own.is_checked() and not override.is_checked() and area.input_value() == ""
+    override.check()
+    area.fill(THINKING_TEMPLATE)
+    page.get_by_role("button", name="Save and apply").click()
+    page.get_by_test_id("saved").wait_for()
+    state = panel_cluster.desired_state()
+    assert state["chat_template_override"] == {"content": THINKING_TEMPLATE}
+    assert state["use_chat_template_override"] is True
+    assert state["model"] == {"LocalToAgent": str(panel_cluster.model_copy)}  # the rest kept
+    assert state["inference_parameters"]["enable_embeddings"] is True
+    panel_cluster.wait_for_agents(
+        lambda a: a["uses_chat_template_override"], "both agents using the override"
+    )
+    page.reload()  # the form reads it back
+    area.wait_for()
+    assert override.is_checked() and area.input_value() == THINKING_TEMPLATE
+
+    page.goto(f"{panel_cluster.panel}/#/")
+    card = page.locator("article.agent").first
+    card.wait_for()
+    assert "chat template override" in card.locator(".muted.small").inner_text()
+    card.get_by_role("button", name="Model details: GGUF metadata, chat template").click()
+    details = card.get_by_test_id("agent-details")
+    shown = details.get_by_test_id("override")
+    shown.wait_for()
+    assert shown.inner_text() == THINKING_TEMPLATE
+    assert (
+        details.get_by_role("heading", name="Chat template override (in use)", exact=True).count()
+        == 1
+    )
+    assert "<|im_start|>" in details.inner_text()  # the model's own, shown apart
+
+
+def test_the_playground_thinking_toggle_sends_enable_thinking_and_shows_reasoning_apart(
+    page: Any, panel_cluster: PanelCluster
+) -> None:
+    """With the thinking template of the test before: the toggle on sends
+    ``enable_thinking: true`` and the reply is reasoning, shown apart from the answer;
+    off, ``false``, and all is answer. Then the model's own template again."""
+    sent: list[dict[str, Any]] = []
+
+    def frames(socket: Any) -> None:
+        def frame(payload: str | bytes) -> None:
+            message = json.loads(payload)
+            if "Request" in message:
+                sent.append(message["Request"]["request"])
+
+        socket.on("framesent", frame)
+
+    page.on("websocket", frames)
+    try:
+        page.goto(f"{panel_cluster.panel}/#/playground")
+        prompt = page.get_by_test_id("prompt")
+        prompt.wait_for()
+        thinking = page.get_by_role("checkbox", name="thinking")
+        assert not thinking.is_checked()
+        page.get_by_label("max tokens").fill("10")
+        replies = []
+        for on in (True, False):
+            thinking.set_checked(on)
+            page.get_by_role("button", name="New conversation").click()
+            prompt.fill("Why is the sky blue?")
+            page.get_by_test_id("send").click()
+            page.wait_for_function(
+                "() => document.querySelectorAll('[data-test=reply]').length === 1 && "
+                "/tokens\\/s$/.test(document.querySelector('[data-test=reply-meta]')"
+                ".textContent)"
+            )
+            reply = page.get_by_test_id("reply")
+            replies.append(
+                {
+                    "reasoning": reply.locator(".reasoning").inner_text(),
+                    "reasoning shown": reply.locator(".reasoning").is_visible(),
+                    "answer": reply.get_by_test_id("reply-text").inner_text(),
+                    "meta": reply.get_by_test_id("reply-meta").inner_text(),
+                }
+            )
+    finally:
+        page.remove_listener("websocket", frames)
+        state = panel_cluster.desired_state()
+        panel_cluster.put_desired_state(
+            {**state, "chat_template_override": None, "use_chat_template_override": False}
+        )
+    assert [list(request) for request in sent] == [["ContinueFromConversationHistory"]] * 2
+    bodies = [request["ContinueFromConversationHistory"] for request in sent]
+    assert [body["enable_thinking"] for body in bodies] == [True, False]
+    assert all(body["max_tokens"] == 10 for body in bodies)
+    thought, plain = replies
+    assert thought["reasoning shown"] and thought["reasoning"].strip()
+    assert thought["answer"] == ""
+    assert "10 tokens" in thought["meta"]
+    assert not plain["reasoning shown"] and plain["reasoning"] == ""
+    assert plain["answer"].strip() and "10 tokens" in plain["meta"]
+    panel_cluster.wait_for_agents(
+        lambda a: not a["uses_chat_template_override"], "both agents on the model's template"
+    )
+
+
+def test_an_agent_downloading_its_model_shows_a_progress_bar(
+    browser: Any, open_cluster: OpenCluster, console: Console, tmp_path: Path
+) -> None:
+    """A URL model (set on the model page) served slowly by a local server with its
+    size: the dashboard shows the agent downloading, with a progress bar between 0 and
+    the file's size that moves on; once the rest comes, the agent is ready and the bar
+    gone. An open cluster of its own (its agent may download from 127.0.0.1)."""
+    payload = write_tiny_llama(tmp_path / "served.gguf", seed=5).read_bytes()
+    file = SlowFile(payload, chunk_bytes=4096, interval_s=0.1)  # ~40 kB/s: ~10 s
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(TIMEOUT_MS)
+    try:
+        with serve_slowly(file) as url:
+            page = context.new_page()
+            console.watch(page)
+            page.goto(f"{open_cluster.panel}/#/model")
+            source = page.locator('[data-field="model"]')
+            source.wait_for()
+            source.select_option("Url")
+            page.locator('[data-field="model.Url.url"]').fill(url)
+            page.get_by_role("button", name="Save and apply").click()
+            page.get_by_test_id("saved").wait_for()
+
+            page.goto(f"{open_cluster.panel}/#/")
+            card = page.locator("article.agent")
+            bar = card.locator(".download-bar")
+            bar.wait_for()
+            assert card.get_by_test_id("agent-state").inner_text() == "downloading the model"
+            assert bar.get_attribute("role") == "progressbar"
+            assert int(bar.get_attribute("aria-valuemax")) == len(payload)
+            first = int(bar.get_attribute("aria-valuenow"))
+            assert 0 <= first < len(payload)
+            text = card.locator(".download").inner_text()
+            assert re.fullmatch(r"Downloading slow\.gguf: [\d.]+ (B|KiB) of [\d.]+ KiB", text), text
+            page.wait_for_function(
+                """(first) => {
+                    const bar = document.querySelector('.download-bar');
+                    const now = bar && Number(bar.getAttribute('aria-valuenow'));
+                    const width = bar && parseFloat(bar.querySelector('.bar-fill').style.width);
+                    return now > first && now < Number(bar.getAttribute('aria-valuemax')) &&
+                        width > 0 && width < 100;
+                }""",
+                arg=max(first, 1),
+            )
+            assert file.sent < len(payload)
+            assert f"Desired model: {url}" in page.locator("main").inner_text()
+
+            file.interval_s = 0  # the rest at once: the agent loads it
+            page.wait_for_function(
+                "() => document.querySelector('[data-test=agent-state]').textContent === 'ready'",
+                timeout=30_000,
+            )
+            assert card.locator(".download").count() == 0
+            model = card.locator(".model code").inner_text()
+            assert model.startswith(str(open_cluster.cache)) and model.endswith(".gguf")
+            (agent,) = open_cluster.agents()
+            assert agent["download_current"] == agent["download_total"] == len(payload)
+            page.close()
+    finally:
+        context.close()
 
 
 def test_no_page_logs_a_javascript_error(
