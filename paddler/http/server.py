@@ -122,8 +122,9 @@ def panel_settings(
             "buffered_request_timeout_ms": broker.buffered_request_timeout,
             "inference_item_timeout_ms": broker.inference_item_timeout,
         }
-        if broker.curve_secret_key is not None:  # the real paths for "add an agent"
-            facts |= asdict(AgentKeys.of(broker.curve_secret_key, broker.authorized_agent_keys))
+        keys = AgentKeys.of(broker.curve_secret_key, broker.authorized_agent_keys)
+        if keys.broker_public_key is not None:  # the real paths for "add an agent"
+            facts |= asdict(keys)
     return PanelSettings(
         inference_addr=settings.inference_addr,
         management_addr=settings.management_addr,
