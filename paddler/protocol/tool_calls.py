@@ -263,14 +263,27 @@ class ToolCallOutcome:
         return cls(outcome, parsed, list(errors), text)
 
     def native(self) -> dict[str, Any]:
-        """The outcome as Paddler's ``GeneratedToken`` variant."""
+        """The outcome as Paddler's ``GeneratedToken`` variant, in Paddler's shapes (its
+        ``paddler-client`` reads them): a parsed call's arguments tagged ``ValidJson``
+        (they are, once parsed and checked), an unrecognized block as
+        ``RawToolCallTokens`` (``text``, ``ffi_error_message``)."""
         if self.outcome == PARSED:
-            return {"ToolCallParsed": [call.to_body() for call in self.calls]}
+            return {
+                "ToolCallParsed": [
+                    {"id": call.id, "name": call.name, "arguments": {"ValidJson": call.arguments}}
+                    for call in self.calls
+                ]
+            }
         if self.outcome == VALIDATION_FAILED:
             return {"ToolCallValidationFailed": self.errors}
         if self.outcome == PARSE_FAILED:
             return {"ToolCallParseFailed": "; ".join(self.errors)}
-        return {"UnrecognizedToolCallFormat": {"text": self.text, "error": "; ".join(self.errors)}}
+        return {
+            "UnrecognizedToolCallFormat": {
+                "text": self.text,
+                "ffi_error_message": "; ".join(self.errors),
+            }
+        }
 
 
 __all__ = [

@@ -1005,7 +1005,9 @@ def test_tool_call_frames_decode_and_malformed_ones_fail_the_stream() -> None:
     body = {"outcome": "parsed", "calls": [call], "errors": [], "text": "<tool_call>"}
     event = decode_event(Kind.TOOL_CALLS, pack_body(body))
     assert isinstance(event, ToolCalls) and event.outcome.to_body() == body
-    assert event.outcome.native() == {"ToolCallParsed": [call]}
+    assert event.outcome.native() == {
+        "ToolCallParsed": [{"id": "call_1", "name": "f", "arguments": {"ValidJson": {"x": 1}}}]
+    }
     assert decode_event(Kind.TOOL_CALL, pack_body(["<tool"])) == ToolCallText(["<tool"])
     failed = ToolCallOutcome("validation_failed", errors=["bad"], text="t")
     assert failed.native() == {"ToolCallValidationFailed": ["bad"]}
@@ -1013,7 +1015,7 @@ def test_tool_call_frames_decode_and_malformed_ones_fail_the_stream() -> None:
         "ToolCallParseFailed": "a; b"
     }
     assert ToolCallOutcome("unrecognized_format", errors=["e"], text="t").native() == {
-        "UnrecognizedToolCallFormat": {"text": "t", "error": "e"}
+        "UnrecognizedToolCallFormat": {"text": "t", "ffi_error_message": "e"}
     }
     for bad in (
         [],
