@@ -324,6 +324,41 @@ def curve_run(curve: bool, quick: bool, log_root: Path, token_ids: bool = True) 
     return out
 
 
+SIDE_BY_SIDE_ROUNDS = 3
+"""Rounds of each off/on comparison, alternating which goes first; medians reported
+(one pair of runs moved by 30-50% either way on this machine)."""
+
+
+def side_by_side(run: Any, rounds: int) -> list[dict[str, Any]]:
+    """``run(False)`` and ``run(True)``, ``rounds`` times, alternating which goes
+    first; for each flag the median of its runs (tokens/s per row, TTFT p50), with
+    every run's figures under ``rounds``."""
+    runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+    for index in range(rounds):
+        for flag in (False, True) if index % 2 == 0 else (True, False):
+            runs[flag].append(run(flag))
+    return [_median_run(runs[flag]) for flag in (False, True)]
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def median(values: list[float]) -> float:
+        ordered = sorted(values)
+        return ordered[len(ordered) // 2]
+
+    first = runs[0]
+    rows = []
+    for index, row in enumerate(first["throughput"]):
+        rates = [run["throughput"][index]["tokens_per_s"] for run in runs]
+        rows.append({**row, "tokens_per_s": round(median(rates)), "each": rates})
+    p50s = [run["ttft"]["p50_ms"] for run in runs]
+    return {
+        **{key: value for key, value in first.items() if key not in ("throughput", "ttft")},
+        "throughput": rows,
+        "ttft": {"p50_ms": round(median(p50s), 3), "each_p50_ms": p50s},
+        "rounds": len(runs),
+    }
+
+
 def _costs(off: dict[str, Any], on: dict[str, Any]) -> list[tuple[int, int, int, float]]:
     """``(tokens per frame, tokens/s off, tokens/s on, cost)`` of two side-by-side runs."""
     return [
@@ -342,7 +377,8 @@ def curve_report(runs: list[dict[str, Any]]) -> list[str]:
     lines = [
         "",
         "CurveZMQ off and on (compiled `_core`, 10 streams on 2 agents; time to first token "
-        "through the broker, 1 at a time):",
+        f"through the broker, 1 at a time; medians of {off.get('rounds', 1)} runs each, "
+        "alternating which goes first):",
         "",
         "| tokens/step | tokens/s curve off | tokens/s curve on | cost | target |",
         "|---:|---:|---:|---:|---|",
@@ -369,7 +405,8 @@ def ids_report(runs: list[dict[str, Any]]) -> list[str]:
     lines = [
         "",
         "Token ids off and on (each token frame carries its tokens' ids so the stream "
-        "can continue on another agent; compiled `_core`, curve off, 10 streams):",
+        "can continue on another agent; compiled `_core`, curve off, 10 streams; medians of "
+        f"{off.get('rounds', 1)} runs each):",
         "",
         "| tokens/step | tokens/s text only | tokens/s with ids | cost |",
         "|---:|---:|---:|---:|",
@@ -437,8 +474,11 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="paddler-bench-") as tmp:
         impls = [run_impl(impl, args.quick, Path(tmp)) for impl in ("c", "py")]
-        curve = [curve_run(flag, args.quick, Path(tmp)) for flag in (False, True)]
-        ids = [curve_run(False, args.quick, Path(tmp), token_ids=flag) for flag in (False, True)]
+        rounds = 1 if args.quick else SIDE_BY_SIDE_ROUNDS
+        curve = side_by_side(lambda flag: curve_run(flag, args.quick, Path(tmp)), rounds)
+        ids = side_by_side(
+            lambda flag: curve_run(False, args.quick, Path(tmp), token_ids=flag), rounds
+        )
     result = {
         "benchmark": "broker",
         "quick": args.quick,
