@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from tests.browser.harness import (
     OpenCluster,
     PanelCluster,
     certificate,
+    stop_process,
 )
 
 REQUIRE_ENV = "PADDLER_REQUIRE_BROWSER"
@@ -167,13 +167,7 @@ def panel_cluster(browser: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
         raise
     finally:
         http.close()
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process(process, 10)
 
 
 @pytest.fixture

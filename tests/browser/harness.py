@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import ssl
 import subprocess
 from collections.abc import Callable
@@ -123,6 +125,18 @@ class OpenCluster:
         answer.raise_for_status()
         agents: list[dict[str, Any]] = answer.json()["agents"]
         return agents
+
+
+def stop_process(process: subprocess.Popen[Any], timeout_s: float) -> None:
+    """SIGTERM a process started in a session of its own; SIGKILL its whole group if it
+    has not exited within ``timeout_s``."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def certificate(folder: Path) -> tuple[Path, Path, ssl.SSLContext]:

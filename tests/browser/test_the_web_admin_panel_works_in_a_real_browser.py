@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -36,6 +35,7 @@ from tests.browser.harness import (
     OpenCluster,
     PanelCluster,
     login,
+    stop_process,
 )
 from tests.unit.slow_file_server import SlowFile, serve_slowly
 
@@ -287,13 +287,7 @@ def test_the_add_an_agent_command_runs_as_printed_and_the_agent_joins(
         print((folder / "agent.log").read_text(errors="replace")[-4000:])
         raise
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process(process, 15)
         log.close()
     page.wait_for_function("() => document.querySelectorAll('article.agent').length === 2")
 
