@@ -314,8 +314,13 @@ def real_model_cluster(
         )
         yield cluster
     except BaseException:
-        for path in sorted(cluster.log_dir.glob("*.log")):
-            print(f"----- {path.name}\n{path.read_text(errors='replace')[-4000:]}")
+        print_log_tails(cluster.log_dir)
         raise
     finally:
         cluster.close()
+
+
+def print_log_tails(log_dir: Path, chars: int = 4000) -> None:
+    """The end of every process log in ``log_dir`` (pytest shows it with a failure)."""
+    for path in sorted(log_dir.glob("*.log")):
+        print(f"----- {path.name}\n{path.read_text(errors='replace')[-chars:]}")

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from paddler.testing.cluster import LocalCluster, free_port, wait_until
+from paddler.testing.cluster import LocalCluster, free_port, print_log_tails, wait_until
 from tests.browser.harness import (
     INFERENCE_KEY,
     MANAGEMENT_KEY,
@@ -196,8 +196,7 @@ def open_cluster(browser: Any, tmp_path: Path) -> Iterator[OpenCluster]:
         )
         yield cluster
     except BaseException:
-        for path in sorted(local.log_dir.glob("*.log")):
-            print(f"----- {path.name}\n{path.read_text(errors='replace')[-4000:]}")
+        print_log_tails(local.log_dir)
         raise
     finally:
         local.close()
