@@ -250,6 +250,12 @@ def trusted_wire(shape: type[Shape], values: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+BUDGET_WITH_GRAMMAR = (
+    "cannot be kept together with a grammar (the grammar decides every token, so the "
+    "agent cannot close the reasoning block itself)"
+)
+
+
 class GenerationParameters(Shape):
     """What every generation request may say besides its prompt."""
 
@@ -312,6 +318,13 @@ class GenerationParameters(Shape):
     """Send the log-probability of each generated token (a ``Logprobs`` event)."""
     top_logprobs: TopLogprobs = 0
     """With ``logprobs``: also that many of the most likely tokens at each step."""
+
+    @field_validator("reasoning_budget")
+    @classmethod
+    def _budget_kept(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("grammar") is not None:
+            raise PydanticCustomError("reasoning_budget", BUDGET_WITH_GRAMMAR)
+        return value
 
     @field_validator("parallel_tool_calls")
     @classmethod

@@ -588,7 +588,6 @@ def test_every_field_at_its_bounds() -> None:
             "grammar": {"type": "gbnf", "grammar": 'root ::= "a"'},
             "add_generation_prompt": False,
             "enable_thinking": True,
-            "reasoning_budget": 0,
             "text_interval_ms": 10_000,
             "tools": [
                 {"type": "function", "function": {"name": f"t{i}", "parameters": {}}}
@@ -621,6 +620,7 @@ def test_every_field_at_its_bounds() -> None:
             "stop": [],
         },
         {"raw_prompt": "p", "grammar": {"type": "json_schema", "schema": '{"type":"object"}'}},
+        {"raw_prompt": "p", "enable_thinking": True, "reasoning_budget": 0},
         {
             "raw_prompt": "p",
             "tools": [{"type": "function", "function": {"name": "f.n-1_"}}],

@@ -39,3 +39,36 @@ def test_responses_reasoning_effort_is_the_same_budget() -> None:
     request = body.broker_request(body.input_messages([]))
     assert request["enable_thinking"] is True
     assert request["reasoning_budget"] == EFFORT_BUDGETS["low"] == 512
+
+
+def test_with_a_response_format_a_level_turns_thinking_on_without_a_budget() -> None:
+    body = {
+        "model": "m",
+        "messages": MESSAGES,
+        "reasoning_effort": "low",
+        "response_format": {"type": "json_object"},
+    }
+    request = check(ChatCompletionBody, body).to_request()
+    assert request["enable_thinking"] is True and request.get("reasoning_budget") is None
+
+
+def test_an_explicit_budget_with_a_grammar_is_refused_by_name() -> None:
+    from paddler.errors import InvalidRequest
+    from paddler.http.openai.anthropic_body import MessagesBody
+    from paddler.http.openai.errors import OpenAIError
+    from paddler.protocol.requests import validate_request
+
+    grammar = {"type": "gbnf", "grammar": 'root ::= "a"', "root": "root"}
+    with pytest.raises(InvalidRequest) as native:
+        validate_request({"raw_prompt": "x", "grammar": grammar, "reasoning_budget": 8})
+    assert native.value.field == "reasoning_budget"
+    body = {
+        "model": "m",
+        "max_tokens": 100,
+        "messages": MESSAGES,
+        "thinking": {"type": "enabled", "budget_tokens": 50},
+        "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}},
+    }
+    with pytest.raises(OpenAIError) as anthropic:
+        check(MessagesBody, body).to_request()
+    assert anthropic.value.param == "thinking.budget_tokens"

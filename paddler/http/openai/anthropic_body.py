@@ -24,6 +24,7 @@ from pydantic_core import PydanticCustomError
 from paddler.http.common import dumps
 from paddler.http.openai.errors import invalid_body
 from paddler.protocol.requests import (
+    BUDGET_WITH_GRAMMAR,
     MAX_STOP_LENGTH,
     MAX_STOP_STRINGS,
     TEXT_ONLY_MESSAGE,
@@ -453,6 +454,8 @@ class MessagesBody(Shape):
         if self.output_config is not None and self.output_config.format is not None:
             schema = self.output_config.format.schema_
             request["grammar"] = {"type": "json_schema", "schema": dumps(schema)}
+            if "reasoning_budget" in request:
+                raise invalid_body("thinking.budget_tokens", BUDGET_WITH_GRAMMAR)
         self._tools(request)
         problem = tool_choice_problem(request)
         if problem:

@@ -523,12 +523,13 @@ class ChatCompletionBody(SamplingBody):
         request["enable_thinking"] = (
             thinking if thinking is not None else self.reasoning_effort != "none"
         )
-        budget = EFFORT_BUDGETS.get(effort) if effort is not None else None
-        if request["enable_thinking"] and budget is not None:
-            request["reasoning_budget"] = budget
         grammar = grammar_of(self.response_format)
         if grammar is not None:
             request["grammar"] = grammar
+        budget = EFFORT_BUDGETS.get(effort) if effort is not None else None
+        if request["enable_thinking"] and budget is not None and grammar is None:
+            # with response_format the grammar decides every token: no budget to keep
+            request["reasoning_budget"] = budget
         if self.tools and self.tool_choice != "none":
             request["tools"] = tool_maps(self.tools)  # the chat template shows them
             request["parse_tool_calls"] = True
