@@ -130,6 +130,7 @@ class BrokerServer:
         """``extra_client_keys``: public keys allowed on the client socket besides the
         folder's (the balancer's own HTTP workers)."""
         check_network_exposure(settings)
+        extra_client_keys = tuple(extra_client_keys)  # read twice: allow-list and trust
         self.settings = settings
         self._stop = threading.Event()
         self._linger_ms = 0
